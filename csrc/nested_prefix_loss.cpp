@@ -1,0 +1,264 @@
+// Nested-prefix (Matryoshka) loss on the CPU, forward and backward (DESIGN.md §3.4).
+//
+// With prefix sizes m_0 < ... < m_{G-1} = n and weights w_g:
+//   r_g[b]            = x[b] - b_dec - sum_{j : indices[b, j] < m_g} values[b, j] W_dec[indices[b, j]]
+//   prefix_losses[g]  = mean_b ||r_g[b]||^2,   loss = sum_g w_g prefix_losses[g].
+// x [B, d], values/indices [B, k], W_dec [n, d], b_dec [d]
+//   -> loss [], prefix_losses [G], x_hat [B, d] (the full reconstruction, a by-product).
+//
+// Forward: one walk over each row's slots in ascending index order; the residual is
+// recorded at each group boundary. O(B*(k + G)*d) for all G prefixes at once.
+// Backward: with c_g = grad_loss * w_g + grad_prefix_losses[g], the same walk stores the
+// residuals, then suffix sums S_g = (2/B) sum_{g' >= g} c_{g'} r_{g'} - grad_x_hat
+// ([G, B, d] scratch; x_hat = x - r_{G-1}, so its gradient joins the last group) give, for a
+// slot in group h (m_{h-1} <= index < m_h):
+//   grad_values = -W_dec[i] . S_h,   grad_W_dec[i] += -values * S_h  (segmented by latent),
+//   grad_x = S_0 + grad_x_hat,   grad_b_dec = -sum_b S_0.       O(B*(k + G)*d).
+// The scratch is laid out group-major because latents of one group are one contiguous id
+// range: the segmented sum for grad_W_dec then reads one [B, d] slab at a time, which stays
+// in the last-level cache.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "latent_groups.h"
+#include "ops.h"
+
+namespace sparsecode {
+namespace {
+
+struct Problem {
+  int64_t B, k, n, d, G;
+};
+
+Problem check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                   const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef sizes,
+                   at::ArrayRef<double> weights) {
+  check_cpu_float(x, "x", 2);
+  check_cpu_float(values, "values", 2);
+  check_cpu_float(W_dec, "W_dec", 2);
+  check_cpu_float(b_dec, "b_dec", 1);
+  check_same_dtype(x, "x", values, "values");
+  check_same_dtype(x, "x", W_dec, "W_dec");
+  check_same_dtype(x, "x", b_dec, "b_dec");
+  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong,
+              "indices must be an int64 CPU tensor");
+  Problem p{x.size(0), values.size(1), W_dec.size(0), x.size(1),
+            static_cast<int64_t>(sizes.size())};
+  TORCH_CHECK(values.size(0) == p.B && indices.sizes() == values.sizes(),
+              "values and indices must be [B, k] with B = ", p.B, ", got ", values.sizes(),
+              " and ", indices.sizes());
+  TORCH_CHECK(W_dec.size(1) == p.d && b_dec.size(0) == p.d,
+              "W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = ", p.d);
+  TORCH_CHECK(p.G >= 1 && static_cast<int64_t>(weights.size()) == p.G,
+              "need one prefix weight per prefix size, got ", weights.size(), " weights for ",
+              p.G, " sizes");
+  for (int64_t g = 0; g < p.G; ++g) {
+    TORCH_CHECK(sizes[g] >= 1 && (g == 0 || sizes[g] > sizes[g - 1]),
+                "prefix_sizes must be strictly increasing positive ints, got ", sizes);
+  }
+  TORCH_CHECK(sizes[p.G - 1] == p.n, "the last prefix size must equal d_sae = ", p.n, ", got ",
+              sizes);
+  return p;
+}
+
+// Walks one row's slots in ascending index order, starting from r = x - b_dec. Calls
+// at_boundary(g, r) with the residual of prefix g, once per g in order, and stores each
+// slot's group in group_of_slot[k]. `order` is scratch of size k. When x_hat is not null it
+// receives b_dec + sum_j values[j] W_dec[indices[j]] (accumulated directly, not as x - r).
+template <typename scalar_t, typename acc_t, typename AtBoundary>
+void walk_row(const scalar_t* x, const scalar_t* b_dec, const scalar_t* values,
+              const int64_t* indices, const scalar_t* W_dec, const Problem& p,
+              at::IntArrayRef sizes, std::vector<int64_t>& order, acc_t* r,
+              int64_t* group_of_slot, acc_t* x_hat, AtBoundary at_boundary) {
+  std::iota(order.begin(), order.end(), 0);
+  if (!std::is_sorted(indices, indices + p.k)) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
+  }
+  for (int64_t e = 0; e < p.d; ++e) {
+    r[e] = static_cast<acc_t>(x[e]) - static_cast<acc_t>(b_dec[e]);
+  }
+  if (x_hat != nullptr) {
+    for (int64_t e = 0; e < p.d; ++e) {
+      x_hat[e] = static_cast<acc_t>(b_dec[e]);
+    }
+  }
+  int64_t g = 0;
+  for (const int64_t s : order) {
+    const int64_t i = indices[s];
+    while (g < p.G && i >= sizes[g]) {
+      at_boundary(g++, r);
+    }
+    group_of_slot[s] = g;
+    const acc_t v = static_cast<acc_t>(values[s]);
+    if (v == acc_t(0)) {
+      continue;
+    }
+    const scalar_t* w = W_dec + i * p.d;
+    for (int64_t e = 0; e < p.d; ++e) {
+      r[e] -= v * static_cast<acc_t>(w[e]);
+    }
+    if (x_hat != nullptr) {
+      for (int64_t e = 0; e < p.d; ++e) {
+        x_hat[e] += v * static_cast<acc_t>(w[e]);
+      }
+    }
+  }
+  while (g < p.G) {
+    at_boundary(g++, r);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
+    const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
+    at::ArrayRef<double> prefix_weights) {
+  const Problem p = check_args(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor val = values.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor W = W_dec.contiguous();
+  const at::Tensor bias = b_dec.contiguous();
+  check_indices(idx.const_data_ptr<int64_t>(), p.B * p.k, p.n);
+  std::vector<double> row_losses(p.B * p.G);
+  at::Tensor x_hat = at::empty({p.B, p.d}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> order(p.k), group_of_slot(p.k);
+      std::vector<acc_t> r(p.d), recon(p.d);
+      scalar_t* x_hat_ptr = x_hat.mutable_data_ptr<scalar_t>();
+      for (int64_t b = begin; b < end; ++b) {
+        walk_row<scalar_t, acc_t>(
+            xc.const_data_ptr<scalar_t>() + b * p.d, bias.const_data_ptr<scalar_t>(),
+            val.const_data_ptr<scalar_t>() + b * p.k, idx.const_data_ptr<int64_t>() + b * p.k,
+            W.const_data_ptr<scalar_t>(), p, prefix_sizes, order, r.data(), group_of_slot.data(),
+            recon.data(), [&](int64_t g, const acc_t* res) {
+              row_losses[b * p.G + g] = static_cast<double>(dot<acc_t>(res, res, p.d));
+            });
+        for (int64_t e = 0; e < p.d; ++e) {
+          x_hat_ptr[b * p.d + e] = static_cast<scalar_t>(recon[e]);
+        }
+      }
+    });
+  });
+
+  std::vector<double> means(p.G, 0.0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t g = 0; g < p.G; ++g) {
+      means[g] += row_losses[b * p.G + g];
+    }
+  }
+  double loss = 0.0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    means[g] /= static_cast<double>(p.B);
+    loss += prefix_weights[g] * means[g];
+  }
+  return {at::scalar_tensor(loss, x.options()),
+          at::tensor(means, x.options().dtype(at::kDouble)).to(x.scalar_type()), x_hat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
+    const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
+    const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
+    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
+  const Problem p = check_args(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_prefix_losses.numel() == p.G,
+              "grad_loss must be a scalar and grad_prefix_losses [G]");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor val = values.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor W = W_dec.contiguous();
+  const at::Tensor bias = b_dec.contiguous();
+  check_indices(idx.const_data_ptr<int64_t>(), p.B * p.k, p.n);
+  const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
+  at::Tensor g_hat;
+  if (has_grad_x_hat) {
+    TORCH_CHECK(grad_x_hat->sizes() == x.sizes(), "grad_x_hat must be [B, d_model] like x, got ",
+                grad_x_hat->sizes());
+    g_hat = grad_x_hat->contiguous().to(x.scalar_type());
+  }
+
+  const double g_loss = grad_loss.item<double>();
+  const at::Tensor g_prefix = grad_prefix_losses.to(at::kDouble).contiguous();
+  std::vector<double> scale(p.G);  // 2 c_g / B
+  for (int64_t g = 0; g < p.G; ++g) {
+    scale[g] = 2.0 * (g_loss * prefix_weights[g] + g_prefix.const_data_ptr<double>()[g]) /
+               static_cast<double>(p.B);
+  }
+
+  at::Tensor grad_x = at::empty({p.B, p.d}, x.options());
+  at::Tensor grad_values = at::empty({p.B, p.k}, x.options());
+  at::Tensor grad_W_dec = at::empty({p.n, p.d}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* W_ptr = W.const_data_ptr<scalar_t>();
+    const scalar_t* val_ptr = val.const_data_ptr<scalar_t>();
+    const int64_t* idx_ptr = idx.const_data_ptr<int64_t>();
+    // Every residual slot is written by the walk before it is read.
+    at::Tensor S_tensor = at::empty({p.G, p.B, p.d}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* S = S_tensor.mutable_data_ptr<acc_t>();
+    const scalar_t* g_hat_ptr = has_grad_x_hat ? g_hat.const_data_ptr<scalar_t>() : nullptr;
+    std::vector<int64_t> group_of_pair(p.B * p.k);
+    scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* gv_ptr = grad_values.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> order(p.k);
+      std::vector<acc_t> r(p.d);
+      for (int64_t b = begin; b < end; ++b) {
+        // Residual / suffix sum of prefix g for this row.
+        auto S_at = [&](int64_t g) { return S + (g * p.B + b) * p.d; };
+        walk_row<scalar_t, acc_t>(
+            xc.const_data_ptr<scalar_t>() + b * p.d, bias.const_data_ptr<scalar_t>(),
+            val_ptr + b * p.k, idx_ptr + b * p.k, W_ptr, p, prefix_sizes, order, r.data(),
+            group_of_pair.data() + b * p.k, nullptr,
+            [&](int64_t g, const acc_t* res) { std::copy(res, res + p.d, S_at(g)); });
+        const scalar_t* gh = has_grad_x_hat ? g_hat_ptr + b * p.d : nullptr;
+        for (int64_t g = p.G - 1; g >= 0; --g) {
+          acc_t* Sg = S_at(g);
+          const acc_t* Snext = g + 1 < p.G ? S_at(g + 1) : nullptr;
+          const acc_t c = static_cast<acc_t>(scale[g]);
+          for (int64_t e = 0; e < p.d; ++e) {
+            const acc_t next = Snext != nullptr ? Snext[e]
+                               : (gh != nullptr ? -static_cast<acc_t>(gh[e]) : acc_t(0));
+            Sg[e] = c * Sg[e] + next;
+          }
+        }
+        scalar_t* gx = gx_ptr + b * p.d;
+        for (int64_t e = 0; e < p.d; ++e) {
+          gx[e] = static_cast<scalar_t>(S_at(0)[e] + (gh != nullptr ? static_cast<acc_t>(gh[e]) : acc_t(0)));
+        }
+        for (int64_t j = 0; j < p.k; ++j) {
+          const scalar_t* w = W_ptr + idx_ptr[b * p.k + j] * p.d;
+          const acc_t* Sh = S_at(group_of_pair[b * p.k + j]);
+          gv_ptr[b * p.k + j] = static_cast<scalar_t>(-dot<acc_t>(w, Sh, p.d));
+        }
+      }
+    });
+
+    std::vector<acc_t> coef(p.B * p.k);
+    for (int64_t q = 0; q < p.B * p.k; ++q) {
+      coef[q] = -static_cast<acc_t>(val_ptr[q]);
+    }
+    const LatentGroups groups = group_by_latent(idx_ptr, p.B * p.k, p.n);
+    const int64_t k = p.k, B = p.B;
+    accumulate_by_latent<scalar_t, acc_t, acc_t>(
+        groups, coef.data(), S,
+        [&](int64_t q) { return group_of_pair[q] * B + q / k; }, p.d, p.n,
+        /*transposed=*/false, grad_W_dec.mutable_data_ptr<scalar_t>(), nullptr);
+  });
+  at::Tensor grad_b_dec = has_grad_x_hat ? g_hat.sum(0) - grad_x.sum(0) : -grad_x.sum(0);
+  return {grad_x, grad_values, grad_W_dec, grad_b_dec};
+}
+
+}  // namespace sparsecode

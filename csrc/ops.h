@@ -1,0 +1,49 @@
+// CPU kernels of the sparsecode extension, registered as torch.ops.sparsecode_C.* in
+// module.cpp. Shapes: x [B, d], W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d],
+// values [B, k] (float), indices [B, k] (int64, each in [0, n)), G prefix sizes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace sparsecode {
+
+// Dense input checks shared by the kernels: `name` is the argument name in the error.
+void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim);
+void check_same_dtype(const at::Tensor& a, const char* name_a, const at::Tensor& b,
+                      const char* name_b);
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
+                                                       const at::Tensor& W_enc,
+                                                       const at::Tensor& b_enc,
+                                                       const at::Tensor& b_dec, int64_t k);
+
+// Returns (grad_x, grad_W_enc, grad_b_enc, grad_b_dec).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
+    const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
+    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices);
+
+at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& indices,
+                                 const at::Tensor& W_dec, const at::Tensor& b_dec);
+
+// Returns (grad_values, grad_W_dec, grad_b_dec).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& W_dec);
+
+// Returns (loss [], prefix_losses [G], x_hat [B, d]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
+    const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
+    at::ArrayRef<double> prefix_weights);
+
+// Returns (grad_x, grad_values, grad_W_dec, grad_b_dec); grad_x_hat may be absent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
+    const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
+    const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
+    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights);
+
+}  // namespace sparsecode

@@ -1,0 +1,209 @@
+// TopK encode on the CPU and its sparse-gradient backward (DESIGN.md §3.1 and §3.3).
+//
+// Forward:  pre = (x - b_dec) @ W_enc + b_enc,  values/indices = relu of each row's k
+//           largest entries of pre, indices sorted ascending (ties: the lower id wins).
+//           x [B, d], W_enc [d, n], b_enc [n], b_dec [d] -> values [B, k], indices [B, k].
+//           Rows are processed in chunks, so one [rows, n] buffer of at most kChunkElems
+//           elements is alive, never the whole [B, n] matrix. Cost: the GEMM (2*B*d*n
+//           flops) plus one read of each pre row with a k-heap (O(n + k log k log n)).
+// Backward: dpre = grad_values * [values > 0] on the B*k active pairs only, then
+//           dW_enc[:, i] = sum dpre * x'[b]        (segmented by latent, transposed tiles)
+//           db_enc[i]    = sum dpre
+//           dx'[b]       = sum_j dpre[b, j] * W_enc[:, indices[b, j]]   (kRowBlock rows of
+//                          W_enc at a time, so the gathers stay in cache and sum in parallel)
+//           dx = dx', db_dec = -sum_b dx'.  O(B*k*d) flops plus writing dW_enc once.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "latent_groups.h"
+#include "ops.h"
+
+namespace sparsecode {
+namespace {
+
+constexpr int64_t kChunkElems = int64_t(1) << 24;  // 64 MiB of float32 pre-activations
+constexpr int64_t kScanBlock = 32;                 // pre entries checked at once for a new top-k entry
+constexpr int64_t kRowBlock = 8;                   // rows of W_enc gathered together for grad_x
+
+// Selects the k largest of pre[0:n] (lower index first among equals) into values/indices,
+// sorted by index, values passed through relu. `heap` is scratch of size k.
+template <typename scalar_t, typename acc_t>
+void select_topk_row(const scalar_t* pre, int64_t n, int64_t k,
+                     std::vector<std::pair<acc_t, int64_t>>& heap, scalar_t* values,
+                     int64_t* indices) {
+  // Ordering "a is better than b"; with it the std heap keeps the worst kept entry at front.
+  auto better = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  for (int64_t i = 0; i < k; ++i) {
+    heap[i] = {static_cast<acc_t>(pre[i]), i};
+  }
+  std::make_heap(heap.begin(), heap.end(), better);
+  acc_t threshold = heap.front().first;
+  auto offer = [&](int64_t i) {
+    const acc_t v = static_cast<acc_t>(pre[i]);
+    // A later equal value has a higher index, so it never beats the kept one.
+    if (v > threshold) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {v, i};
+      std::push_heap(heap.begin(), heap.end(), better);
+      threshold = heap.front().first;
+    }
+  };
+  // Most blocks hold nothing above the running threshold: a vectorised max skips them.
+  int64_t i = k;
+  for (; i + kScanBlock <= n; i += kScanBlock) {
+    acc_t block_max = static_cast<acc_t>(pre[i]);
+#pragma omp simd reduction(max : block_max)
+    for (int64_t e = 1; e < kScanBlock; ++e) {
+      const acc_t v = static_cast<acc_t>(pre[i + e]);
+      block_max = v > block_max ? v : block_max;
+    }
+    if (block_max > threshold) {
+      for (int64_t e = 0; e < kScanBlock; ++e) {
+        offer(i + e);
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    offer(i);
+  }
+  std::sort(heap.begin(), heap.end(),
+            [](const auto& a, const auto& b) { return a.second < b.second; });
+  for (int64_t j = 0; j < k; ++j) {
+    values[j] = static_cast<scalar_t>(std::max(heap[j].first, acc_t(0)));
+    indices[j] = heap[j].second;
+  }
+}
+
+void check_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec) {
+  check_cpu_float(x, "x", 2);
+  check_cpu_float(W_enc, "W_enc", 2);
+  check_cpu_float(b_dec, "b_dec", 1);
+  check_same_dtype(x, "x", W_enc, "W_enc");
+  check_same_dtype(x, "x", b_dec, "b_dec");
+  TORCH_CHECK(W_enc.size(0) == x.size(1), "W_enc must be [d_model, d_sae] with d_model = ",
+              x.size(1), " (x's last dim), got ", W_enc.sizes());
+  TORCH_CHECK(b_dec.size(0) == x.size(1), "b_dec must be [d_model] = [", x.size(1), "], got ",
+              b_dec.sizes());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
+                                                       const at::Tensor& W_enc,
+                                                       const at::Tensor& b_enc,
+                                                       const at::Tensor& b_dec, int64_t k) {
+  check_encode_args(x, W_enc, b_dec);
+  check_cpu_float(b_enc, "b_enc", 1);
+  check_same_dtype(x, "x", b_enc, "b_enc");
+  const int64_t B = x.size(0);
+  const int64_t n = W_enc.size(1);
+  TORCH_CHECK(b_enc.size(0) == n, "b_enc must be [d_sae] = [", n, "], got ", b_enc.sizes());
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, d_sae=", n, "], got ", k);
+
+  const at::Tensor xc = (x - b_dec).contiguous();
+  const at::Tensor W = W_enc.contiguous();
+  at::Tensor values = at::empty({B, k}, x.options());
+  at::Tensor indices = at::empty({B, k}, x.options().dtype(at::kLong));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / n));
+  at::Tensor pre = at::empty({chunk, n}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t r0 = 0; r0 < B; r0 += chunk) {
+      const int64_t rows = std::min(chunk, B - r0);
+      at::Tensor pre_rows = pre.narrow(0, 0, rows);
+      at::addmm_out(pre_rows, b_enc, xc.narrow(0, r0, rows), W);
+      const scalar_t* pre_ptr = pre_rows.const_data_ptr<scalar_t>();
+      scalar_t* val_ptr = values.mutable_data_ptr<scalar_t>() + r0 * k;
+      int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>() + r0 * k;
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        std::vector<std::pair<acc_t, int64_t>> heap(k);
+        for (int64_t r = begin; r < end; ++r) {
+          select_topk_row<scalar_t, acc_t>(pre_ptr + r * n, n, k, heap, val_ptr + r * k,
+                                           idx_ptr + r * k);
+        }
+      });
+    }
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
+    const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
+    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices) {
+  check_encode_args(x, W_enc, b_dec);
+  const int64_t B = x.size(0);
+  const int64_t d = x.size(1);
+  const int64_t n = W_enc.size(1);
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == B && values.sizes() == indices.sizes() &&
+                  values.sizes() == grad_values.sizes(),
+              "values, indices and grad_values must all be [B, k] with B = ", B,
+              ", got ", values.sizes(), ", ", indices.sizes(), ", ", grad_values.sizes());
+  const int64_t k = values.size(1);
+
+  const at::Tensor xc = (x - b_dec).contiguous();
+  const at::Tensor W = W_enc.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor val = values.contiguous().to(x.scalar_type());
+  const at::Tensor gval = grad_values.contiguous().to(x.scalar_type());
+  check_indices(idx.const_data_ptr<int64_t>(), B * k, n);
+
+  at::Tensor grad_W_enc = at::empty({d, n}, x.options());
+  at::Tensor grad_b_enc = at::empty({n}, x.options());
+  at::Tensor grad_xT = at::empty({d, B}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* idx_ptr = idx.const_data_ptr<int64_t>();
+    const scalar_t* val_ptr = val.const_data_ptr<scalar_t>();
+    const scalar_t* gval_ptr = gval.const_data_ptr<scalar_t>();
+    std::vector<acc_t> dpre(B * k);
+    for (int64_t p = 0; p < B * k; ++p) {
+      dpre[p] = static_cast<acc_t>(val_ptr[p]) > acc_t(0) ? static_cast<acc_t>(gval_ptr[p])
+                                                           : acc_t(0);
+    }
+
+    const LatentGroups groups = group_by_latent(idx_ptr, B * k, n);
+    accumulate_by_latent<scalar_t, acc_t, scalar_t>(
+        groups, dpre.data(), xc.const_data_ptr<scalar_t>(), [k](int64_t p) { return p / k; },
+        d, n, /*transposed=*/true, grad_W_enc.mutable_data_ptr<scalar_t>(),
+        grad_b_enc.mutable_data_ptr<scalar_t>());
+
+    const scalar_t* W_ptr = W.const_data_ptr<scalar_t>();
+    scalar_t* gxT_ptr = grad_xT.mutable_data_ptr<scalar_t>();
+    const int64_t num_blocks = (d + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * kRowBlock;
+        const int64_t rows = std::min(kRowBlock, d - r0);
+        const scalar_t* w_rows = W_ptr + r0 * n;
+        for (int64_t b = 0; b < B; ++b) {
+          acc_t s[kRowBlock] = {};
+          for (int64_t j = 0; j < k; ++j) {
+            const acc_t c = dpre[b * k + j];
+            const int64_t i = idx_ptr[b * k + j];
+            for (int64_t rr = 0; rr < rows; ++rr) {
+              s[rr] += c * static_cast<acc_t>(w_rows[rr * n + i]);
+            }
+          }
+          for (int64_t rr = 0; rr < rows; ++rr) {
+            gxT_ptr[(r0 + rr) * B + b] = static_cast<scalar_t>(s[rr]);
+          }
+        }
+      }
+    });
+  });
+  at::Tensor grad_x = grad_xT.t().contiguous();
+  at::Tensor grad_b_dec = -grad_x.sum(0);
+  return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
+}
+
+}  // namespace sparsecode

@@ -1,0 +1,150 @@
+"""The nested-prefix (Matryoshka) loss op: dispatch and autograd.
+
+    prefix_losses[g] = mean_b ||x - x_hat_g||^2,   loss = sum_g prefix_weights[g] * prefix_losses[g]
+
+where x_hat_g decodes only the latents < prefix_sizes[g]. x [B, d], values/indices [B, k],
+W_dec [n, d], b_dec [d] -> loss [], prefix_losses [G]. All G losses come from one walk over
+each row's sorted slots and the backward uses suffix sums of the weighted residuals
+(DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
+also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
+module's forward needs no separate decode. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sparsecode import reference
+from sparsecode.backends import kernels, resolve_backend
+
+
+@torch.library.custom_op("sparsecode::nested_prefix_loss", mutates_args=())
+def _nested_prefix_loss(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(
+        kernels(backend).nested_prefix_loss_forward(
+            x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
+        )
+    )
+
+
+@_nested_prefix_loss.register_fake
+def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend):
+    return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x)
+
+
+@torch.library.custom_op("sparsecode::nested_prefix_loss_backward", mutates_args=())
+def _nested_prefix_loss_backward(
+    grad_loss: Tensor,
+    grad_prefix_losses: Tensor,
+    grad_x_hat: Tensor | None,
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(
+        kernels(backend).nested_prefix_loss_backward(
+            grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
+            prefix_sizes, prefix_weights,
+        )
+    )
+
+
+@_nested_prefix_loss_backward.register_fake
+def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
+      prefix_sizes, prefix_weights, backend):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(values),
+        torch.empty_like(W_dec),
+        torch.empty_like(b_dec),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend = inputs
+    ctx.save_for_backward(x, values, indices, W_dec, b_dec)
+    ctx.prefix_sizes = prefix_sizes
+    ctx.prefix_weights = prefix_weights
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None):
+    x, values, indices, W_dec, b_dec = ctx.saved_tensors
+    grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
+        grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
+        ctx.prefix_sizes, ctx.prefix_weights, ctx.backend,
+    )
+    return grad_x, grad_values, None, grad_W_dec, grad_b_dec, None, None, None
+
+
+_nested_prefix_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nested_prefix_loss_and_decode(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float],
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """loss [], prefix_losses [G] and the full reconstruction x_hat [B, d], in one pass.
+
+    Differentiable in x, values, W_dec and b_dec (through all three outputs).
+    """
+    name = resolve_backend(backend, x.device)
+    sizes = [int(m) for m in prefix_sizes]
+    weights = [float(w) for w in prefix_weights]
+    if name == "reference":
+        loss, prefix_losses = reference.nested_prefix_loss(
+            x, values, indices, W_dec, b_dec, sizes, weights
+        )
+        return loss, prefix_losses, reference.sparse_decode(values, indices, W_dec, b_dec)
+    return _nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes, weights, name)
+
+
+def nested_prefix_loss(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float],
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """loss [] and prefix_losses [G] of the Matryoshka objective for the code (values, indices).
+
+    Differentiable in x, values, W_dec and b_dec.
+    """
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.nested_prefix_loss(
+            x, values, indices, W_dec, b_dec, [int(m) for m in prefix_sizes],
+            [float(w) for w in prefix_weights],
+        )
+    loss, prefix_losses, _ = nested_prefix_loss_and_decode(
+        x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend=name
+    )
+    return loss, prefix_losses

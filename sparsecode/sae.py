@@ -1,0 +1,195 @@
+"""TopK and Matryoshka sparse autoencoders as drop-in ``torch.nn.Module``s.
+
+    pre   = (x - b_dec) @ W_enc + b_enc          W_enc [d_model, d_sae], b_enc [d_sae]
+    code  = TopK(ReLU(pre))                      values, indices [B, k]
+    x_hat = code @ W_dec + b_dec                 W_dec [d_sae, d_model], b_dec [d_model]
+
+A Matryoshka SAE with prefix sizes m_0 < ... < m_{G-1} = d_sae trains every prefix of the
+dictionary to reconstruct on its own: loss = sum_g w_g * mean_b ||x - x_hat_g||^2, where
+x_hat_g decodes the code restricted to latents < m_g. A TopK SAE is the case G = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sparsecode.backends import check_backend_name
+from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
+from sparsecode.sparse_decode import sparse_decode
+from sparsecode.topk_encode import topk_encode
+
+
+class SparseCode(NamedTuple):
+    """A batch's sparse code: values [B, k] (>= 0) at latents indices [B, k] (int64, sorted)."""
+
+    values: Tensor
+    indices: Tensor
+
+
+class SAEOutput(NamedTuple):
+    """x_hat [B, d_model] (full reconstruction), the code, loss [] and prefix_losses [G]."""
+
+    x_hat: Tensor
+    code: SparseCode
+    loss: Tensor
+    prefix_losses: Tensor
+
+
+def _check_prefixes(
+    d_sae: int, prefix_sizes: Sequence[int], prefix_weights: Sequence[float] | None
+) -> tuple[list[int], list[float]]:
+    sizes = list(prefix_sizes)
+    if not sizes or any(isinstance(m, bool) or not isinstance(m, int) for m in sizes):
+        raise ValueError(f"prefix_sizes must be a non-empty list of ints, got {prefix_sizes!r}")
+    if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(
+            f"prefix_sizes must be strictly increasing positive ints, got {sizes}"
+        )
+    if sizes[-1] != d_sae:
+        raise ValueError(
+            f"the last prefix size must equal d_sae={d_sae} (the whole dictionary), got {sizes}; "
+            f"append {d_sae}"
+        )
+    if prefix_weights is None:
+        return sizes, [1.0 / len(sizes)] * len(sizes)
+    weights = [float(w) for w in prefix_weights]
+    if len(weights) != len(sizes):
+        raise ValueError(
+            f"prefix_weights needs one weight per prefix size ({len(sizes)}), got {len(weights)}"
+        )
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"prefix_weights must be finite and non-negative, got {weights}")
+    return sizes, weights
+
+
+class SAE(nn.Module):
+    """A TopK sparse autoencoder trained with nested prefix losses (see the module doc).
+
+    Parameters follow SAELens: W_enc [d_model, d_sae], b_enc [d_sae], W_dec [d_sae, d_model],
+    b_dec [d_model]. Use :class:`TopKSAE` or :class:`MatryoshkaSAE` to build one.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_sae: int,
+        k: int,
+        prefix_sizes: Sequence[int],
+        prefix_weights: Sequence[float] | None = None,
+        backend: str = "auto",
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_sae", d_sae), ("k", k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if k > d_sae:
+            raise ValueError(f"k={k} must be at most d_sae={d_sae}: lower k or widen the SAE")
+        self.prefix_sizes, self.prefix_weights = _check_prefixes(d_sae, prefix_sizes, prefix_weights)
+        check_backend_name(backend)
+        self.d_model, self.d_sae, self.k, self.backend = d_model, d_sae, k, backend
+
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(d_model, d_sae, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_model, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_model, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Unit-norm random decoder rows, W_enc = W_dec.T, zero biases."""
+        with torch.no_grad():
+            nn.init.normal_(self.W_dec)
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_sae={self.d_sae}, k={self.k}, "
+            f"prefix_sizes={self.prefix_sizes}, backend={self.backend!r}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor [batch, d_model], got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise ValueError(
+                f"x must have shape [batch, d_model={self.d_model}], got {list(x.shape)}; "
+                "flatten leading dims with x.reshape(-1, d_model)"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("x is an empty batch (0 rows): pass at least one activation vector")
+        if x.dtype != self.W_enc.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the SAE's parameters are {self.W_enc.dtype}; "
+                f"cast with x.to({self.W_enc.dtype})"
+            )
+        if x.device != self.W_enc.device:
+            raise ValueError(
+                f"x is on {x.device} but the SAE is on {self.W_enc.device}; "
+                f"move one of them, e.g. x.to('{self.W_enc.device}')"
+            )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf values: clean or drop those activations")
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """The sparse code of x [B, d_model]: values, indices [B, k] (indices sorted per row)."""
+        self._check_input(x)
+        values, indices = topk_encode(
+            x, self.W_enc, self.b_enc, self.b_dec, self.k, backend=self.backend
+        )
+        return SparseCode(values, indices)
+
+    def decode(self, code: SparseCode, size: int | None = None) -> Tensor:
+        """x_hat [B, d_model] from the code, using only latents < size when size is given."""
+        values, indices = code
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.d_sae:
+                raise ValueError(f"size must be an int in [1, d_sae={self.d_sae}], got {size!r}")
+            values = values * (indices < size).to(values.dtype)
+        return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Encode x [B, d_model], decode it, and compute the nested prefix losses.
+
+        The reconstruction comes from the same pass over the code as the losses.
+        """
+        code = self.encode(x)
+        loss, prefix_losses, x_hat = nested_prefix_loss_and_decode(
+            x, code.values, code.indices, self.W_dec, self.b_dec,
+            self.prefix_sizes, self.prefix_weights, backend=self.backend,
+        )
+        return SAEOutput(x_hat, code, loss, prefix_losses)
+
+
+class MatryoshkaSAE(SAE):
+    """A Matryoshka SAE: every prefix ``W_dec[:m]`` for m in prefix_sizes is trained as an SAE.
+
+    prefix_sizes: strictly increasing, last equal to d_sae. prefix_weights: one non-negative
+    weight per prefix, default uniform 1/G.
+    """
+
+
+class TopKSAE(SAE):
+    """An ordinary TopK SAE: a Matryoshka SAE with the single prefix [d_sae]."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_sae: int,
+        k: int,
+        backend: str = "auto",
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(d_model, d_sae, k, [d_sae], None, backend, dtype=dtype, device=device)
