@@ -1,0 +1,49 @@
+"""Shared test helpers: fresh random seeds, a relative-error assert, poisoned outputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# DESIGN.md §5: relative error against a float64 reference.
+TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "output") -> None:
+    """Fails with the relative error when out is NaN/Inf, mis-shaped, or off by more than tol."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: contains NaN/Inf"
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test, printed so a failure can be replayed (SPARSECODE_SEED)."""
+    value = int(os.environ.get("SPARSECODE_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(value)
+    print(f"seed={value}")
+    return value
+
+
+@pytest.fixture
+def poisoned():
+    """Every uninitialised tensor (torch.empty here, at::empty in the C++ kernels) starts as NaN
+    (ints as their max value), so an output element a kernel forgets to write fails the test."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was_deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = was_filling

@@ -1,0 +1,144 @@
+"""nested_prefix_loss (cpp backend) against the pure-PyTorch reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sparsecode import ops, reference
+from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
+from tests.conftest import TOLERANCE, assert_close
+from tests.test_sparse_decode import random_code
+
+SHAPES = [
+    (B, d, n, k)
+    for B, d, n, k in itertools.product([1, 7, 33], [5, 64, 100], [17, 256, 1000], [1, 3, 32])
+    if k <= n
+]
+
+
+def prefixes_for(n: int, k: int) -> list[int]:
+    """Prefix sizes with a group of one latent, a prefix smaller than k (when k > 2), and n."""
+    sizes = {1, 2, max(1, k // 2), n // 3, n // 2, n}
+    return sorted(m for m in sizes if 1 <= m <= n)
+
+
+def make_problem(B, d, n, k, dtype):
+    values, indices = random_code(B, n, k, dtype)
+    x = torch.randn(B, d, dtype=dtype)
+    W_dec = torch.randn(n, d, dtype=dtype) / d**0.5
+    b_dec = torch.randn(d, dtype=dtype) * 0.1
+    sizes = prefixes_for(n, k)
+    weights = (torch.rand(len(sizes)) + 0.1).tolist()
+    return x, values, indices, W_dec, b_dec, sizes, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,d,n,k", SHAPES)
+def test_matches_reference(B, d, n, k, dtype, seed, poisoned):
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(B, d, n, k, dtype)
+    inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+
+    def run(x_, v_, W_, b_):
+        return nested_prefix_loss_and_decode(x_, v_, indices, W_, b_, sizes, weights, backend="cpp")
+
+    loss, prefix_losses, x_hat = run(*inputs)
+    x64, v64, W64, b64 = inputs64
+    ref_loss, ref_prefix = reference.nested_prefix_loss(x64, v64, indices, W64, b64, sizes, weights)
+    ref_x_hat = reference.sparse_decode(v64, indices, W64, b64)
+    assert_close(loss, ref_loss, TOLERANCE[dtype], "loss")
+    assert_close(prefix_losses, ref_prefix, TOLERANCE[dtype], "prefix_losses")
+    assert_close(x_hat, ref_x_hat, TOLERANCE[dtype], "x_hat")
+
+    # Upstream gradients on all three outputs, as when a caller also uses x_hat.
+    upstream = [torch.randn(()), torch.randn(len(sizes)), torch.randn(B, d)]
+    upstream = [u.double() for u in upstream]
+    grads = torch.autograd.grad(
+        (loss, prefix_losses, x_hat), inputs, [u.to(dtype) for u in upstream]
+    )
+    ref_grads = torch.autograd.grad((ref_loss, ref_prefix, ref_x_hat), inputs64, upstream)
+    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
+        assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("B,d,n,k", [(7, 5, 17, 3), (33, 64, 256, 32)])
+def test_public_op_without_reconstruction(B, d, n, k, seed, poisoned):
+    """ops.nested_prefix_loss returns (loss, prefix_losses); only the loss is differentiated."""
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(B, d, n, k, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    loss, prefix_losses = ops.nested_prefix_loss(
+        inputs[0], inputs[1], indices, inputs[2], inputs[3], sizes, weights, backend="cpp"
+    )
+    ref_loss, ref_prefix = reference.nested_prefix_loss(
+        inputs[0], inputs[1], indices, inputs[2], inputs[3], sizes, weights
+    )
+    assert_close(prefix_losses, ref_prefix, 1e-10)
+    for g, r in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref_loss, inputs)):
+        assert_close(g, r, 1e-10)
+
+
+def test_unsorted_indices_give_the_same_result(seed):
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(9, 8, 40, 6, torch.float64)
+    perm = torch.randperm(6)
+    sorted_out = ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes, weights, backend="cpp")
+    shuffled_out = ops.nested_prefix_loss(
+        x, values[:, perm], indices[:, perm], W_dec, b_dec, sizes, weights, backend="cpp"
+    )
+    for a, b in zip(sorted_out, shuffled_out):
+        assert_close(a, b, 1e-12)
+
+
+def test_single_prefix_is_the_mean_squared_error(seed):
+    x, values, indices, W_dec, b_dec, _, _ = make_problem(11, 7, 30, 4, torch.float64)
+    loss, prefix_losses = ops.nested_prefix_loss(
+        x, values, indices, W_dec, b_dec, [30], [1.0], backend="cpp"
+    )
+    x_hat = reference.sparse_decode(values, indices, W_dec, b_dec)
+    assert_close(loss, (x - x_hat).square().sum(1).mean(), 1e-12)
+    assert prefix_losses.shape == (1,)
+
+
+def test_gradcheck(seed):
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(5, 4, 12, 3, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    assert torch.autograd.gradcheck(
+        lambda *a: nested_prefix_loss_and_decode(
+            a[0], a[1], indices, a[2], a[3], sizes, weights, backend="cpp"
+        ),
+        inputs,
+    )
+
+
+def test_opcheck(seed):
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(6, 5, 14, 3, torch.float32)
+    inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    torch.library.opcheck(
+        torch.ops.sparsecode.nested_prefix_loss.default,
+        (inputs[0], inputs[1], indices, inputs[2], inputs[3], sizes, weights, "cpp"),
+    )
+
+
+def test_deterministic(seed):
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(64, 16, 100, 8, torch.float32)
+    W_dec.requires_grad_()
+    grads = [
+        torch.autograd.grad(
+            ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes, weights, backend="cpp")[0],
+            W_dec,
+        )[0]
+        for _ in range(2)
+    ]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_bad_prefix_sizes_are_rejected():
+    x, values, indices, W_dec, b_dec, _, _ = make_problem(3, 4, 10, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, [5, 5, 10], [1, 1, 1], backend="cpp")
+    with pytest.raises(RuntimeError, match="last prefix size must equal d_sae"):
+        ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, [5, 9], [1, 1], backend="cpp")
+    with pytest.raises(RuntimeError, match="one prefix weight per prefix size"):
+        ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, [5, 10], [1], backend="cpp")
