@@ -14,6 +14,7 @@ import ctypes
 import gc
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,13 +61,13 @@ def measure(backend: str, seed: int) -> dict[str, float | int | str]:
         step()
     sae.zero_grad()  # at rest: parameters, Adam state and x; the step allocates the gradients
     _release_free_heap()
-    if _reset_peak_rss():
-        rest = _status_kib("VmRSS") * 1024
+    peak_was_reset = _reset_peak_rss()
+    rest = _status_kib("VmRSS") * 1024
+    if peak_was_reset:
         loss = step()
         peak = _status_kib("VmHWM") * 1024 - rest
         method = "VmHWM - VmRSS of the process (kernel peak-RSS reset)"
     else:
-        rest = _status_kib("VmRSS") * 1024
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
         ) as prof:
@@ -89,7 +90,7 @@ def test_step_peak_memory(results, seed: int, backend: str) -> None:
     )
     assert proc.returncode == 0, f"memory probe ({backend}) failed:\n{proc.stderr}"
     figures = json.loads(proc.stdout.splitlines()[-1])
-    assert figures["step_peak"] > 0 and torch.isfinite(torch.tensor(figures["loss"]))
+    assert figures["step_peak"] > 0 and math.isfinite(figures["loss"]), figures
     results.add_memory(backend, figures["rest"], figures["step_peak"], str(figures["method"]))
 
 

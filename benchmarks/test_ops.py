@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sparsecode import ops
-from workload import OP_FAST_ROUNDS, OP_SLOW_ROUNDS, SIZES, build_sae
+from workload import FAST_ROUNDS, SIZES, SLOW_ROUNDS, build_sae
 
 pytestmark = pytest.mark.benchmark(group="ops fwd+bwd")
 BACKENDS = ["cpp", "reference"]
@@ -77,7 +77,7 @@ def test_op_forward_backward(
     timed, inputs: OpInputs, op: Callable[[OpInputs, str], tuple[Tensor, ...]], backend: str
 ) -> None:
     """The op's forward and the gradients of its output w.r.t. its differentiable inputs."""
-    rounds = OP_SLOW_ROUNDS if backend == "reference" else OP_FAST_ROUNDS
+    rounds = SLOW_ROUNDS if backend == "reference" else FAST_ROUNDS
     name = op.__name__.lstrip("_")
     grads = timed(f"{name} fwd+bwd: {backend}", lambda: op(inputs, backend), rounds)
     assert all(torch.isfinite(g).all() for g in grads), f"{name} ({backend}): non-finite gradient"

@@ -39,11 +39,9 @@ SIZES = (
 )
 
 # Timed rounds after one warm-up round: fast subjects (cpp kernels, the GEMM) and slow ones
-# (the reference backend).
+# (the reference backend, ~10-20 s a step), keeping `pytest benchmarks/` to a few minutes.
 FAST_ROUNDS = 2 if SMOKE else 7
-OP_FAST_ROUNDS = 2 if SMOKE else 10
 SLOW_ROUNDS = 1 if SMOKE else 2
-OP_SLOW_ROUNDS = 1 if SMOKE else 3
 
 
 def activations(seed: int, sizes: Sizes = SIZES) -> Tensor:

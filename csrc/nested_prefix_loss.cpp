@@ -10,10 +10,12 @@
 // recorded at each group boundary. O(B*(k + G)*d) for all G prefixes at once.
 // Backward: with c_g = grad_loss * w_g + grad_prefix_losses[g], the same walk stores the
 // residuals, then suffix sums S_g = (2/B) sum_{g' >= g} c_{g'} r_{g'} - grad_x_hat
-// ([G, B, d] scratch; x_hat = x - r_{G-1}, so its gradient joins the last group) give, for a
+// (computed per row in double, kept as a [G, B, d] float scratch; x_hat = x - r_{G-1}, so its
+// gradient joins the last group) give, for a
 // slot in group h (m_{h-1} <= index < m_h):
 //   grad_values = -W_dec[i] . S_h,   grad_W_dec[i] += -values * S_h  (segmented by latent),
-//   grad_x = S_0 + grad_x_hat,   grad_b_dec = -sum_b S_0.       O(B*(k + G)*d).
+//   grad_x = S_0 + grad_x_hat (the loss part alone, taken before grad_x_hat is folded in),
+//   grad_b_dec = -sum_b S_0.       O(B*(k + G)*d).
 // The scratch is laid out group-major because latents of one group are one contiguous id
 // range: the segmented sum for grad_W_dec then reads one [B, d] slab at a time, which stays
 // in the last-level cache.
@@ -23,6 +25,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "latent_groups.h"
@@ -31,11 +34,13 @@
 namespace sparsecode {
 namespace {
 
+// The checked problem: sizes and contiguous inputs.
 struct Problem {
   int64_t B, k, n, d, G;
+  at::Tensor x, values, indices, W_dec, b_dec;
 };
 
-Problem check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+Problem prepare(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                    const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef sizes,
                    at::ArrayRef<double> weights) {
   check_cpu_float(x, "x", 2);
@@ -47,8 +52,10 @@ Problem check_args(const at::Tensor& x, const at::Tensor& values, const at::Tens
   check_same_dtype(x, "x", b_dec, "b_dec");
   TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong,
               "indices must be an int64 CPU tensor");
-  Problem p{x.size(0), values.size(1), W_dec.size(0), x.size(1),
-            static_cast<int64_t>(sizes.size())};
+  Problem p{x.size(0),         values.size(1),        W_dec.size(0),
+            x.size(1),         static_cast<int64_t>(sizes.size()),
+            x.contiguous(),    values.contiguous(),   indices.contiguous(),
+            W_dec.contiguous(), b_dec.contiguous()};
   TORCH_CHECK(values.size(0) == p.B && indices.sizes() == values.sizes(),
               "values and indices must be [B, k] with B = ", p.B, ", got ", values.sizes(),
               " and ", indices.sizes());
@@ -63,8 +70,17 @@ Problem check_args(const at::Tensor& x, const at::Tensor& values, const at::Tens
   }
   TORCH_CHECK(sizes[p.G - 1] == p.n, "the last prefix size must equal d_sae = ", p.n, ", got ",
               sizes);
+  check_indices(p.indices.const_data_ptr<int64_t>(), p.B * p.k, p.n);
   return p;
 }
+
+// Precision of a row's residuals and suffix sums: double for float32 inputs too. Residuals
+// that nearly cancel (a good reconstruction, or the loss and x_hat gradients pulling
+// against each other) would otherwise lose digits that float32 tests can see; the walk works
+// on cache-resident rows, so the wider type costs arithmetic, not memory traffic.
+template <typename scalar_t>
+using walk_type =
+    std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
 
 // Walks one row's slots in ascending index order, starting from r = x - b_dec. Calls
 // at_boundary(g, r) with the residual of prefix g, once per g in order, and stores each
@@ -120,27 +136,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
     at::ArrayRef<double> prefix_weights) {
-  const Problem p = check_args(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor val = values.contiguous();
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor W = W_dec.contiguous();
-  const at::Tensor bias = b_dec.contiguous();
-  check_indices(idx.const_data_ptr<int64_t>(), p.B * p.k, p.n);
+  const Problem p = prepare(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
   std::vector<double> row_losses(p.B * p.G);
   at::Tensor x_hat = at::empty({p.B, p.d}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = walk_type<scalar_t>;
     at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> order(p.k), group_of_slot(p.k);
       std::vector<acc_t> r(p.d), recon(p.d);
       scalar_t* x_hat_ptr = x_hat.mutable_data_ptr<scalar_t>();
       for (int64_t b = begin; b < end; ++b) {
         walk_row<scalar_t, acc_t>(
-            xc.const_data_ptr<scalar_t>() + b * p.d, bias.const_data_ptr<scalar_t>(),
-            val.const_data_ptr<scalar_t>() + b * p.k, idx.const_data_ptr<int64_t>() + b * p.k,
-            W.const_data_ptr<scalar_t>(), p, prefix_sizes, order, r.data(), group_of_slot.data(),
+            p.x.const_data_ptr<scalar_t>() + b * p.d, p.b_dec.const_data_ptr<scalar_t>(),
+            p.values.const_data_ptr<scalar_t>() + b * p.k, p.indices.const_data_ptr<int64_t>() + b * p.k,
+            p.W_dec.const_data_ptr<scalar_t>(), p, prefix_sizes, order, r.data(), group_of_slot.data(),
             recon.data(), [&](int64_t g, const acc_t* res) {
               row_losses[b * p.G + g] = static_cast<double>(dot<acc_t>(res, res, p.d));
             });
@@ -171,15 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
     at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
-  const Problem p = check_args(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
+  const Problem p = prepare(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
   TORCH_CHECK(grad_loss.numel() == 1 && grad_prefix_losses.numel() == p.G,
               "grad_loss must be a scalar and grad_prefix_losses [G]");
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor val = values.contiguous();
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor W = W_dec.contiguous();
-  const at::Tensor bias = b_dec.contiguous();
-  check_indices(idx.const_data_ptr<int64_t>(), p.B * p.k, p.n);
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
   at::Tensor g_hat;
   if (has_grad_x_hat) {
@@ -201,13 +205,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
   at::Tensor grad_W_dec = at::empty({p.n, p.d}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* W_ptr = W.const_data_ptr<scalar_t>();
-    const scalar_t* val_ptr = val.const_data_ptr<scalar_t>();
-    const int64_t* idx_ptr = idx.const_data_ptr<int64_t>();
+    using acc_t = walk_type<scalar_t>;
+    using store_t = at::opmath_type<scalar_t>;
+    const scalar_t* W_ptr = p.W_dec.const_data_ptr<scalar_t>();
+    const scalar_t* val_ptr = p.values.const_data_ptr<scalar_t>();
+    const int64_t* idx_ptr = p.indices.const_data_ptr<int64_t>();
     // Every residual slot is written by the walk before it is read.
-    at::Tensor S_tensor = at::empty({p.G, p.B, p.d}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* S = S_tensor.mutable_data_ptr<acc_t>();
+    at::Tensor S_tensor =
+        at::empty({p.G, p.B, p.d}, x.options().dtype(c10::CppTypeToScalarType<store_t>::value));
+    store_t* S = S_tensor.mutable_data_ptr<store_t>();
     const scalar_t* g_hat_ptr = has_grad_x_hat ? g_hat.const_data_ptr<scalar_t>() : nullptr;
     std::vector<int64_t> group_of_pair(p.B * p.k);
     scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
@@ -215,44 +221,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> order(p.k);
       std::vector<acc_t> r(p.d);
+      std::vector<acc_t> S_row(p.G * p.d);  // this row's residuals, then suffix sums
       for (int64_t b = begin; b < end; ++b) {
-        // Residual / suffix sum of prefix g for this row.
-        auto S_at = [&](int64_t g) { return S + (g * p.B + b) * p.d; };
+        auto S_at = [&](int64_t g) { return S_row.data() + g * p.d; };
         walk_row<scalar_t, acc_t>(
-            xc.const_data_ptr<scalar_t>() + b * p.d, bias.const_data_ptr<scalar_t>(),
+            p.x.const_data_ptr<scalar_t>() + b * p.d, p.b_dec.const_data_ptr<scalar_t>(),
             val_ptr + b * p.k, idx_ptr + b * p.k, W_ptr, p, prefix_sizes, order, r.data(),
             group_of_pair.data() + b * p.k, nullptr,
             [&](int64_t g, const acc_t* res) { std::copy(res, res + p.d, S_at(g)); });
-        const scalar_t* gh = has_grad_x_hat ? g_hat_ptr + b * p.d : nullptr;
         for (int64_t g = p.G - 1; g >= 0; --g) {
           acc_t* Sg = S_at(g);
           const acc_t* Snext = g + 1 < p.G ? S_at(g + 1) : nullptr;
           const acc_t c = static_cast<acc_t>(scale[g]);
           for (int64_t e = 0; e < p.d; ++e) {
-            const acc_t next = Snext != nullptr ? Snext[e]
-                               : (gh != nullptr ? -static_cast<acc_t>(gh[e]) : acc_t(0));
-            Sg[e] = c * Sg[e] + next;
+            Sg[e] = c * Sg[e] + (Snext != nullptr ? Snext[e] : acc_t(0));
           }
         }
         scalar_t* gx = gx_ptr + b * p.d;
         for (int64_t e = 0; e < p.d; ++e) {
-          gx[e] = static_cast<scalar_t>(S_at(0)[e] + (gh != nullptr ? static_cast<acc_t>(gh[e]) : acc_t(0)));
+          gx[e] = static_cast<scalar_t>(S_at(0)[e]);
+        }
+        // grad_x is taken before x_hat's gradient joins, so it never cancels against it.
+        if (has_grad_x_hat) {
+          const scalar_t* gh = g_hat_ptr + b * p.d;
+          for (int64_t g = 0; g < p.G; ++g) {
+            acc_t* Sg = S_at(g);
+            for (int64_t e = 0; e < p.d; ++e) {
+              Sg[e] -= static_cast<acc_t>(gh[e]);
+            }
+          }
         }
         for (int64_t j = 0; j < p.k; ++j) {
           const scalar_t* w = W_ptr + idx_ptr[b * p.k + j] * p.d;
           const acc_t* Sh = S_at(group_of_pair[b * p.k + j]);
           gv_ptr[b * p.k + j] = static_cast<scalar_t>(-dot<acc_t>(w, Sh, p.d));
         }
+        for (int64_t g = 0; g < p.G; ++g) {
+          std::copy(S_at(g), S_at(g) + p.d, S + (g * p.B + b) * p.d);
+        }
       }
     });
 
-    std::vector<acc_t> coef(p.B * p.k);
+    std::vector<store_t> coef(p.B * p.k);
     for (int64_t q = 0; q < p.B * p.k; ++q) {
-      coef[q] = -static_cast<acc_t>(val_ptr[q]);
+      coef[q] = -static_cast<store_t>(val_ptr[q]);
     }
     const LatentGroups groups = group_by_latent(idx_ptr, p.B * p.k, p.n);
     const int64_t k = p.k, B = p.B;
-    accumulate_by_latent<scalar_t, acc_t, acc_t>(
+    accumulate_by_latent<scalar_t, store_t, store_t>(
         groups, coef.data(), S,
         [&](int64_t q) { return group_of_pair[q] * B + q / k; }, p.d, p.n,
         /*transposed=*/false, grad_W_dec.mutable_data_ptr<scalar_t>(), nullptr);

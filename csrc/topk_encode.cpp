@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
 
   at::Tensor grad_W_enc = at::empty({d, n}, x.options());
   at::Tensor grad_b_enc = at::empty({n}, x.options());
-  at::Tensor grad_xT = at::empty({d, B}, x.options());
+  at::Tensor grad_x = at::empty({B, d}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
         grad_b_enc.mutable_data_ptr<scalar_t>());
 
     const scalar_t* W_ptr = W.const_data_ptr<scalar_t>();
-    scalar_t* gxT_ptr = grad_xT.mutable_data_ptr<scalar_t>();
+    scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     const int64_t num_blocks = (d + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -195,13 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
             }
           }
           for (int64_t rr = 0; rr < rows; ++rr) {
-            gxT_ptr[(r0 + rr) * B + b] = static_cast<scalar_t>(s[rr]);
+            gx_ptr[b * d + r0 + rr] = static_cast<scalar_t>(s[rr]);
           }
         }
       }
     });
   });
-  at::Tensor grad_x = grad_xT.t().contiguous();
   at::Tensor grad_b_dec = -grad_x.sum(0);
   return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
 }

@@ -12,6 +12,7 @@ x_hat_g decodes the code restricted to latents < m_g. A TopK SAE is the case G =
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -40,11 +41,21 @@ class SAEOutput(NamedTuple):
     prefix_losses: Tensor
 
 
+def _as_int(value: object) -> int | None:
+    """value as a Python int when it is an integer (numpy ints included, bools not)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_prefixes(
     d_sae: int, prefix_sizes: Sequence[int], prefix_weights: Sequence[float] | None
 ) -> tuple[list[int], list[float]]:
-    sizes = list(prefix_sizes)
-    if not sizes or any(isinstance(m, bool) or not isinstance(m, int) for m in sizes):
+    sizes = [_as_int(m) for m in prefix_sizes]
+    if not sizes or None in sizes:
         raise ValueError(f"prefix_sizes must be a non-empty list of ints, got {prefix_sizes!r}")
     if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
         raise ValueError(
@@ -88,8 +99,9 @@ class SAE(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_sae", d_sae), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if _as_int(value) is None or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        d_model, d_sae, k = int(d_model), int(d_sae), int(k)
         if k > d_sae:
             raise ValueError(f"k={k} must be at most d_sae={d_sae}: lower k or widen the SAE")
         self.prefix_sizes, self.prefix_weights = _check_prefixes(d_sae, prefix_sizes, prefix_weights)
@@ -153,7 +165,7 @@ class SAE(nn.Module):
         """x_hat [B, d_model] from the code, using only latents < size when size is given."""
         values, indices = code
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.d_sae:
+            if _as_int(size) is None or not 1 <= size <= self.d_sae:
                 raise ValueError(f"size must be an int in [1, d_sae={self.d_sae}], got {size!r}")
             values = values * (indices < size).to(values.dtype)
         return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
