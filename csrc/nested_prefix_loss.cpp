@@ -30,6 +30,7 @@
 
 #include "latent_groups.h"
 #include "ops.h"
+#include "scratch.h"
 
 namespace sparsecode {
 namespace {
@@ -211,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     const scalar_t* val_ptr = p.values.const_data_ptr<scalar_t>();
     const int64_t* idx_ptr = p.indices.const_data_ptr<int64_t>();
     // Every residual slot is written by the walk before it is read.
-    at::Tensor S_tensor =
-        at::empty({p.G, p.B, p.d}, x.options().dtype(c10::CppTypeToScalarType<store_t>::value));
+    at::Tensor S_tensor = scratch(ScratchSlot::kSuffixSums, {p.G, p.B, p.d},
+                                  x.options().dtype(c10::CppTypeToScalarType<store_t>::value));
     store_t* S = S_tensor.mutable_data_ptr<store_t>();
     const scalar_t* g_hat_ptr = has_grad_x_hat ? g_hat.const_data_ptr<scalar_t>() : nullptr;
     std::vector<int64_t> group_of_pair(p.B * p.k);

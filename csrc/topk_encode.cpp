@@ -4,7 +4,7 @@
 //           largest entries of pre, indices sorted ascending (ties: the lower id wins).
 //           x [B, d], W_enc [d, n], b_enc [n], b_dec [d] -> values [B, k], indices [B, k].
 //           Rows are processed in chunks, so one [rows, n] buffer of at most kChunkElems
-//           elements is alive, never the whole [B, n] matrix. Cost: the GEMM (2*B*d*n
+//           elements is alive (reused across calls), never the whole [B, n] matrix. Cost: the GEMM (2*B*d*n
 //           flops) plus one read of each pre row with a k-heap (O(n + k log k log n)).
 // Backward: dpre = grad_values * [values > 0] on the B*k active pairs only, then
 //           dW_enc[:, i] = sum dpre * x'[b]        (segmented by latent, transposed tiles)
@@ -22,6 +22,7 @@
 
 #include "latent_groups.h"
 #include "ops.h"
+#include "scratch.h"
 
 namespace sparsecode {
 namespace {
@@ -112,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
   at::Tensor values = at::empty({B, k}, x.options());
   at::Tensor indices = at::empty({B, k}, x.options().dtype(at::kLong));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / n));
-  at::Tensor pre = at::empty({chunk, n}, x.options());
+  at::Tensor pre = scratch(ScratchSlot::kPreActivations, {chunk, n}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
