@@ -4,8 +4,9 @@
 //           largest entries of pre, indices sorted ascending (ties: the lower id wins).
 //           x [B, d], W_enc [d, n], b_enc [n], b_dec [d] -> values [B, k], indices [B, k].
 //           Rows are processed in chunks, so one [rows, n] buffer of at most kChunkElems
-//           elements is alive (reused across calls), never the whole [B, n] matrix. Cost: the GEMM (2*B*d*n
-//           flops) plus one read of each pre row with a k-heap (O(n + k log k log n)).
+//           elements is alive (and reused across calls), never the whole [B, n] matrix.
+//           Cost: the GEMM (2*B*d*n flops) plus one read of each pre row with a k-heap
+//           (O(n + k log k log n) per row).
 // Backward: dpre = grad_values * [values > 0] on the B*k active pairs only, then
 //           dW_enc[:, i] = sum dpre * x'[b]        (segmented by latent, transposed tiles)
 //           db_enc[i]    = sum dpre
