@@ -141,8 +141,7 @@ def nested_prefix_loss(
     name = resolve_backend(backend, x.device)
     if name == "reference":
         return reference.nested_prefix_loss(
-            x, values, indices, W_dec, b_dec, [int(m) for m in prefix_sizes],
-            [float(w) for w in prefix_weights],
+            x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
         )
     loss, prefix_losses, _ = nested_prefix_loss_and_decode(
         x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend=name
