@@ -12,11 +12,13 @@
 //                          kTile latents, so each store fills whole cache lines.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace sparsecode {
@@ -53,6 +55,14 @@ inline void check_indices(const int64_t* indices, int64_t num_pairs, int64_t n) 
 }
 
 constexpr int64_t kTile = 16;
+
+// The type for short reductions whose result may nearly cancel (a dot product that feeds a
+// single gradient entry): double for float32 inputs too, so that a float32 output is correctly
+// rounded rather than off in its last few digits. The operands come from memory either way, so
+// the wider arithmetic is cheap.
+template <typename scalar_t>
+using wide_type =
+    std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
 
 // Dot product of two d-vectors in acc_t; the simd reduction lets the compiler vectorise it.
 template <typename acc_t, typename a_t, typename b_t>

@@ -25,7 +25,6 @@
 
 #include <algorithm>
 #include <numeric>
-#include <type_traits>
 #include <vector>
 
 #include "latent_groups.h"
@@ -75,13 +74,10 @@ Problem prepare(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   return p;
 }
 
-// Precision of a row's residuals and suffix sums: double for float32 inputs too. Residuals
-// that nearly cancel (a good reconstruction, or the loss and x_hat gradients pulling
-// against each other) would otherwise lose digits that float32 tests can see; the walk works
-// on cache-resident rows, so the wider type costs arithmetic, not memory traffic.
-template <typename scalar_t>
-using walk_type =
-    std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
+// A row's residuals and suffix sums are kept in wide_type (double for float32 inputs too):
+// residuals that nearly cancel (a good reconstruction, or the loss and x_hat gradients pulling
+// against each other) would otherwise lose digits that float32 tests can see; the walk works on
+// cache-resident rows, so the wider type costs arithmetic, not memory traffic.
 
 // Walks one row's slots in ascending index order, starting from r = x - b_dec. Calls
 // at_boundary(g, r) with the residual of prefix g, once per g in order, and stores each
@@ -142,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
   at::Tensor x_hat = at::empty({p.B, p.d}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_forward", [&] {
-    using acc_t = walk_type<scalar_t>;
+    using acc_t = wide_type<scalar_t>;
     at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> order(p.k), group_of_slot(p.k);
       std::vector<acc_t> r(p.d), recon(p.d);
@@ -206,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
   at::Tensor grad_W_dec = at::empty({p.n, p.d}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_backward", [&] {
-    using acc_t = walk_type<scalar_t>;
+    using acc_t = wide_type<scalar_t>;
     using store_t = at::opmath_type<scalar_t>;
     const scalar_t* W_ptr = p.W_dec.const_data_ptr<scalar_t>();
     const scalar_t* val_ptr = p.values.const_data_ptr<scalar_t>();

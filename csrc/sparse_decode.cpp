@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
         const scalar_t* g_row = g_ptr + b * d;
         for (int64_t j = 0; j < k; ++j) {
           const scalar_t* w_row = W_ptr + idx_ptr[b * k + j] * d;
-          gv_ptr[b * k + j] = static_cast<scalar_t>(dot<acc_t>(g_row, w_row, d));
+          gv_ptr[b * k + j] = static_cast<scalar_t>(dot<wide_type<scalar_t>>(g_row, w_row, d));
         }
       }
     });

@@ -188,12 +188,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
         const int64_t rows = std::min(kRowBlock, d - r0);
         const scalar_t* w_rows = W_ptr + r0 * n;
         for (int64_t b = 0; b < B; ++b) {
-          acc_t s[kRowBlock] = {};
+          using wide_t = wide_type<scalar_t>;
+          wide_t s[kRowBlock] = {};
           for (int64_t j = 0; j < k; ++j) {
-            const acc_t c = dpre[b * k + j];
+            const wide_t c = dpre[b * k + j];
             const int64_t i = idx_ptr[b * k + j];
             for (int64_t rr = 0; rr < rows; ++rr) {
-              s[rr] += c * static_cast<acc_t>(w_rows[rr * n + i]);
+              s[rr] += c * static_cast<wide_t>(w_rows[rr * n + i]);
             }
           }
           for (int64_t rr = 0; rr < rows; ++rr) {
