@@ -11,8 +11,7 @@
 // Backward: with c_g = grad_loss * w_g + grad_prefix_losses[g], the same walk stores the
 // residuals, then suffix sums S_g = (2/B) sum_{g' >= g} c_{g'} r_{g'} - grad_x_hat
 // (computed per row in double, kept as a [G, B, d] float scratch; x_hat = x - r_{G-1}, so its
-// gradient joins the last group) give, for a
-// slot in group h (m_{h-1} <= index < m_h):
+// gradient joins the last group) give, for a slot in group h (m_{h-1} <= index < m_h):
 //   grad_values = -W_dec[i] . S_h,   grad_W_dec[i] += -values * S_h  (segmented by latent),
 //   grad_x = S_0 + grad_x_hat (the loss part alone, taken before grad_x_hat is folded in),
 //   grad_b_dec = -sum_b S_0.       O(B*(k + G)*d).
@@ -78,7 +77,7 @@ Problem prepare(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
 // residuals that nearly cancel (a good reconstruction, or the loss and x_hat gradients pulling
 // against each other) would otherwise lose digits that float32 tests can see; the walk works on
 // cache-resident rows, so the wider type costs arithmetic, not memory traffic.
-
+//
 // Walks one row's slots in ascending index order, starting from r = x - b_dec. Calls
 // at_boundary(g, r) with the residual of prefix g, once per g in order, and stores each
 // slot's group in group_of_slot[k]. `order` is scratch of size k. When x_hat is not null it
