@@ -3,6 +3,7 @@
 from sparsecode import ops, reference
 from sparsecode.backends import BackendUnavailableError, backends
 from sparsecode.sae import SAE, MatryoshkaSAE, SAEOutput, SparseCode, TopKSAE
+from sparsecode.saving import load
 
 __all__ = [
     "SAE",
@@ -12,6 +13,7 @@ __all__ = [
     "SparseCode",
     "TopKSAE",
     "backends",
+    "load",
     "ops",
     "reference",
 ]

@@ -1,11 +1,15 @@
-"""Command line: ``sparsecode demo`` trains and evaluates a Matryoshka SAE on planted
-features; ``sparsecode backends`` reports which kernel backends are available."""
+"""Command line: ``sparsecode train`` trains a TopK or Matryoshka SAE on a language model's
+activations; ``sparsecode demo`` trains and evaluates a Matryoshka SAE on planted features;
+``sparsecode backends`` reports which kernel backends are available."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +22,86 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers such as 512,1024,2048, got {text!r}"
+        ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated numbers such as 1,1,1,1, got {text!r}"
+        ) from None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_train_parser(commands) -> None:
+    from sparsecode.lm import DEFAULT_HOOK, DEFAULT_MODEL
+    from sparsecode.train import ARCHS, TrainConfig
+
+    defaults = TrainConfig()
+    train = commands.add_parser(
+        "train",
+        help="train a TopK or Matryoshka SAE on a language model's activations",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--arch", choices=ARCHS, default=defaults.arch, help="SAE architecture")
+    train.add_argument("--d-sae", type=_positive_int, default=defaults.d_sae, help="latents")
+    train.add_argument("--k", type=_positive_int, default=defaults.k, help="active latents per token")
+    train.add_argument(
+        "--prefix-sizes", type=_int_list, default=None,
+        help="Matryoshka prefix sizes, comma-separated, ending at --d-sae "
+        "(default d_sae/16,d_sae/8,d_sae/4,d_sae/2,d_sae)",
+    )
+    train.add_argument(
+        "--prefix-weights", type=_float_list, default=None,
+        help="one weight per prefix, comma-separated (default uniform 1/G)",
+    )
+    train.add_argument("--tokens", type=_positive_int, default=defaults.tokens,
+                       help="training tokens (activations extracted once into the cache)")
+    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                       help="tokens per optimiser step (all processes together)")
+    train.add_argument("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate")
+    train.add_argument("--model", default=DEFAULT_MODEL,
+                       help="transformer_lens model name, or a .gguf file (Llama architecture)")
+    train.add_argument("--hook", default=DEFAULT_HOOK, help="transformer_lens hook name")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None,
+                        help="a .txt/.jsonl file or a folder of them (default: BBC News articles)")
+    source.add_argument("--dataset", default=None, help="a Hugging Face dataset name (needs the hub)")
+    train.add_argument("--context-length", type=_positive_int, default=128,
+                       help="tokens per context fed to the model")
+    train.add_argument("--cache", default=None,
+                       help="activation cache folder (default: one per model/hook/text under "
+                       "$SPARSECODE_HOME or ~/.cache/sparsecode)")
+    train.add_argument("--cache-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                       help="dtype of the cached activations")
+    train.add_argument("--out", default=None,
+                       help="run folder (default: runs/<arch>-<d_sae>-k<k>-<date-time>)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint")
+    train.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    train.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
+    train.add_argument("--seed", type=int, default=0, help="random seed (init and data order)")
+    train.add_argument("--log-every", type=_positive_int, default=defaults.log_every,
+                       help="steps between metrics lines")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
+                       help="steps between checkpoints")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -63,6 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    _add_train_parser(commands)
     commands.add_parser("backends", help="print the available kernel backends as JSON")
     return parser
 
@@ -98,11 +183,89 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from sparsecode.cache import activation_key, ensure_cache
+    from sparsecode.train import TrainConfig, train
+
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out RUN_FOLDER: the run to continue")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    config = TrainConfig(
+        arch=args.arch, d_sae=args.d_sae, k=args.k, prefix_sizes=args.prefix_sizes,
+        prefix_weights=args.prefix_weights, tokens=args.tokens, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, backend=args.backend, device=device,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+    )
+    try:
+        config.check()
+        if args.arch == "matryoshka":
+            from sparsecode.sae import _check_prefixes
+
+            _check_prefixes(args.d_sae, config.resolved_prefix_sizes(), args.prefix_weights)
+        if args.text is not None and not Path(args.text).exists():
+            raise ValueError(f"--text {args.text}: no such file or folder")
+        key = activation_key(
+            model=args.model, hook=args.hook, text=args.text, dataset=args.dataset,
+            split="train", context_length=args.context_length, dtype=args.cache_dtype,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{args.arch}-{args.d_sae}-k{args.k}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
+    if (out / "checkpoint.pt").exists() and not args.resume:
+        parser.error(f"--out {out} already holds a run: add --resume to continue it, or pick "
+                     "another --out")
+    if args.resume and not (out / "checkpoint.pt").exists():
+        parser.error(f"--resume: --out {out} holds no checkpoint.pt to continue from")
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        if rank == 0:
+            cache = ensure_cache(
+                key, args.tokens, folder=args.cache, text=args.text, dataset=args.dataset,
+                device=device, progress=not args.no_progress,
+            )
+        if world > 1:
+            folder = [str(cache.folder) if rank == 0 else None]
+            dist.broadcast_object_list(folder, src=0)
+            if rank != 0:
+                from sparsecode.cache import ActivationCache
+
+                cache = ActivationCache.open(folder[0])
+        if cache.tokens < args.tokens:
+            print(f"the text holds only {cache.tokens} tokens: training {args.tokens} tokens "
+                  "goes over them more than once")
+        result = train(config, cache, out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        last = result.metrics
+        print(
+            f"trained {args.arch} SAE d_sae={args.d_sae} k={args.k} on {config.steps * args.batch_size} "
+            f"tokens of {args.model} {args.hook}: FVU {last.get('fvu', float('nan')):.3f}, "
+            f"L0 {last.get('l0', float('nan')):.1f}, dead {last.get('dead_fraction', 0):.1%}"
+        )
+        print(f"SAE saved to {result.sae_dir} (SAELens format; load with sparsecode.load)")
+        print(f"metrics in {out / 'metrics.jsonl'}, checkpoint in {out / 'checkpoint.pt'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``sparsecode`` command line on argv (default sys.argv[1:]); return the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(parser, args)
+    if args.command == "train":
+        return _train(parser, args)
     print(json.dumps(backends(), indent=2))
     return 0

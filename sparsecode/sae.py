@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +85,8 @@ class SAE(nn.Module):
 
     Parameters follow SAELens: W_enc [d_model, d_sae], b_enc [d_sae], W_dec [d_sae, d_model],
     b_dec [d_model]. Use :class:`TopKSAE` or :class:`MatryoshkaSAE` to build one.
+    ``metadata`` holds where a loaded SAE came from (hook_name, model_name, ...; see
+    :func:`sparsecode.load`), empty for a new one.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class SAE(nn.Module):
         self.prefix_sizes, self.prefix_weights = _check_prefixes(d_sae, prefix_sizes, prefix_weights)
         check_backend_name(backend)
         self.d_model, self.d_sae, self.k, self.backend = d_model, d_sae, k, backend
+        self.metadata: dict[str, Any] = {}
 
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_model, d_sae, **factory))
@@ -181,6 +186,28 @@ class SAE(nn.Module):
             self.prefix_sizes, self.prefix_weights, backend=self.backend,
         )
         return SAEOutput(x_hat, code, loss, prefix_losses)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        activation_scale: float = 1.0,
+        training_tokens: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Saves the SAE as a SAELens folder (cfg.json, sae_weights.safetensors) at path.
+
+        The keywords are :func:`sparsecode.saving.save_sae`'s; load it with
+        :func:`sparsecode.load`. Returns the folder's absolute path.
+        """
+        from sparsecode.saving import save_sae  # saving imports this module
+
+        return save_sae(
+            self, path, hook_name=hook_name, model_name=model_name,
+            activation_scale=activation_scale, training_tokens=training_tokens, extra=extra,
+        )
 
 
 class MatryoshkaSAE(SAE):
