@@ -37,28 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsecode.files import atomic_write
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _SHARD_PATTERN = re.compile(r"^shard_\d{5}\.npy(\.tmp)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write path through write(tmp_path) into a sibling temporary file, fsync, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -38,11 +38,16 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sparsecode.cache import sparsecode_home
+
+if TYPE_CHECKING:  # transformer_lens takes seconds to import: only the loaders import it
+    from transformer_lens import HookedTransformer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_HOOK = "blocks.15.hook_resid_post"
@@ -104,7 +109,9 @@ def _default_gguf() -> Path:
     return gguf
 
 
-def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
+def _load_pretrained(
+    name: str, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
     """HookedTransformer.from_pretrained(name), after checking that TransformerLens knows name."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -117,6 +124,8 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
                 "TransformerLens model name such as 'gpt2' or 'pythia-70m' (the list is "
                 "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
             ) from None
+    from transformer_lens import HookedTransformer
+
     return HookedTransformer.from_pretrained(name, device=device, dtype=dtype).eval()
 
 
@@ -124,9 +133,9 @@ def cache_dir(gguf: str | os.PathLike, name: str) -> Path:
     """Where the converted `gguf` is cached: keyed by name, the file's size and mtime and the
     TransformerLens version (whose state-dict layout the cache stores)."""
     stat = Path(gguf).stat()
-    home = os.environ.get("SPARSECODE_HOME") or Path.home() / ".cache" / "sparsecode"
-    key = f"{name}-{stat.st_size}-{int(stat.st_mtime)}-tl{importlib.metadata.version('transformer-lens')}"
-    return Path(home) / "models" / key
+    lens = importlib.metadata.version("transformer-lens")
+    key = f"{name}-{stat.st_size}-{int(stat.st_mtime)}-tl{lens}"
+    return sparsecode_home() / "models" / key
 
 
 def _load_gguf(gguf: Path, name: str, dtype: torch.dtype) -> HookedTransformer:
@@ -154,6 +163,8 @@ def _build(
 ) -> HookedTransformer:
     """A CPU HookedTransformer from config (HookedTransformerConfig kwargs without dtype and
     device) and a TransformerLens state dict, loaded without folding or centring."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(**config, dtype=dtype, device="cpu", init_weights=False)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     # What load_and_process_state_dict does with every processing flag off, less its
@@ -225,6 +236,7 @@ def _lens_state_dict(hf: torch.nn.Module, config: dict) -> dict[str, Tensor]:
     """The HF Llama model's weights in TransformerLens layout, as own contiguous float32
     tensors: several converted entries are transposed views of HF weights, and the tied
     embedding and unembedding share storage (safetensors refuses both)."""
+    from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
     cfg = HookedTransformerConfig(**config, dtype=torch.float32, device="cpu")
@@ -294,11 +306,12 @@ def outlier_positions(acts: Tensor) -> int:
 
     Position p < min(4, L - 1) is an outlier when its norm, averaged over the batch, is more
     than 5x the median of that average over positions >= min(4, L - 1); the count stops at the
-    first position that is not an outlier.
+    first position that is not an outlier (so it is 0 when L = 1).
     """
-    if acts.ndim < 3 or acts.shape[1] < 2:
-        raise ValueError(f"acts must be [B, L, ...] with L >= 2, got shape {tuple(acts.shape)}")
-    norms = acts.detach().flatten(2).float().norm(dim=-1).mean(0)  # [L]
+    if acts.ndim < 2 or 0 in acts.shape[:2]:
+        raise ValueError(f"acts must be [B, L, ...] with B, L >= 1, got shape {tuple(acts.shape)}")
+    batch, length = acts.shape[:2]
+    norms = acts.detach().float().reshape(batch, length, -1).norm(dim=-1).mean(0)  # [L]
     lead = min(_MAX_SKIP, norms.numel() - 1)
     threshold = _OUTLIER_RATIO * norms[lead:].median()
     count = 0

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 import sparsecode
+from sparsecode.files import fsync_path
 from sparsecode.sae import SAE, MatryoshkaSAE, TopKSAE, _as_int, _check_prefixes
 
 CFG_FILE = "cfg.json"
@@ -192,15 +193,6 @@ def _writable_folder(path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _fsync(path: Path) -> None:
-    """Flushes the file or folder at path to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(target: Path, tensors: dict[str, Tensor], cfg: dict[str, Any]) -> None:
     """Writes the two files into a temporary sibling of target, then renames it into place.
 
@@ -212,13 +204,13 @@ def _write_atomically(target: Path, tensors: dict[str, Tensor], cfg: dict[str, A
     tmp.mkdir()
     try:
         safetensors.torch.save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_FILE)
+        fsync_path(tmp / WEIGHTS_FILE)
         with open(tmp / CFG_FILE, "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
             os.rename(target, old)
@@ -233,7 +225,7 @@ def _write_atomically(target: Path, tensors: dict[str, Tensor], cfg: dict[str, A
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 # --------------------------------------------------------------------------------- load

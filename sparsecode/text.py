@@ -14,8 +14,9 @@ not counted (so the two splits share no text).
 Contexts (:func:`iter_contexts`) follow how the model was trained rather than how it chats:
 
 - Documents are tokenized without special tokens and joined into one stream with the
-  tokenizer's EOS token after each document (SmolLM2 was trained on EOS-separated documents
-  and its tokenizer adds no BOS), so no context starts with a BOS.
+  tokenizer's EOS token after each document, as in pretraining, so no context starts with a
+  BOS (SmolLM2's tokenizer adds none). SmolLM2-Instruct's EOS is <|im_end|> (id 2); its
+  pretraining separated documents with <|endoftext|> (id 0): pass separator=0 to match it.
 - The stream is cut into consecutive contexts of exactly ``context_length`` tokens (default
   128); a context may start mid-document, and the incomplete tail is dropped.
 - The first position of every context is an attention sink whose residual norm is ~100x the

@@ -42,7 +42,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sparsecode.cache import ActivationCache, atomic_write
+from sparsecode.cache import ActivationCache
+from sparsecode.files import atomic_write
 from sparsecode.sae import SAE, SAEOutput, MatryoshkaSAE, TopKSAE
 from sparsecode.sparse_decode import sparse_decode
 from sparsecode.topk_encode import topk_encode
@@ -61,14 +62,14 @@ class TrainConfig:
     k: int = 32
     prefix_sizes: list[int] | None = None
     prefix_weights: list[float] | None = None
-    tokens: int = 200_000
-    batch_size: int = 4096
-    lr: float = 4e-4
+    tokens: int = 131_072
+    batch_size: int = 1024
+    lr: float = 1e-3
     warmup_steps: int = 10
     decay_fraction: float = 0.2
     aux_k: int | None = None
     aux_coeff: float = 1 / 32
-    dead_tokens: int = 1_000_000
+    dead_tokens: int = 100_000
     init_tokens: int = 65_536
     log_every: int = 10
     checkpoint_every: int = 50

@@ -171,3 +171,39 @@ def test_open_errors(tmp_path):
         ActivationCache.open(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         CacheWriter(tmp_path / "x", {**KEY, "dtype": "int8"})
+
+
+# --- end to end with the default model (SmolLM2 through TransformerLens) on the BBC text ---
+
+
+def test_ensure_cache_extracts_extends_and_rebuilds(tmp_path, monkeypatch):
+    import sparsecode.lm as lm
+    from sparsecode.cache import activation_key, ensure_cache
+    from sparsecode.text import iter_contexts, iter_documents
+
+    loads = []
+    load_model = lm.load_model
+    monkeypatch.setattr(lm, "load_model", lambda *a, **kw: loads.append(a) or load_model(*a, **kw))
+    key = activation_key(model=lm.DEFAULT_MODEL, hook="blocks.2.hook_resid_post", text=None,
+                         dataset=None, split="eval", context_length=16, dtype="float32")
+    small = ensure_cache(key, 100, folder=tmp_path, progress=False)
+    assert small.skip_positions == 1 and small.key == key and small.d_model == 576
+    assert small.tokens >= 100 and small.contexts * 15 == small.tokens
+
+    grown = ensure_cache(key, 300, folder=tmp_path, progress=False)
+    assert grown.tokens >= 300 and grown.shards[0] == small.shards[0]
+    again = ensure_cache(key, 300, folder=tmp_path, progress=False)
+    assert len(loads) == 2 and again.tokens == grown.tokens  # reused: no model load
+
+    model = load_model()
+    contexts = iter_contexts(model.tokenizer, iter_documents(split="eval"), 16)
+    expected = torch.cat(list(lm.extract_activations(
+        model, "blocks.2.hook_resid_post", [c for c, _ in zip(contexts, range(grown.contexts))],
+        progress=False,
+    )))
+    cached = torch.cat([grown._load_rows(s, np.arange(s.rows)) for s in grown.shards])
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-4)
+
+    other = ensure_cache({**key, "hook": "blocks.1.hook_resid_post"}, 50, folder=tmp_path,
+                         progress=False)
+    assert other.key["hook"] == "blocks.1.hook_resid_post" and other.tokens < grown.tokens

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from transformer_lens.utils import lm_cross_entropy_loss
 
 from sparsecode import lm
 from sparsecode.lm import DEFAULT_HOOK, extract_activations, hook_layer, outlier_positions
@@ -15,6 +16,8 @@ from sparsecode.text import iter_contexts, iter_documents
 from tests.conftest import assert_close
 
 LAYER = 15  # DEFAULT_HOOK is blocks.15.hook_resid_post
+# Blocks of the Hugging Face reference: one past the hook, since HF's last hidden state is normed.
+HF_LAYERS = LAYER + 2
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +28,14 @@ def model():
 
 @pytest.fixture(scope="module")
 def hf():
-    """The default model as Hugging Face dequantises it from the GGUF (~25 s)."""
+    """The default model's first HF_LAYERS blocks (then its final norm and unembedding) as
+    Hugging Face dequantises them from the GGUF (~20 s, mostly parsing the GGUF's metadata)."""
     from transformers import AutoModelForCausalLM
 
     gguf = lm._default_gguf()
     with lm._hub_offline():
         return AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, num_hidden_layers=HF_LAYERS
         ).eval()
 
 
@@ -42,8 +46,15 @@ def contexts(model) -> list[torch.Tensor]:
     return [c for c, _ in zip(iter_contexts(model.tokenizer, documents, 32), range(5))]
 
 
+def _extract(model, hook: str, contexts, **kwargs) -> tuple[lm.ActivationStream, list]:
+    """(the stream, the blocks it yields) of extract_activations without a progress bar."""
+    stream = extract_activations(model, hook, contexts, progress=False, **kwargs)
+    return stream, list(stream)
+
+
 def _hook_acts(model, tokens: torch.Tensor, hook: str = DEFAULT_HOOK) -> torch.Tensor:
-    _, cache = model.run_with_cache(tokens, names_filter=hook)
+    """The hook's activations [B, L, d] by TransformerLens's own run_with_cache."""
+    _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=LAYER + 1)
     return cache[hook]
 
 
@@ -52,8 +63,11 @@ def test_matches_hugging_face(model, hf):
     text = "Quarterly profits at US media giant TimeWarner jumped 76% to $1.13bn."
     tokens = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     reference = hf(tokens, labels=tokens, output_hidden_states=True)
-    assert_close(model(tokens, return_type="loss"), reference.loss, 1e-5, "loss")
-    assert_close(_hook_acts(model, tokens), reference.hidden_states[LAYER + 1], 1e-5, "resid")
+    resid = _hook_acts(model, tokens)
+    assert_close(resid, reference.hidden_states[LAYER + 1], 1e-5, "resid")
+    # The same truncated model's loss through TransformerLens's final norm and unembedding.
+    logits = model.unembed(model.ln_final(model(tokens, stop_at_layer=HF_LAYERS)))
+    assert_close(lm_cross_entropy_loss(logits, tokens), reference.loss, 1e-5, "loss")
 
 
 def test_contexts_have_no_bos(model, contexts):
@@ -74,7 +88,7 @@ def test_conversion_is_cached_and_reused(model, hf, contexts, tmp_path, monkeypa
     converted = lm.load_model()
     folder = lm.cache_dir(lm._default_gguf(), lm.DEFAULT_MODEL)
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
-    assert json.loads((folder / "config.json").read_text())["n_layers"] == 30
+    assert json.loads((folder / "config.json").read_text())["n_layers"] == HF_LAYERS  # as hf
 
     def no_gguf(gguf):
         raise AssertionError("the GGUF was read although the cache holds the model")
@@ -88,6 +102,13 @@ def test_conversion_is_cached_and_reused(model, hf, contexts, tmp_path, monkeypa
     assert torch.equal(_hook_acts(cached, tokens), expected)
     assert torch.equal(_hook_acts(converted, tokens), expected)
     assert torch.equal(_hook_acts(model, tokens), expected)
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SPARSECODE_HOME", str(tmp_path / "file"))
+    monkeypatch.setattr(lm, "_read_gguf", lambda gguf: (tokenizer, hf))
+    with pytest.warns(RuntimeWarning, match="could not cache the converted model"):
+        uncached = lm.load_model()
+    assert torch.equal(_hook_acts(uncached, tokens), expected)
 
 
 def test_default_dtype():
@@ -137,13 +158,14 @@ def test_outlier_positions():
     two = torch.randn(1, 2, 8)
     two[:, 0] *= 100
     assert outlier_positions(two) == 1
-    with pytest.raises(ValueError, match="L >= 2"):
-        outlier_positions(torch.randn(4, 1, 8))
+    assert outlier_positions(torch.randn(4, 1, 8)) == 0
+    with pytest.raises(ValueError, match="B, L >= 1"):
+        outlier_positions(torch.randn(4, 0, 8))
 
 
 def test_extract_matches_run_with_cache(model, contexts):
     stream = extract_activations(model, DEFAULT_HOOK, contexts, batch_size=2, progress=False)
-    assert stream.skip_positions is None
+    assert stream.skip_positions is None  # decided by the first batch
     blocks = list(stream)
     assert stream.skip_positions == 1  # the attention sink at position 0
     assert [b.shape for b in blocks] == [(2 * 31, 576), (2 * 31, 576), (1 * 31, 576)]
@@ -162,11 +184,10 @@ def test_extract_runs_only_up_to_the_hook(model, contexts, monkeypatch):
         for i in range(model.cfg.n_layers)
     ]
     try:
-        list(extract_activations(model, DEFAULT_HOOK, contexts[:1], progress=False))
+        _extract(model, DEFAULT_HOOK, contexts[:1])
         assert calls == list(range(LAYER + 1))
         calls.clear()
-        stream = extract_activations(model, "hook_embed", contexts[:2], skip_positions=0, progress=False)
-        (block,) = list(stream)
+        _, (block,) = _extract(model, "hook_embed", contexts[:2], skip_positions=0)
         assert calls == [] and block.shape == (64, 576)
     finally:
         for handle in handles:
@@ -174,10 +195,10 @@ def test_extract_runs_only_up_to_the_hook(model, contexts, monkeypatch):
 
 
 def test_explicit_skip_positions_and_hook_shapes(model, contexts):
-    (block,) = extract_activations(model, DEFAULT_HOOK, contexts[:1], skip_positions=3, progress=False)
+    _, (block,) = _extract(model, DEFAULT_HOOK, contexts[:1], skip_positions=3)
     assert block.shape == (29, 576)
-    stream = extract_activations(model, "blocks.2.attn.hook_z", contexts[:2], progress=False)
-    (block,) = list(stream)  # [batch, pos, head, d_head] flattened to [tokens, heads * d_head]
+    # hook_z is [batch, pos, head, d_head]: flattened to [tokens, heads * d_head].
+    stream, (block,) = _extract(model, "blocks.2.attn.hook_z", contexts[:2])
     assert block.shape == (2 * (32 - stream.skip_positions), 9 * 64)
 
 
@@ -189,8 +210,8 @@ def test_extract_errors(model, contexts):
     with pytest.raises(ValueError, match="skip_positions"):
         extract_activations(model, DEFAULT_HOOK, contexts, skip_positions=-1)
     with pytest.raises(ValueError, match="leaves nothing"):
-        list(extract_activations(model, DEFAULT_HOOK, contexts[:1], skip_positions=32, progress=False))
+        _extract(model, DEFAULT_HOOK, contexts[:1], skip_positions=32)
     with pytest.raises(ValueError, match="one length"):
-        list(extract_activations(model, DEFAULT_HOOK, [contexts[0], contexts[1][:8]], progress=False))
+        _extract(model, DEFAULT_HOOK, [contexts[0], contexts[1][:8]])
     with pytest.raises(ValueError, match="not \\[batch, position"):
-        list(extract_activations(model, "blocks.0.attn.hook_pattern", contexts[:1], progress=False))
+        _extract(model, "blocks.0.attn.hook_pattern", contexts[:1])

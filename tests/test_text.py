@@ -32,7 +32,8 @@ def _tokens(s: str) -> list[int]:
 
 
 def _write_jsonl(path, documents: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    lines = [json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)]
+    path.write_text("".join(lines))
 
 
 def test_bbc_split_is_fixed_and_disjoint():
