@@ -131,7 +131,8 @@ class ActivationCache:
         buffer_rows: int = 1 << 18,
         tokens: int | None = None,
     ) -> Iterator[Tensor]:
-        """Endless float32 batches [batch_size // world_size, d_model] for this rank.
+        """Endless float32 batches [batch_size // world_size, d_model] for this rank (each a
+        fresh tensor the caller may modify).
 
         batch_size: the global batch (a multiple of world_size). start_batch: the global
         batch to start from (to resume). buffer_rows: most rows of one window (memory bound
@@ -181,7 +182,7 @@ class ActivationCache:
                 if pending_rows >= local:
                     data = torch.cat(pending) if len(pending) > 1 else pending[0]
                     for start in range(0, data.shape[0] - local + 1, local):
-                        yield data[start : start + local].float()
+                        yield data[start : start + local].to(torch.float32, copy=True)
                     tail = data.shape[0] % local
                     pending = [data[data.shape[0] - tail :]] if tail else []
                     pending_rows = tail
@@ -381,9 +382,9 @@ def _extract_into(
     known_skip = writer.manifest["skip_positions"]
     rows_per_context = length - (known_skip if known_skip is not None else 1)
     wanted = math.ceil((tokens - writer.tokens) / max(1, rows_per_context))
-    todo = list(zip(range(wanted), contexts))
+    todo = [context for _, context in zip(range(wanted), contexts)]
     stream = extract_activations(
-        model, key["hook"], (context for _, context in todo), batch_size=batch_size,
+        model, key["hook"], todo, batch_size=batch_size,
         skip_positions=known_skip, progress=progress,
     )
 

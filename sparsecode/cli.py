@@ -194,6 +194,8 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device here; use --device cpu")
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
     config = TrainConfig(
@@ -229,10 +231,13 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     rank = dist.get_rank() if world > 1 else 0
     try:
         if rank == 0:
-            cache = ensure_cache(
-                key, args.tokens, folder=args.cache, text=args.text, dataset=args.dataset,
-                device=device, progress=not args.no_progress,
-            )
+            try:
+                cache = ensure_cache(
+                    key, args.tokens, folder=args.cache, text=args.text, dataset=args.dataset,
+                    device=device, progress=not args.no_progress,
+                )
+            except (ValueError, ModuleNotFoundError) as error:  # bad --model/--hook/--text
+                parser.error(str(error))
         if world > 1:
             folder = [str(cache.folder) if rank == 0 else None]
             dist.broadcast_object_list(folder, src=0)

@@ -35,7 +35,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -367,7 +367,9 @@ class ActivationStream(Iterator[Tensor]):
 
     def _run(self, contexts: Iterable[Tensor], batch_size: int, progress: bool) -> Iterator[Tensor]:
         device = self.model.cfg.device
-        with tqdm(desc=self.hook_name, unit="tok", unit_scale=True, disable=not progress) as bar:
+        total = sum(c.numel() for c in contexts) if isinstance(contexts, Sequence) else None
+        with tqdm(desc=self.hook_name, total=total, unit="tok", unit_scale=True,
+                  disable=not progress) as bar:
             for batch in _batched(contexts, batch_size):
                 tokens = torch.stack(batch).to(device=device, dtype=torch.long)
                 acts = self._forward(tokens)
@@ -420,6 +422,6 @@ def extract_activations(
     batch (d = d_model for residual hooks; trailing dims are flattened), positions
     < skip_positions removed. skip_positions=None decides it from the first batch with
     :func:`outlier_positions`; the returned stream's ``skip_positions`` says what was used.
-    progress shows a tqdm bar in tokens/s. Raises ValueError for a hook the model lacks.
+    progress shows a tqdm bar in tokens/s (with a total when contexts is a sequence). Raises ValueError for a hook the model lacks.
     """
     return ActivationStream(model, hook_name, contexts, batch_size, skip_positions, progress)

@@ -313,7 +313,7 @@ def train(
     )
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, steps):
-        x = next(batches).to(config.device) * scale
+        x = next(batches).to(config.device).mul_(scale)  # batches are fresh copies
         dead = since_fired >= config.dead_tokens
         use_aux = config.aux_coeff > 0 and bool(dead.any())
         out, aux = wrapped(x, dead if use_aux else None)
@@ -322,7 +322,7 @@ def train(
         loss.backward()
         with torch.no_grad():
             W_dec, grad = sae.W_dec, sae.W_dec.grad
-            grad -= (grad * W_dec).sum(dim=1, keepdim=True) * W_dec
+            grad.addcmul_(torch.einsum("nd,nd->n", grad, W_dec).unsqueeze(1), W_dec, value=-1)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():

@@ -218,3 +218,19 @@ def test_bad_arguments_get_one_line_errors(capsys, argv, message):
         main(["train", "--d-sae", "256", "--k", "8", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hook", "blocks.99.hook_resid_post"], "blocks.99.hook_resid_post"),
+        (["--model", "no-such-model-anywhere"], "no-such-model-anywhere"),
+    ],
+)
+def test_bad_model_or_hook_fails_before_training(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+              "--tokens", "2048", "--batch-size", "1024", "--no-progress", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
