@@ -166,7 +166,9 @@ def _build(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(**config, dtype=dtype, device="cpu", init_weights=False)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    with warnings.catch_warnings():  # 3.x deprecates HookedTransformer; <4 still ships it
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     # What load_and_process_state_dict does with every processing flag off, less its
     # one-key-at-a-time loading (seconds slower).
     state_dict = model.fill_missing_keys({k: v.to(dtype) for k, v in state_dict.items()})
