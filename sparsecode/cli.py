@@ -1,5 +1,5 @@
-"""Command line: ``sparsecode train`` trains a TopK or Matryoshka SAE on a language model's
-activations; ``sparsecode demo`` trains and evaluates a Matryoshka SAE on planted features;
+"""Command line: ``sparsecode compare`` answers "nested or pruned?" with a report;
+``sparsecode train`` trains a TopK or Matryoshka SAE on a language model's activations; ``sparsecode demo`` trains and evaluates a Matryoshka SAE on planted features;
 ``sparsecode backends`` reports which kernel backends are available."""
 
 from __future__ import annotations
@@ -49,8 +49,46 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_train_parser(commands) -> None:
+def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help: str) -> None:
+    """The model, text, cache and SAE flags that train and compare share."""
     from sparsecode.lm import DEFAULT_HOOK, DEFAULT_MODEL
+    from sparsecode.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument("--d-sae", type=_positive_int, default=defaults.d_sae, help="latents")
+    parser.add_argument("--k", type=_positive_int, default=defaults.k, help="active latents per token")
+    parser.add_argument(
+        "--prefix-sizes", type=_int_list, default=None,
+        help="Matryoshka prefix sizes, comma-separated, ending at --d-sae "
+        "(default d_sae/16,d_sae/8,d_sae/4,d_sae/2,d_sae)",
+    )
+    parser.add_argument("--tokens", type=_positive_int, default=tokens,
+                        help="training tokens (activations extracted once into the cache)")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                        help="tokens per optimiser step (all processes together)")
+    parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="transformer_lens model name, or a .gguf file (Llama architecture)")
+    parser.add_argument("--hook", default=DEFAULT_HOOK, help="transformer_lens hook name")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None,
+                        help="a .txt/.jsonl file or a folder of them (default: BBC News articles)")
+    source.add_argument("--dataset", default=None, help="a Hugging Face dataset name (needs the hub)")
+    parser.add_argument("--context-length", type=_positive_int, default=128,
+                        help="tokens per context fed to the model")
+    parser.add_argument("--cache", default=None,
+                        help="activation cache folder (default: one per model/hook/text under "
+                        "$SPARSECODE_HOME or ~/.cache/sparsecode)")
+    parser.add_argument("--cache-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="dtype of the cached activations")
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (init and data order)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_train_parser(commands) -> None:
     from sparsecode.train import ARCHS, TrainConfig
 
     defaults = TrainConfig()
@@ -60,48 +98,39 @@ def _add_train_parser(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument("--arch", choices=ARCHS, default=defaults.arch, help="SAE architecture")
-    train.add_argument("--d-sae", type=_positive_int, default=defaults.d_sae, help="latents")
-    train.add_argument("--k", type=_positive_int, default=defaults.k, help="active latents per token")
-    train.add_argument(
-        "--prefix-sizes", type=_int_list, default=None,
-        help="Matryoshka prefix sizes, comma-separated, ending at --d-sae "
-        "(default d_sae/16,d_sae/8,d_sae/4,d_sae/2,d_sae)",
-    )
+    _add_shared_arguments(train, defaults.tokens,
+                          "run folder (default: runs/<arch>-<d_sae>-k<k>-<date-time>)")
     train.add_argument(
         "--prefix-weights", type=_float_list, default=None,
         help="one weight per prefix, comma-separated (default uniform 1/G)",
     )
-    train.add_argument("--tokens", type=_positive_int, default=defaults.tokens,
-                       help="training tokens (activations extracted once into the cache)")
-    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                       help="tokens per optimiser step (all processes together)")
-    train.add_argument("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate")
-    train.add_argument("--model", default=DEFAULT_MODEL,
-                       help="transformer_lens model name, or a .gguf file (Llama architecture)")
-    train.add_argument("--hook", default=DEFAULT_HOOK, help="transformer_lens hook name")
-    source = train.add_mutually_exclusive_group()
-    source.add_argument("--text", default=None,
-                        help="a .txt/.jsonl file or a folder of them (default: BBC News articles)")
-    source.add_argument("--dataset", default=None, help="a Hugging Face dataset name (needs the hub)")
-    train.add_argument("--context-length", type=_positive_int, default=128,
-                       help="tokens per context fed to the model")
-    train.add_argument("--cache", default=None,
-                       help="activation cache folder (default: one per model/hook/text under "
-                       "$SPARSECODE_HOME or ~/.cache/sparsecode)")
-    train.add_argument("--cache-dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                       help="dtype of the cached activations")
-    train.add_argument("--out", default=None,
-                       help="run folder (default: runs/<arch>-<d_sae>-k<k>-<date-time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
-    train.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    train.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
-    train.add_argument("--seed", type=int, default=0, help="random seed (init and data order)")
     train.add_argument("--log-every", type=_positive_int, default=defaults.log_every,
                        help="steps between metrics lines")
     train.add_argument("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
                        help="steps between checkpoints")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_compare_parser(commands) -> None:
+    from sparsecode.compare import CompareConfig
+
+    defaults = CompareConfig(model="", hook="")
+    compare = commands.add_parser(
+        "compare",
+        help="nested or pruned? train a TopK and a Matryoshka SAE and compare every size",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_shared_arguments(compare, defaults.tokens,
+                          "output folder (default: runs/compare-<d_sae>-k<k>-<date-time>)")
+    compare.add_argument("--topk", default=None,
+                         help="use this saved TopK SAE folder instead of training one")
+    compare.add_argument("--matryoshka", default=None,
+                         help="use this saved Matryoshka SAE folder instead of training one")
+    compare.add_argument("--eval-tokens", type=_positive_int, default=defaults.eval_tokens,
+                         help="held-out tokens for reconstruction metrics")
+    compare.add_argument("--ce-contexts", type=_positive_int, default=defaults.ce_contexts,
+                         help="held-out contexts spliced for CE-loss recovered, KL and RSA")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -148,6 +177,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     _add_train_parser(commands)
+    _add_compare_parser(commands)
     commands.add_parser("backends", help="print the available kernel backends as JSON")
     return parser
 
@@ -264,6 +294,46 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from sparsecode.compare import CompareConfig, run_compare
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    config = CompareConfig(
+        model=args.model, hook=args.hook, text=args.text, dataset=args.dataset,
+        context_length=args.context_length, cache=args.cache, cache_dtype=args.cache_dtype,
+        d_sae=args.d_sae, k=args.k, prefix_sizes=args.prefix_sizes, tokens=args.tokens,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, backend=args.backend,
+        device=device, topk_path=args.topk, matryoshka_path=args.matryoshka,
+        eval_tokens=args.eval_tokens, ce_contexts=args.ce_contexts,
+    )
+    try:
+        for arch in ("topk", "matryoshka"):
+            train_config = config.train_config(arch)
+            train_config.check()
+        from sparsecode.sae import _check_prefixes
+
+        _check_prefixes(args.d_sae, config.train_config("matryoshka").resolved_prefix_sizes(), None)
+        for flag, path in (("--text", args.text), ("--topk", args.topk), ("--matryoshka", args.matryoshka)):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{flag} {path}: no such file or folder")
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"compare-{args.d_sae}-k{args.k}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
+    try:
+        results = run_compare(config, out, progress=not args.no_progress)
+    except (ValueError, ModuleNotFoundError) as error:  # bad --model/--hook/--text or SAEs
+        parser.error(str(error))
+    sizes = results["sizes"]
+    print(f"compared nested and pruned SAEs of sizes {sizes} (d_sae={args.d_sae}, k={args.k})")
+    print(f"report: {out / 'report.md'} (tables, reading and plots; every number in "
+          f"{out / 'results.json'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``sparsecode`` command line on argv (default sys.argv[1:]); return the exit code."""
     parser = _build_parser()
@@ -272,5 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(parser, args)
     if args.command == "train":
         return _train(parser, args)
+    if args.command == "compare":
+        return _compare(parser, args)
     print(json.dumps(backends(), indent=2))
     return 0
