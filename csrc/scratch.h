@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 
 #include <array>
 
@@ -27,6 +28,9 @@ inline at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::Ten
   }
   at::Tensor& held = cache[static_cast<int>(slot)];
   if (!held.defined() || held.numel() < numel || held.dtype() != options.dtype()) {
+    // A normal tensor even when the first call runs under torch.inference_mode(): an
+    // inference tensor could not be written by a later call outside inference mode.
+    c10::InferenceMode normal_tensors(false);
     held = at::empty({numel}, options);
   }
   return held.narrow(0, 0, numel).view(sizes);

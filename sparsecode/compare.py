@@ -161,9 +161,74 @@ def _reconstruction(
     return table
 
 
+def _codes(sae: SAE, acts: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """values, indices [C, L', k] of the SAE's code of acts [C * L', d_model]."""
+    with torch.no_grad():
+        code = sae.encode(acts)
+    return code.values.view(*shape, sae.k), code.indices.view(*shape, sae.k)
+
+
+def _interpretability(
+    config: CompareConfig,
+    variants: dict[str, SAE],
+    sizes: list[int],
+    model,
+    tokens: Tensor,
+    skip: int,
+    progress: bool,
+) -> dict:
+    """{variant: {size: {simulation, probe_top1, probe_top5}}} with the truncate prefix.
+
+    Simulation: the offline TokenExplainer's mean score over interp_latents latents drawn
+    (seeded) from those < size, on the held-out contexts tokens [C, L]. Probing (default BBC
+    text only): mean-pooled codes of each held-out article's first context_length tokens,
+    top-1 and top-5 latents by class separation, logistic regression per topic.
+    """
+    from sparsecode.interpret import document_tokens, pooled_codes, simulation_scores, sparse_probing
+    from sparsecode.lm import extract_activations
+    from sparsecode.text import labelled_documents
+
+    def activations(batch: Tensor) -> Tensor:
+        return torch.cat(list(extract_activations(model, config.hook, list(batch),
+                                                  skip_positions=skip, progress=False)))
+
+    context_acts = activations(tokens)
+    shape = (tokens.shape[0], tokens.shape[1] - skip)
+    probing = config.text is None and config.dataset is None
+    if probing:
+        documents = labelled_documents("eval")
+        doc_tokens, mask = document_tokens(model.tokenizer, [d for d, _ in documents],
+                                           config.context_length)
+        labels = [label for _, label in documents]
+        doc_acts = activations(doc_tokens)
+        doc_shape = (doc_tokens.shape[0], doc_tokens.shape[1] - skip)
+    table: dict = {}
+    jobs = [(name, m) for name in variants for m in sizes]
+    bar = tqdm(total=len(jobs), desc="interpretability", disable=not progress)
+    for name, sae in variants.items():
+        values, indices = _codes(sae, context_acts, shape)
+        if probing:
+            doc_values, doc_indices = _codes(sae, doc_acts, doc_shape)
+        for m in sizes:
+            kept = values * (indices < m)
+            generator = torch.Generator().manual_seed(config.seed)
+            latents = torch.randperm(m, generator=generator)[: config.interp_latents].tolist()
+            row = {"simulation": simulation_scores(tokens[:, skip:], kept, indices, latents,
+                                                   seed=config.seed).mean}
+            if probing:
+                features = pooled_codes(doc_values * (doc_indices < m), doc_indices, m,
+                                        mask[:, skip:])
+                accuracy = sparse_probing(features, labels, top=(1, 5), seed=config.seed)
+                row["probe_top1"], row["probe_top5"] = accuracy[1], accuracy[5]
+            table.setdefault(name, {})[m] = row
+            bar.update()
+    bar.close()
+    return table
+
+
 def run_compare(config: CompareConfig, out: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run the whole comparison into out and return results.json's content."""
-    from sparsecode.evaluate import spliced_losses
+    from sparsecode.evaluate import spliced_losses_many
     from sparsecode.lm import load_model
     from sparsecode.progressive import IMPORTANCE_METHODS, fit_power_law, importance, prefix_reconstruction
     from sparsecode.text import iter_contexts, iter_documents
@@ -202,19 +267,25 @@ def run_compare(config: CompareConfig, out: str | os.PathLike, *, progress: bool
     contexts = iter_contexts(model.tokenizer, iter_documents(config.text, config.dataset, "eval"),
                              config.context_length)
     tokens = torch.stack([c for c, _ in zip(contexts, range(config.ce_contexts))])
+    reconstructs = {
+        (name, m): (lambda acts, sae=sae, m=m: prefix_reconstruction(sae, acts, m, "truncate")[0])
+        for name, sae in variants.items() for m in sizes
+    }
+    results_by_job = spliced_losses_many(
+        model, config.hook, tokens, reconstructs, skip_positions=eval_cache.skip_positions,
+        rsa_sample=config.rsa_sample, seed=config.seed, progress=progress,
+    )
     spliced: dict = {}
-    jobs = [(name, m) for name in variants for m in sizes]
-    for name, m in tqdm(jobs, desc="CE-loss recovered", disable=not progress):
-        sae = variants[name]
-        result = spliced_losses(
-            model, config.hook, tokens,
-            lambda acts, sae=sae, m=m: prefix_reconstruction(sae, acts, m, "truncate")[0],
-            skip_positions=eval_cache.skip_positions, rsa_sample=config.rsa_sample,
-            seed=config.seed, progress=False,
-        )
+    for (name, m), result in results_by_job.items():
         spliced.setdefault(name, {})[m] = asdict(result)
 
-    interpretability = _interpretability(config, variants, sizes, eval_cache, model, progress)
+    interp_tokens = torch.stack([c for c, _ in zip(
+        iter_contexts(model.tokenizer, iter_documents(config.text, config.dataset, "eval"),
+                      config.context_length),
+        range(config.interp_contexts),
+    )])
+    interpretability = _interpretability(config, variants, sizes, model, interp_tokens,
+                                         eval_cache.skip_positions, progress)
     results = {
         "config": asdict(config),
         "sizes": sizes,

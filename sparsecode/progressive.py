@@ -127,7 +127,8 @@ def importance(
             tokens += batch.shape[0]
     if tokens == 0:
         raise ValueError(
-            f"activations is empty: pass at least one activation vector [N >= 1, d_model={sae.d_model}]"
+            "activations is empty: pass at least one activation vector "
+            f"[N >= 1, d_model={sae.d_model}]"
         )
     return totals / tokens
 
@@ -301,7 +302,9 @@ def fit_power_law(scores: Tensor, head: float = 0.0, tail: float = 1.0) -> Power
         raise ValueError(f"scores must be a 1-D tensor, got {shape}")
     head, tail = _fraction(head, "head"), _fraction(tail, "tail")
     if not 0.0 <= head < tail <= 1.0:
-        raise ValueError(f"need 0 <= head < tail <= 1 (fractions of the ranks), got head={head}, tail={tail}")
+        raise ValueError(
+            f"need 0 <= head < tail <= 1 (fractions of the ranks), got head={head}, tail={tail}"
+        )
     values = scores.detach().as_subclass(Tensor).to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(values).all()):
         raise ValueError("scores contains NaN or Inf: recompute them from finite activations")
@@ -312,8 +315,9 @@ def fit_power_law(scores: Tensor, head: float = 0.0, tail: float = 1.0) -> Power
     last_rank = math.ceil(round(tail * n, 9))
     if last_rank - first_rank + 1 < 3:
         raise ValueError(
-            f"fit_power_law needs at least 3 positive scores to fit, got ranks {first_rank}..{last_rank} "
-            f"of {n} positive scores (of {values.numel()}); pass more positive scores or widen head/tail"
+            "fit_power_law needs at least 3 positive scores to fit, got ranks "
+            f"{first_rank}..{last_rank} of {n} positive scores (of {values.numel()}); pass more "
+            "positive scores or widen head/tail"
         )
     ranks = torch.arange(first_rank, last_rank + 1, dtype=torch.float64)
     log_scores = positive[first_rank - 1 : last_rank].log()

@@ -232,3 +232,15 @@ def _cut(chunks: Iterable[list[int]], context_length: int) -> Iterator[Tensor]:
             block = torch.tensor(buffer[:full], dtype=torch.int64)
             yield from block.view(-1, context_length)
             del buffer[:full]
+
+
+def labelled_documents(split: str = "eval") -> list[tuple[str, str]]:
+    """(text, topic) for each document of `split` of the default BBC News text, in the order of
+    :func:`iter_documents` (same split, same dropping of blanks and repeats); the topic is the
+    article's folder: business, entertainment, politics, sports or tech. A repeated article
+    keeps the topic of its first occurrence, the copy :func:`iter_documents` keeps."""
+    root = bbc_folder()
+    topics: dict[str, str] = {}
+    for path in _text_files(root):
+        topics.setdefault(_read_text(path), path.relative_to(root).parts[0])
+    return [(document, topics[document]) for document in iter_documents(split=split)]

@@ -16,14 +16,13 @@ TINY = ["--hook", "blocks.2.hook_resid_post", "--context-length", "32", "--d-sae
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
     out = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPARSECODE_HOME", str(home))
         patch.setattr("sparsecode.compare.CompareConfig.importance_tokens", 4096)
         patch.setattr("sparsecode.compare.CompareConfig.interp_contexts", 16)
         patch.setattr("sparsecode.compare.CompareConfig.interp_latents", 4)
-        assert main(["compare", *TINY, "--out", str(out)]) == 0
+        assert main(["compare", *TINY, "--out", str(out),
+                     "--cache", str(tmp_path_factory.mktemp("cache"))]) == 0
     return out
 
 

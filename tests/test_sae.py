@@ -234,3 +234,17 @@ def test_bad_decode_size():
     for size in [0, 33, 2.5]:
         with pytest.raises(ValueError, match=r"size must be an int in \[1, d_sae=32\]"):
             sae.decode(code, size)
+
+
+def test_training_after_inference_mode_use(seed):
+    """The C++ kernels' reused scratch, first allocated under inference mode, stays writable
+    by a later training step (it was once an inference tensor, which autograd code cannot
+    update in place)."""
+    sae = MatryoshkaSAE(24, 64, 4, [16, 64])
+    x = torch.randn(33, 24)
+    with torch.inference_mode():
+        expected = sae(x).loss
+    loss = sae(x).loss
+    loss.backward()
+    assert torch.equal(loss.detach(), expected)
+    assert sae.W_enc.grad is not None
