@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -47,3 +48,18 @@ def poisoned():
     yield
     torch.use_deterministic_algorithms(was_deterministic)
     torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+@pytest.fixture
+def hide_package(monkeypatch):
+    """hide(name): from then on importlib.util.find_spec(name) returns None, as if the package
+    were not installed."""
+    real_find_spec = importlib.util.find_spec
+
+    def hide(name: str) -> None:
+        monkeypatch.setattr(
+            importlib.util, "find_spec",
+            lambda wanted, *args: None if wanted == name else real_find_spec(wanted, *args),
+        )
+
+    return hide

