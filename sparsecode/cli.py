@@ -213,6 +213,14 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(parser: argparse.ArgumentParser, requested: str | None) -> str:
+    """--device, defaulting to cuda when torch sees a GPU; a parser error for a missing GPU."""
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -223,9 +231,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--resume needs --out RUN_FOLDER: the run to continue")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    device = _device(parser, args.device)
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
     config = TrainConfig(
@@ -297,9 +303,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from sparsecode.compare import CompareConfig, run_compare
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    device = _device(parser, args.device)
     config = CompareConfig(
         model=args.model, hook=args.hook, text=args.text, dataset=args.dataset,
         context_length=args.context_length, cache=args.cache, cache_dtype=args.cache_dtype,
