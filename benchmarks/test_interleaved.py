@@ -1,5 +1,5 @@
-"""The step ratios measured round-robin: a Matryoshka step, a TopK step and the bare encoder
-GEMM take turns, so that drift in the machine's speed over the run (a shared, virtualised
+"""The step ratios measured round-robin: a Matryoshka step (TopK and BatchTopK activation), a
+TopK step and the bare encoder GEMM take turns, so that drift in the machine's speed over the run (a shared, virtualised
 host) hits all three alike. These timings are the ones the step-ratio targets use."""
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ def test_steps_and_gemm_interleaved(results: Results, x: Tensor, seed: int) -> N
     W_enc = build_sae("topk", "cpp", seed).W_enc.detach()
     subjects: dict[str, Callable[[], object]] = {
         "interleaved: step matryoshka, cpp": train_step(build_sae("matryoshka", "cpp", seed), x),
+        "interleaved: step matryoshka batchtopk, cpp": train_step(
+            build_sae("matryoshka", "cpp", seed, activation="batchtopk"), x
+        ),
         "interleaved: step topk, cpp": train_step(build_sae("topk", "cpp", seed), x),
         "interleaved: GEMM x @ W_enc (torch.mm)": lambda: torch.mm(x, W_enc),
     }

@@ -50,12 +50,17 @@ def activations(seed: int, sizes: Sizes = SIZES) -> Tensor:
     return torch.randn(sizes.batch, sizes.d_model, generator=generator)
 
 
-def build_sae(kind: str, backend: str, seed: int, sizes: Sizes = SIZES) -> sparsecode.SAE:
-    """A "matryoshka" or "topk" SAE; the same seed gives the same initial weights for both kinds."""
+def build_sae(
+    kind: str, backend: str, seed: int, sizes: Sizes = SIZES, activation: str = "topk"
+) -> sparsecode.SAE:
+    """A "matryoshka" or "topk" SAE; the same seed gives the same initial weights for both kinds.
+
+    activation (Matryoshka only): "topk" or "batchtopk" (default k_max = 4k)."""
     torch.manual_seed(seed)
     if kind == "matryoshka":
         return sparsecode.MatryoshkaSAE(
-            sizes.d_model, sizes.d_sae, sizes.k, list(sizes.prefix_sizes), backend=backend
+            sizes.d_model, sizes.d_sae, sizes.k, list(sizes.prefix_sizes), backend=backend,
+            activation=activation,
         )
     if kind == "topk":
         return sparsecode.TopKSAE(sizes.d_model, sizes.d_sae, sizes.k, backend=backend)

@@ -60,15 +60,7 @@ Problem prepare(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
               " and ", indices.sizes());
   TORCH_CHECK(W_dec.size(1) == p.d && b_dec.size(0) == p.d,
               "W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = ", p.d);
-  TORCH_CHECK(p.G >= 1 && static_cast<int64_t>(weights.size()) == p.G,
-              "need one prefix weight per prefix size, got ", weights.size(), " weights for ",
-              p.G, " sizes");
-  for (int64_t g = 0; g < p.G; ++g) {
-    TORCH_CHECK(sizes[g] >= 1 && (g == 0 || sizes[g] > sizes[g - 1]),
-                "prefix_sizes must be strictly increasing positive ints, got ", sizes);
-  }
-  TORCH_CHECK(sizes[p.G - 1] == p.n, "the last prefix size must equal d_sae = ", p.n, ", got ",
-              sizes);
+  check_prefixes(sizes, weights, p.n);
   check_indices(p.indices.const_data_ptr<int64_t>(), p.B * p.k, p.n);
   return p;
 }

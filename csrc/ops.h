@@ -1,6 +1,7 @@
 // CPU kernels of the sparsecode extension, registered as torch.ops.sparsecode_C.* in
-// module.cpp. Shapes: x [B, d], W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d],
-// values [B, k] (float), indices [B, k] (int64, each in [0, n)), G prefix sizes.
+// module.cpp (the CUDA ones, same names and schemas, are in cuda/ops_cuda.cpp). Shapes:
+// x [B, d], W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d], values [B, k] (float),
+// indices [B, k] (int64, each in [0, n)), G prefix sizes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,8 @@ namespace sparsecode {
 void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim);
 void check_same_dtype(const at::Tensor& a, const char* name_a, const at::Tensor& b,
                       const char* name_b);
+// Prefix sizes strictly increasing, positive, the last equal to n; one weight per size.
+void check_prefixes(at::IntArrayRef sizes, at::ArrayRef<double> weights, int64_t n);
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
@@ -45,5 +48,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
     at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights);
+
+// out [d_sae, d] (src's dtype): out[i] = sum over (b, j) with indices[b, j] == i of
+// coef[b, j] * src[b], in float32 (float64 for float64 src), summed in a fixed order; zero rows
+// for latents no pair uses. coef [B, k] floating, indices [B, k] int64, src [B, d].
+// sparse_decode_backward's grad_W_dec alone.
+at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
+                           int64_t d_sae);
 
 }  // namespace sparsecode

@@ -3,9 +3,13 @@
     backend = "auto" | "triton" | "cuda" | "cpp" | "reference"
 
 ``auto`` picks per device: CPU tensors use the C++ extension (``cpp``) where it was built,
-else the pure-PyTorch ``reference``. The ``SPARSECODE_BACKEND`` environment variable
-overrides whatever a module or call asked for. Asking for a backend that is missing raises
-:class:`BackendUnavailableError` naming what is missing.
+else the pure-PyTorch ``reference``; CUDA tensors use ``triton`` where Triton is installed
+(its encode and decode kernels, with the CUDA extension's sparse backward and nested loss),
+else ``cuda`` where the extension was built with CUDA, else ``reference``. Triton kernels run
+on CPU tensors only interpreted (``TRITON_INTERPRET=1``), which is how CI checks them. The
+``SPARSECODE_BACKEND`` environment variable overrides whatever a module or call asked for.
+Asking for a backend that is missing raises :class:`BackendUnavailableError` naming what is
+missing.
 """
 
 from __future__ import annotations
@@ -47,6 +51,29 @@ if _CPP_MISSING is not None:
     )
 
 
+# Looked up once: torch.compile cannot trace find_spec inside an op's dispatch.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _has_kernels(dispatch_key: str) -> bool:
+    op = "sparsecode_C::topk_encode_forward"
+    return _CPP_MISSING is None and torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+
+
+# Which device types the extension has kernels for; fixed at build time, so read once (and
+# read as a plain dict lookup when torch.compile traces an op).
+_COMPILED_FOR = {"cpu": _has_kernels("CPU"), "cuda": _has_kernels("CUDA")}
+
+
+def compiled_kernels(device: torch.device) -> Any | None:
+    """torch.ops.sparsecode_C when the extension has kernels for `device`'s type, else None."""
+    return torch.ops.sparsecode_C if _COMPILED_FOR.get(device.type, False) else None
+
+
 def _missing(name: str) -> str | None:
     """Why backend `name` cannot run here, or None when it can."""
     if name == "reference":
@@ -56,11 +83,24 @@ def _missing(name: str) -> str | None:
     if name == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is visible to torch"
-        return "this build of sparsecode._C has no CUDA kernels"
+        if _CPP_MISSING is not None:
+            return _CPP_MISSING
+        if compiled_kernels(torch.device("cuda")) is None:
+            return (
+                "this build of sparsecode._C has no CUDA kernels; rebuild it with nvcc and a "
+                "CUDA build of torch: pip install --no-build-isolation -e . "
+                "-Ccmake.define.SPARSECODE_CUDA=ON"
+            )
+        return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "the triton package is not installed"
-        return "this version of sparsecode has no Triton kernels"
+        if not _TRITON_FOUND:
+            return "the triton package is not installed (pip install triton)"
+        if not torch.cuda.is_available() and not _interpreted():
+            return (
+                "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the Triton "
+                "kernels interpreted on the CPU, slowly)"
+            )
+        return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
@@ -75,7 +115,7 @@ def backends() -> dict[str, dict[str, Any]]:
     for name in ("cpp", "cuda", "triton", "reference"):
         reason = _missing(name)
         report[name] = {"available": reason is None, "reason": reason}
-    report["triton"]["interpreted"] = os.environ.get("TRITON_INTERPRET") == "1"
+    report["triton"]["interpreted"] = _interpreted()
     return report
 
 
@@ -100,19 +140,41 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     name = os.environ.get(ENV_VAR) or requested
     check_backend_name(name)
     if name == "auto":
-        if device.type == "cpu" and _CPP_MISSING is None:
-            return "cpp"
+        if device.type == "cpu":
+            return "cpp" if _CPP_MISSING is None else "reference"
+        if device.type == "cuda":
+            for candidate in ("triton", "cuda"):
+                if _missing(candidate) is None:
+                    return candidate
         return "reference"
     if name == "cpp" and device.type != "cpu":
         raise BackendUnavailableError(
             f"the cpp backend runs on CPU tensors, got tensors on {device}; "
             "use backend='auto' or move the tensors to the CPU"
         )
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(
+            f"the cuda backend runs on CUDA tensors, got tensors on {device}; "
+            "use backend='auto' or move the tensors to the GPU"
+        )
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreted()):
+        raise BackendUnavailableError(
+            f"the triton backend runs on CUDA tensors, got tensors on {device} (CPU tensors "
+            "only with TRITON_INTERPRET=1); use backend='auto' or move the tensors to the GPU"
+        )
     return name
 
 
-def kernels(name: str) -> Any:
-    """The namespace of raw forward/backward kernels of a compiled backend."""
-    if name == "cpp":
-        return torch.ops.sparsecode_C
-    raise BackendUnavailableError(f"backend {name!r} has no compiled kernels here")
+def kernels(name: str, device: torch.device) -> Any:
+    """The raw compiled kernels (torch.ops.sparsecode_C) that backend `name` uses on `device`.
+
+    ``cpp`` and ``cuda`` name the extension's CPU and CUDA kernels; ``triton`` uses them for
+    the ops and gradients it has no Triton kernel for.
+    """
+    found = compiled_kernels(device)
+    if found is None:
+        raise BackendUnavailableError(
+            f"backend {name!r} needs sparsecode._C kernels for {device.type} tensors, and this "
+            "build has none"
+        )
+    return found

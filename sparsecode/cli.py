@@ -52,11 +52,20 @@ def _positive_float(text: str) -> float:
 def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help: str) -> None:
     """The model, text, cache and SAE flags that train and compare share."""
     from sparsecode.lm import DEFAULT_HOOK, DEFAULT_MODEL
+    from sparsecode.sae import ACTIVATIONS
     from sparsecode.train import TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument("--d-sae", type=_positive_int, default=defaults.d_sae, help="latents")
-    parser.add_argument("--k", type=_positive_int, default=defaults.k, help="active latents per token")
+    parser.add_argument("--k", type=_positive_int, default=defaults.k,
+                        help="active latents per token (the average, for --activation batchtopk)")
+    parser.add_argument(
+        "--activation", choices=ACTIVATIONS, default=defaults.activation,
+        help="topk: k latents per token; batchtopk: the batch's B*k largest, learnt threshold "
+        "at inference",
+    )
+    parser.add_argument("--k-max", type=_positive_int, default=None,
+                        help="batchtopk: most latents one token may use (default 4*k)")
     parser.add_argument(
         "--prefix-sizes", type=_int_list, default=None,
         help="Matryoshka prefix sizes, comma-separated, ending at --d-sae "
@@ -235,7 +244,8 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
     config = TrainConfig(
-        arch=args.arch, d_sae=args.d_sae, k=args.k, prefix_sizes=args.prefix_sizes,
+        arch=args.arch, d_sae=args.d_sae, k=args.k, activation=args.activation,
+        k_max=args.k_max, prefix_sizes=args.prefix_sizes,
         prefix_weights=args.prefix_weights, tokens=args.tokens, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, backend=args.backend, device=device,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
@@ -307,7 +317,8 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = CompareConfig(
         model=args.model, hook=args.hook, text=args.text, dataset=args.dataset,
         context_length=args.context_length, cache=args.cache, cache_dtype=args.cache_dtype,
-        d_sae=args.d_sae, k=args.k, prefix_sizes=args.prefix_sizes, tokens=args.tokens,
+        d_sae=args.d_sae, k=args.k, activation=args.activation, k_max=args.k_max,
+        prefix_sizes=args.prefix_sizes, tokens=args.tokens,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, backend=args.backend,
         device=device, topk_path=args.topk, matryoshka_path=args.matryoshka,
         eval_tokens=args.eval_tokens, ce_contexts=args.ce_contexts,

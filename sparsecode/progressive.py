@@ -27,7 +27,6 @@ from torch import Tensor
 
 from sparsecode.sae import SAE, SparseCode, TopKSAE, _as_int
 from sparsecode.sparse_decode import sparse_decode
-from sparsecode.topk_encode import topk_encode
 
 IMPORTANCE_METHODS = ("mean_sq", "frequency", "mean", "decoder_spectrum")
 PREFIX_MODES = ("truncate", "reencode")
@@ -200,15 +199,19 @@ def prune(sae: SAE, size: int) -> TopKSAE:
     """A TopKSAE of width size made of sae's first size latents, with k = min(sae.k, size).
 
     W_enc[:, :size], b_enc[:size], W_dec[:size] and b_dec are copied; backend, dtype, device,
-    train/eval mode and metadata follow sae. Call it after :func:`reorder` so the first
+    train/eval mode, metadata and the activation (a BatchTopK SAE's k_max, capped at size, and
+    threshold) follow sae. Call it after :func:`reorder` so the first
     latents are the most important: ``prune(reorder(sae, order), size)``.
     """
     size = _check_size(sae, size, "prune")
     small = TopKSAE(
-        sae.d_model, size, min(sae.k, size), sae.backend,
+        sae.d_model, size, min(sae.k, size), sae.backend, activation=sae.activation,
+        k_max=min(sae.k_max, size) if sae.activation == "batchtopk" else None,
         dtype=sae.W_enc.dtype, device=sae.W_enc.device,
     )
     with torch.no_grad():
+        if sae.activation == "batchtopk":
+            small.threshold.copy_(sae.threshold)
         small.W_enc.copy_(sae.W_enc[:, :size])
         small.b_enc.copy_(sae.b_enc[:size])
         small.W_dec.copy_(sae.W_dec[:size])
@@ -225,8 +228,8 @@ def prefix_reconstruction(sae: SAE, x: Tensor, size: int, mode: str) -> tuple[Te
 
     - ``truncate``: the full top-k code restricted to latents < size (what Matryoshka
       training optimises); l0 counts the code's non-zero entries below size, at most k.
-    - ``reencode``: the top-k' code among the first size latents only, k' = min(k, size),
-      the same as ``prune(sae, size)(x).x_hat``; the encoder GEMM covers only those size
+    - ``reencode``: the code chosen among the first size latents only (top-k', k' = min(k,
+      size), for a TopK SAE), the same as ``prune(sae, size)(x).x_hat``; the encoder GEMM covers only those size
       columns.
     """
     if mode not in PREFIX_MODES:
@@ -238,9 +241,7 @@ def prefix_reconstruction(sae: SAE, x: Tensor, size: int, mode: str) -> tuple[Te
         x_hat = sae.decode(SparseCode(values, indices), size=size)
         return x_hat, (kept & (values > 0)).sum(dim=1)
     sae._check_input(x)
-    values, indices = topk_encode(
-        x, sae.W_enc[:, :size], sae.b_enc[:size], sae.b_dec, min(sae.k, size), backend=sae.backend
-    )
+    values, indices = sae.encode_prefix(x, size)
     x_hat = sparse_decode(values, indices, sae.W_dec[:size], sae.b_dec, backend=sae.backend)
     return x_hat, (values > 0).sum(dim=1)
 

@@ -61,3 +61,17 @@ def nested_prefix_loss(
     )
     weights = torch.tensor(list(prefix_weights), dtype=prefix_losses.dtype, device=x.device)
     return (weights * prefix_losses).sum(), prefix_losses
+
+
+def batch_topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> Tensor:
+    """The dense BatchTopK code [B, n]: of relu((x - b_dec) @ W_enc + b_enc), the B*k largest
+    entries of the whole batch are kept (the earlier in row-major order among equal values)
+    and every other entry is zero."""
+    acts = torch.relu((x - b_dec) @ W_enc + b_enc)
+    flat = acts.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices[: x.shape[0] * k]
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order] = True
+    return torch.where(keep, flat, 0).view_as(acts)

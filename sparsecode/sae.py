@@ -7,6 +7,11 @@
 A Matryoshka SAE with prefix sizes m_0 < ... < m_{G-1} = d_sae trains every prefix of the
 dictionary to reconstruct on its own: loss = sum_g w_g * mean_b ||x - x_hat_g||^2, where
 x_hat_g decodes the code restricted to latents < m_g. A TopK SAE is the case G = 1.
+
+With ``activation="batchtopk"`` the code keeps the B*k largest activations of the whole
+batch instead of k per row (see :mod:`sparsecode.batch_topk`); in eval mode it keeps the
+activations above a threshold learnt in training (an exponential moving average of each
+batch's smallest kept activation), up to ``k_max`` per row.
 """
 
 from __future__ import annotations
@@ -21,14 +26,23 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sparsecode import batch_topk
 from sparsecode.backends import check_backend_name
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from sparsecode.sparse_decode import sparse_decode
 from sparsecode.topk_encode import topk_encode
 
 
+ACTIVATIONS = ("topk", "batchtopk")
+# Weight of the old threshold in the moving average of a BatchTopK SAE's threshold.
+THRESHOLD_DECAY = 0.999
+
+
 class SparseCode(NamedTuple):
-    """A batch's sparse code: values [B, k] (>= 0) at latents indices [B, k] (int64, sorted)."""
+    """A batch's sparse code: values [B, k] (>= 0) at latents indices [B, k] (int64, sorted).
+
+    A BatchTopK code has k_max slots per row in eval mode, and in training as many as its
+    fullest row keeps (kept slots first, in index order); unkept slots hold zero."""
 
     values: Tensor
     indices: Tensor
@@ -51,6 +65,21 @@ def _as_int(value: object) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def _check_activation(activation: str, k: int, k_max: int | None, d_sae: int) -> int:
+    """The per-row cap of activation's code (k for TopK); raises on a bad combination."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "topk":
+        if k_max is not None:
+            raise ValueError("k_max is for activation='batchtopk'; TopK keeps exactly k per row")
+        return k
+    if k_max is None:
+        return min(4 * k, d_sae)
+    if _as_int(k_max) is None or not k <= k_max <= d_sae:
+        raise ValueError(f"k_max must be an int in [k={k}, d_sae={d_sae}], got {k_max!r}")
+    return int(k_max)
 
 
 def _check_prefixes(
@@ -85,6 +114,9 @@ class SAE(nn.Module):
 
     Parameters follow SAELens: W_enc [d_model, d_sae], b_enc [d_sae], W_dec [d_sae, d_model],
     b_dec [d_model]. Use :class:`TopKSAE` or :class:`MatryoshkaSAE` to build one.
+    activation: "topk" (k per row) or "batchtopk" (B*k per batch, each row capped at k_max,
+    default 4*k); a BatchTopK SAE has the buffer ``threshold`` (-1 until trained) and, after
+    each training batch, ``rows_over_k_max``: how many rows lost activations to the cap.
     ``metadata`` holds where a loaded SAE came from (hook_name, model_name, ...; see
     :func:`sparsecode.load`), empty for a new one.
     """
@@ -98,6 +130,8 @@ class SAE(nn.Module):
         prefix_weights: Sequence[float] | None = None,
         backend: str = "auto",
         *,
+        activation: str = "topk",
+        k_max: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -111,7 +145,11 @@ class SAE(nn.Module):
         self.prefix_sizes, self.prefix_weights = _check_prefixes(d_sae, prefix_sizes, prefix_weights)
         check_backend_name(backend)
         self.d_model, self.d_sae, self.k, self.backend = d_model, d_sae, k, backend
+        self.activation, self.k_max = activation, _check_activation(activation, k, k_max, d_sae)
         self.metadata: dict[str, Any] = {}
+        if activation == "batchtopk":
+            self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+            self.rows_over_k_max: Tensor | None = None
 
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_model, d_sae, **factory))
@@ -133,6 +171,7 @@ class SAE(nn.Module):
         return (
             f"d_model={self.d_model}, d_sae={self.d_sae}, k={self.k}, "
             f"prefix_sizes={self.prefix_sizes}, backend={self.backend!r}"
+            + (f", activation='batchtopk', k_max={self.k_max}" if self.activation == "batchtopk" else "")
         )
 
     def _check_input(self, x: Tensor) -> None:
@@ -159,12 +198,43 @@ class SAE(nn.Module):
             raise ValueError("x contains NaN or Inf values: clean or drop those activations")
 
     def encode(self, x: Tensor) -> SparseCode:
-        """The sparse code of x [B, d_model]: values, indices [B, k] (indices sorted per row)."""
+        """The sparse code of x [B, d_model]: values, indices [B, k] (indices sorted per row);
+        [B, k_max] (or k_max + 1 in training) with zeros where BatchTopK keeps nothing."""
         self._check_input(x)
-        values, indices = topk_encode(
-            x, self.W_enc, self.b_enc, self.b_dec, self.k, backend=self.backend
-        )
-        return SparseCode(values, indices)
+        return self.encode_prefix(x, self.d_sae)
+
+    def encode_prefix(self, x: Tensor, size: int) -> SparseCode:
+        """The code of x [B, d_model] (already checked) chosen among the first `size` latents
+        only, as the SAE pruned to them would encode: k, k_max capped at size. Only the full
+        width (size = d_sae) moves a BatchTopK SAE's threshold in training."""
+        W_enc, b_enc = self.W_enc, self.b_enc
+        if size < self.d_sae:
+            W_enc, b_enc = W_enc[:, :size], b_enc[:size]
+        k = min(self.k, size)
+        if self.activation == "topk":
+            return SparseCode(*topk_encode(x, W_enc, b_enc, self.b_dec, k, backend=self.backend))
+        by_threshold = not self.training and float(self.threshold) >= 0
+        k_max = min(self.k_max, size)
+        candidates = k_max if by_threshold else min(k_max + 1, size)
+        values, indices = topk_encode(x, W_enc, b_enc, self.b_dec, candidates, backend=self.backend)
+        if by_threshold:
+            return SparseCode(values * (values > self.threshold).to(values.dtype), indices)
+        chosen = batch_topk.select(values, x.shape[0] * k, probe=candidates > k_max)
+        if self.training and size == self.d_sae:
+            self._update_threshold(chosen)
+        kept = values * chosen.keep.to(values.dtype)
+        if torch.compiler.is_compiling():
+            return SparseCode(kept, indices)
+        return SparseCode(*batch_topk.compact(kept, indices, chosen.keep))
+
+    @torch.no_grad()
+    def _update_threshold(self, chosen: batch_topk.BatchSelection) -> None:
+        """Moves the threshold towards the batch's smallest kept activation."""
+        self.rows_over_k_max = chosen.rows_over_cap
+        smallest = chosen.smallest_kept.to(self.threshold.dtype)
+        moved = THRESHOLD_DECAY * self.threshold + (1 - THRESHOLD_DECAY) * smallest
+        updated = torch.where(self.threshold < 0, smallest, moved)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
 
     def decode(self, code: SparseCode, size: int | None = None) -> Tensor:
         """x_hat [B, d_model] from the code, using only latents < size when size is given."""
@@ -228,7 +298,12 @@ class TopKSAE(SAE):
         k: int,
         backend: str = "auto",
         *,
+        activation: str = "topk",
+        k_max: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(d_model, d_sae, k, [d_sae], None, backend, dtype=dtype, device=device)
+        super().__init__(
+            d_model, d_sae, k, [d_sae], None, backend,
+            activation=activation, k_max=k_max, dtype=dtype, device=device,
+        )

@@ -10,6 +10,11 @@ SAE is a TopK SAE. sparsecode's keys sit beside SAELens's (which ignores keys it
 know): ``matryoshka_widths`` (the prefix sizes) and ``prefix_weights`` mark a Matryoshka SAE;
 ``sparsecode_version``, ``activation_scale`` and ``training_tokens`` record provenance.
 
+A BatchTopK SAE (``activation: "batchtopk"``) is saved as SAELens's inference form of one,
+``architecture: "jumprelu"`` with the learnt threshold in the tensor ``threshold`` [d_sae] (the
+same value for every latent), so SAELens loads it as a JumpReLU SAE; sparsecode's ``k`` and
+``k_max`` keys let :func:`load` rebuild the BatchTopK SAE.
+
 An SAE trained on scaled activations s * x is saved with s folded into its weights, so that
 any loader reconstructs raw activations:
 
@@ -98,6 +103,8 @@ def save_sae(
             "b_enc": sae.b_enc.clone(),
             "b_dec": sae.b_dec / scale,
         }
+        if sae.activation == "batchtopk":
+            tensors["threshold"] = sae.threshold.float().expand(sae.d_sae).to(sae.W_enc.dtype)
     _write_atomically(target, {k: v.contiguous().cpu() for k, v in tensors.items()}, cfg)
     return target
 
@@ -165,6 +172,8 @@ def _saelens_cfg(
         "activation_scale": scale,
         "training_tokens": None if training_tokens is None else int(training_tokens),
     }
+    if sae.activation == "batchtopk":
+        cfg.update(architecture="jumprelu", activation="batchtopk", k_max=sae.k_max)
     if isinstance(sae, MatryoshkaSAE) or len(sae.prefix_sizes) > 1:
         cfg["matryoshka_widths"] = list(sae.prefix_sizes)
         cfg["prefix_weights"] = list(sae.prefix_weights)
@@ -239,6 +248,8 @@ class _FolderCfg(NamedTuple):
     k: int
     prefix_sizes: list[int] | None  # None: a TopK SAE
     prefix_weights: list[float] | None
+    activation: str  # "topk" or "batchtopk"
+    k_max: int | None
     dtype: torch.dtype | None  # None: as stored
     rescale_acts_by_decoder_norm: bool
     apply_b_dec_to_input: bool
@@ -279,16 +290,22 @@ def load(
     target_dtype = dtype if dtype is not None else cfg.dtype
     if target_dtype is None:
         target_dtype = stored["W_enc"].dtype
+    threshold = stored.pop("threshold", None)
     state = _fold_saelens_variants(
         {k: v.to(device=device or "cpu", dtype=target_dtype) for k, v in stored.items()}, cfg
     )
+    activation = {"activation": cfg.activation, "k_max": cfg.k_max}
     if cfg.prefix_sizes is None:
-        sae: SAE = TopKSAE(cfg.d_in, cfg.d_sae, cfg.k, backend, dtype=target_dtype, device="meta")
+        sae: SAE = TopKSAE(
+            cfg.d_in, cfg.d_sae, cfg.k, backend, **activation, dtype=target_dtype, device="meta"
+        )
     else:
         sae = MatryoshkaSAE(
             cfg.d_in, cfg.d_sae, cfg.k, cfg.prefix_sizes, cfg.prefix_weights, backend,
-            dtype=target_dtype, device="meta",
+            **activation, dtype=target_dtype, device="meta",
         )
+    if threshold is not None:
+        state["threshold"] = threshold[0].float().to(device or "cpu")
     sae.load_state_dict(state, assign=True)
     sae.metadata = cfg.metadata
     return sae
@@ -329,11 +346,13 @@ def _read_cfg(cfg_file: Path) -> _FolderCfg:
     fn_kwargs = fn_kwargs if isinstance(fn_kwargs, dict) else {}
     if architecture == "standard" and activation_fn == "topk":
         architecture = "topk"
-    if architecture != "topk":
+    activation = "batchtopk" if architecture == "jumprelu" and raw.get("activation") == "batchtopk" else "topk"
+    if architecture != "topk" and activation != "batchtopk":
         raise ValueError(
             f"{cfg_file}: architecture {architecture!r} is not supported: sparsecode loads TopK "
-            "SAEs (architecture 'topk', as saved by sparsecode or SAELens's TopKSAE); other "
-            "architectures (standard, jumprelu, gated, batchtopk, ...) encode differently"
+            "SAEs (architecture 'topk', as saved by sparsecode or SAELens's TopKSAE) and its own "
+            "BatchTopK SAEs (saved as 'jumprelu' with activation 'batchtopk'); other "
+            "architectures (standard, jumprelu, gated, ...) encode differently"
         )
     normalize = raw.get("normalize_activations", "none")
     if normalize not in ("none", None, False):
@@ -350,6 +369,9 @@ def _read_cfg(cfg_file: Path) -> _FolderCfg:
             raise ValueError(f"{cfg_file}: {name} must be a positive int, got {value!r}")
     if k > d_sae:
         raise ValueError(f"{cfg_file}: k={k} must be at most d_sae={d_sae}: the file is corrupt")
+    k_max = raw.get("k_max") if activation == "batchtopk" else None
+    if activation == "batchtopk" and (_as_int(k_max) is None or not k <= k_max <= d_sae):
+        raise ValueError(f"{cfg_file}: k_max must be an int in [k, d_sae], got {k_max!r}")
 
     dtype = None
     if raw.get("dtype") is not None:
@@ -384,6 +406,8 @@ def _read_cfg(cfg_file: Path) -> _FolderCfg:
         k=int(k),
         prefix_sizes=prefix_sizes,
         prefix_weights=prefix_weights,
+        activation=activation,
+        k_max=None if k_max is None else int(k_max),
         dtype=dtype,
         rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
@@ -405,10 +429,12 @@ def _read_weights(weights_file: Path, cfg: _FolderCfg) -> dict[str, Tensor]:
         "b_enc": (cfg.d_sae,),
         "b_dec": (cfg.d_in,),
     }
+    if cfg.activation == "batchtopk":
+        expected["threshold"] = (cfg.d_sae,)
     if set(tensors) != set(expected):
         raise ValueError(
-            f"{weights_file} holds tensors {sorted(tensors)}, but a TopK SAE has exactly "
-            f"{sorted(expected)}"
+            f"{weights_file} holds tensors {sorted(tensors)}, but a {cfg.activation} SAE has "
+            f"exactly {sorted(expected)}"
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
@@ -419,4 +445,9 @@ def _read_weights(weights_file: Path, cfg: _FolderCfg) -> dict[str, Tensor]:
             )
         if not tensors[name].dtype.is_floating_point:
             raise ValueError(f"{weights_file}: {name} has dtype {tensors[name].dtype}, not float")
+    if cfg.activation == "batchtopk" and not bool((tensors["threshold"] == tensors["threshold"][0]).all()):
+        raise ValueError(
+            f"{weights_file}: a BatchTopK SAE has one threshold for every latent, but the stored "
+            "thresholds differ: the file is a per-latent JumpReLU SAE, which sparsecode does not load"
+        )
     return tensors

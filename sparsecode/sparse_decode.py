@@ -5,7 +5,9 @@
 values [B, k], indices [B, k] int64, W_dec [n, d], b_dec [d] -> x_hat [B, d]. Registered as
 ``torch.ops.sparsecode.sparse_decode``; its backward (``sparse_decode_backward``) computes
 k dot products per row for grad_values and a per-latent segmented sum for grad_W_dec
-(DESIGN.md §3.2-3.3). Reference: :func:`sparsecode.reference.sparse_decode`.
+(DESIGN.md §3.2-3.3). The ``triton`` backend runs the Triton gather kernels for the forward
+and grad_values, and the extension's per-latent sum for grad_W_dec.
+Reference: :func:`sparsecode.reference.sparse_decode`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsecode import reference
+from sparsecode import reference, sparse_grad
 from sparsecode.backends import kernels, resolve_backend
 
 
@@ -21,7 +23,11 @@ from sparsecode.backends import kernels, resolve_backend
 def _sparse_decode(
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, backend: str
 ) -> Tensor:
-    return kernels(backend).sparse_decode_forward(values, indices, W_dec, b_dec)
+    if backend == "triton":
+        from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
+
+        return sparse_decode_forward(values, indices, W_dec, b_dec)
+    return kernels(backend, values.device).sparse_decode_forward(values, indices, W_dec, b_dec)
 
 
 @_sparse_decode.register_fake
@@ -33,7 +39,16 @@ def _(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, backend: st
 def _sparse_decode_backward(
     grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(kernels(backend).sparse_decode_backward(grad_out, values, indices, W_dec))
+    if backend == "triton":
+        from sparsecode.triton_kernels.sparse_decode import sparse_decode_grad_values
+
+        g = grad_out.to(values.dtype).contiguous()
+        grad_values = sparse_decode_grad_values(g, indices, W_dec)
+        grad_W_dec = sparse_grad.latent_rows_sum(values, indices, g, W_dec.shape[0])
+        return grad_values, grad_W_dec, g.sum(0)
+    return tuple(
+        kernels(backend, values.device).sparse_decode_backward(grad_out, values, indices, W_dec)
+    )
 
 
 @_sparse_decode_backward.register_fake

@@ -5,7 +5,9 @@
 x [B, d], W_enc [d, n], b_enc [n], b_dec [d] -> values [B, k] (x's dtype), indices [B, k]
 int64. Registered as ``torch.ops.sparsecode.topk_encode`` with a fake implementation and
 an autograd formula whose backward (``torch.ops.sparsecode.topk_encode_backward``) touches
-only the B*k active latents (DESIGN.md §3.3). Reference: :func:`sparsecode.reference.topk_encode`.
+only the B*k active latents (DESIGN.md §3.3). The ``triton`` backend runs the fused Triton
+encode and the extension's sparse backward (plain torch ops where the extension has no kernels
+for the device). Reference: :func:`sparsecode.reference.topk_encode`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsecode import reference
+from sparsecode import reference, sparse_grad
 from sparsecode.backends import kernels, resolve_backend
 
 
@@ -21,7 +23,11 @@ from sparsecode.backends import kernels, resolve_backend
 def _topk_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return tuple(kernels(backend).topk_encode_forward(x, W_enc, b_enc, b_dec, k))
+    if backend == "triton":
+        from sparsecode.triton_kernels.topk_encode import topk_encode_forward
+
+        return topk_encode_forward(x, W_enc, b_enc, b_dec, k)
+    return tuple(kernels(backend, x.device).topk_encode_forward(x, W_enc, b_enc, b_dec, k))
 
 
 @_topk_encode.register_fake
@@ -39,8 +45,10 @@ def _topk_encode_backward(
     indices: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return sparse_grad.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices)
     return tuple(
-        kernels(backend).topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices)
+        kernels(backend, x.device).topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices)
     )
 
 

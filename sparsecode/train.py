@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from sparsecode.cache import ActivationCache
 from sparsecode.files import atomic_write
-from sparsecode.sae import SAE, SAEOutput, MatryoshkaSAE, TopKSAE
+from sparsecode.sae import SAE, MatryoshkaSAE, SAEOutput, TopKSAE, _check_activation
 from sparsecode.sparse_decode import sparse_decode
 from sparsecode.topk_encode import topk_encode
 
@@ -60,6 +60,8 @@ class TrainConfig:
     arch: str = "matryoshka"
     d_sae: int = 4096
     k: int = 32
+    activation: str = "topk"
+    k_max: int | None = None
     prefix_sizes: list[int] | None = None
     prefix_weights: list[float] | None = None
     tokens: int = 131_072
@@ -99,6 +101,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} must be at most d_sae={self.d_sae}: lower k or raise d_sae")
+        _check_activation(self.activation, self.k, self.k_max, self.d_sae)
         if self.tokens < self.batch_size:
             raise ValueError(
                 f"tokens={self.tokens} is less than one batch (batch_size={self.batch_size}): "
@@ -163,12 +166,13 @@ def build_sae(config: TrainConfig, d_model: int) -> SAE:
     """The untrained SAE of config (initialised from config.seed, the global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        activation = {"activation": config.activation, "k_max": config.k_max}
         if config.arch == "topk":
-            sae: SAE = TopKSAE(d_model, config.d_sae, config.k, config.backend)
+            sae: SAE = TopKSAE(d_model, config.d_sae, config.k, config.backend, **activation)
         else:
             sae = MatryoshkaSAE(
                 d_model, config.d_sae, config.k, config.resolved_prefix_sizes(),
-                config.prefix_weights, config.backend,
+                config.prefix_weights, config.backend, **activation,
             )
     return sae.to(config.device)
 
@@ -277,11 +281,12 @@ def train(
     if resume:
         state = torch.load(checkpoint_path, map_location=config.device, weights_only=True)
         saved = state["config"]
-        for name in ("arch", "d_sae", "k", "batch_size", "tokens", "seed", "prefix_sizes",
-                     "prefix_weights"):
-            if saved[name] != asdict(config)[name]:
+        defaults = asdict(TrainConfig())
+        for name in ("arch", "d_sae", "k", "activation", "k_max", "batch_size", "tokens", "seed",
+                     "prefix_sizes", "prefix_weights"):
+            if saved.get(name, defaults[name]) != asdict(config)[name]:
                 raise ValueError(
-                    f"--resume: the run in {run_dir} has {name}={saved[name]!r}, not "
+                    f"--resume: the run in {run_dir} has {name}={saved.get(name)!r}, not "
                     f"{asdict(config)[name]!r}; pass the same settings or another --out"
                 )
         sae.load_state_dict(state["sae"])
@@ -335,7 +340,7 @@ def train(
         window_steps += 1
         done = step + 1
         if done % config.log_every == 0 or done == steps:
-            metrics = _metrics(out, x, aux, since_fired, config, scheduler, done)
+            metrics = _metrics(sae, out, x, aux, since_fired, config, scheduler, done)
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_s"] = window_steps * config.batch_size / elapsed
             window_start, window_steps = time.perf_counter(), 0
@@ -377,6 +382,7 @@ def train(
 
 
 def _metrics(
+    sae: SAE,
     out: SAEOutput,
     x: Tensor,
     aux: Tensor,
@@ -390,12 +396,14 @@ def _metrics(
         residual = (x - out.x_hat).pow(2).sum()
         variance = (x - x.mean(dim=0)).pow(2).sum()
         l0 = (out.code.values > 0).sum(dim=1).float().mean()
-        local = torch.stack([out.loss.detach(), aux.detach(), residual, variance, l0,
+        over_cap = getattr(sae, "rows_over_k_max", None)
+        over_cap = l0.new_zeros(()) if over_cap is None else over_cap.float() / x.shape[0]
+        local = torch.stack([out.loss.detach(), aux.detach(), residual, variance, l0, over_cap,
                              *out.prefix_losses.detach()]).double()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         values = (_all_reduce(local) / world).tolist()
-    loss, aux_loss, residual, variance, l0, *prefix = values
-    return {
+    loss, aux_loss, residual, variance, l0, over_cap, *prefix = values
+    logged = {
         "step": step,
         "tokens": step * config.batch_size,
         "loss": loss,
@@ -406,3 +414,7 @@ def _metrics(
         "dead_fraction": float((since_fired >= config.dead_tokens).float().mean()),
         "lr": scheduler.get_last_lr()[0],
     }
+    if config.activation == "batchtopk":
+        logged["rows_over_k_max"] = over_cap
+        logged["threshold"] = float(sae.threshold)
+    return logged

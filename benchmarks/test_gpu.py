@@ -1,0 +1,572 @@
+"""GPU benchmarks of the Triton issue (6) and the CUDA-extension issue (7), with their targets.
+
+    SPARSECODE_GPU_RESULTS=gpu_results.md python -m pytest benchmarks/test_gpu.py -q -s
+
+Problem: B=8192, d_model=2304, d_sae=65536, k=64, prefix sizes [2048, ..., 65536] (uniform
+weights), bfloat16. Op benchmarks take bfloat16 leaves; training steps keep float32 master
+parameters and cast them to bfloat16 inside the step (the cast is differentiable, so the
+gradients reach the masters in float32). Times are medians over many runs, timed with CUDA
+events after warm-up runs, with the L2 cache flushed before each run.
+
+Every measurement is guarded: one that raises is reported as an error row and fails its test,
+and the others still run. At the end of the module one markdown table (measure, value, target,
+result) is printed and, when SPARSECODE_GPU_RESULTS is set, written there with the device and
+versions. Skipped without a CUDA device; this file never writes benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import os
+import statistics
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import torch
+from torch import Tensor
+
+import sparsecode
+from sparsecode import ops, reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEVICE = "cuda"
+BATCH, D_MODEL, D_SAE, K = 8192, 2304, 65536, 64
+PREFIX_SIZES = (2048, 4096, 8192, 16384, 32768, 65536)
+PREFIX_WEIGHTS = tuple(1 / len(PREFIX_SIZES) for _ in PREFIX_SIZES)
+DTYPE = torch.bfloat16
+LR = 1e-4
+SEED = 0
+RESULTS_ENV = "SPARSECODE_GPU_RESULTS"
+FLUSH_BYTES = 256 * 2**20  # written before each timed run: over 5x an H100's 50 MB L2
+GB = 1e9
+T = TypeVar("T")
+
+# Labels of the measurements that ratios refer to.
+MM = "encode: torch.mm x @ W_enc (floor)"
+MM_TOPK = "encode: torch.mm + torch.topk (naive)"
+FUSED = "encode: fused, triton, no_grad"
+DECODE_SPARSE = "decode fwd+bwd: triton"
+DECODE_DENSE = "decode fwd+bwd: dense reference"
+BACKWARD_SPARSE = "encode+decode backward: cuda"
+BACKWARD_DENSE = "encode+decode backward: dense reference autograd"
+NESTED = "nested_prefix_loss fwd+bwd: auto"
+DECODE_AUTO = "decode fwd+bwd: auto"
+
+# The encode tiles tried by the sweep: fields of sparsecode.triton_kernels.topk_encode.EncodeConfig.
+SWEEP = [
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 1, "num_warps": 8, "num_stages": 3},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 4, "num_warps": 8, "num_stages": 3},
+    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3},
+    {"block_b": 64, "block_n": 256, "block_d": 64, "splits": 4, "num_warps": 8, "num_stages": 3},
+    {"block_b": 64, "block_n": 128, "block_d": 64, "splits": 4, "num_warps": 4, "num_stages": 4},
+    {"block_b": 128, "block_n": 64, "block_d": 64, "splits": 8, "num_warps": 4, "num_stages": 4},
+    {"block_b": 64, "block_n": 64, "block_d": 64, "splits": 8, "num_warps": 4, "num_stages": 4},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
+    {"block_b": 128, "block_n": 128, "block_d": 128, "splits": 2, "num_warps": 8, "num_stages": 3},
+    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 4, "num_stages": 3},
+]
+
+
+def time_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over `runs` runs after `warmup` untimed ones, by CUDA events
+    around each run, with the L2 cache flushed (a 256 MiB write) before each."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=DEVICE)
+    for _ in range(warmup):
+        fn()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(runs)
+    ]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    measure: str
+    value: str
+    target: str = "—"
+    result: str = "—"
+
+
+@dataclass(repr=False)
+class Report:
+    """The module's table rows, the timings ratios refer to, and the errors met so far."""
+
+    rows: list[Row] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, measure: str, value: str, target: str = "—", result: str = "—") -> None:
+        """Appends a row and prints it."""
+        self.rows.append(Row(measure, value, target, result))
+        if result == "—":
+            print(f"  {measure}: {value}")
+        else:
+            print(f"  {measure}: {value}  [{result}, target {target}]")
+
+    def attempt(self, label: str, fn: Callable[[], T]) -> T | None:
+        """fn(), or None and an ERROR row under `label` when it raises."""
+        try:
+            return fn()
+        except Exception as err:  # reported in the table; the other measurements still run
+            text = str(err).strip()
+            message = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+            self.add(label, message[:200], result="ERROR")
+            self.errors.append(f"{label}: {message}")
+            return None
+
+    def time(self, label: str, fn: Callable[[], object], runs: int = 20) -> float | None:
+        """time_ms(fn) recorded under `label`; None (and an ERROR row) when fn raised."""
+        ms = self.attempt(label, lambda: time_ms(fn, runs=runs))
+        if ms is not None:
+            self.times[label] = ms
+            self.add(label, f"{ms:.3f} ms")
+        return ms
+
+    def ratio(self, numerator: str, denominator: str) -> float | None:
+        """times[numerator] / times[denominator]; None when either was not measured."""
+        if numerator not in self.times or denominator not in self.times:
+            return None
+        return self.times[numerator] / self.times[denominator]
+
+    def check(self, measure: str, value: float | None, bound: float, at_least: bool) -> None:
+        """A row comparing value with its target: at least `bound` when at_least, else at most."""
+        target = f"{'≥' if at_least else '≤'} {bound:g}"
+        if value is None:
+            self.add(measure, "not measured", target, "ERROR")
+            return
+        met = value >= bound if at_least else value <= bound
+        self.add(measure, f"{value:.3g}", target, "PASS" if met else "MISS")
+
+    def fail_on_errors_since(self, count: int) -> None:
+        """Fails the running test with the errors recorded after the first `count`."""
+        new = self.errors[count:]
+        if new:
+            pytest.fail("\n".join(new), pytrace=False)
+
+    def markdown(self) -> str:
+        """The rows as a markdown table (a "|" inside a cell escaped)."""
+        lines = ["| measure | value | target | result |", "|---|---|---|---|"]
+        for row in self.rows:
+            cells = (row.measure, row.value, row.target, row.result)
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(lines)
+
+
+def _command_output(*command: str) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+    return done.stdout.strip()
+
+
+def _environment() -> list[str]:
+    """Markdown bullet lines: date, device, driver, versions and the backends found."""
+    nvcc = _command_output("nvcc", "--version")
+    nvcc_release = next((line for line in nvcc.splitlines() if "release" in line), nvcc)
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "not installed"
+    props = torch.cuda.get_device_properties(0)
+    available = {name: info["available"] for name, info in sparsecode.backends().items()}
+    driver = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    return [
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- device: {props.name}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB",
+        f"- driver: {driver}",
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
+        f"nvcc: {nvcc_release}",
+        f"- sparsecode backends available: {available}",
+    ]
+
+
+def _results_markdown(report: Report) -> str:
+    """The GPU section of benchmarks/RESULTS.md: it opens with the heading that
+    benchmarks/conftest.py keeps when a CPU run rewrites that file."""
+    dtype = str(DTYPE).removeprefix("torch.")
+    return "\n".join([
+        "## GPU",
+        "",
+        "Written by `benchmarks/test_gpu.py` (run by `benchmarks/gpu_check.sh`).",
+        "",
+        *_environment(),
+        f"- problem: B={BATCH}, d_model={D_MODEL}, d_sae={D_SAE}, k={K}, prefix sizes "
+        f"{list(PREFIX_SIZES)} (uniform weights), {dtype}; op benchmarks on {dtype} leaves, "
+        f"training steps with float32 master weights cast to {dtype} in the step",
+        "- times: medians over many runs after warm-up runs, CUDA events, L2 flushed before "
+        "each run; ratios of medians",
+        "",
+        report.markdown(),
+        "",
+    ])
+
+
+@pytest.fixture(scope="module")
+def report() -> Iterator[Report]:
+    """The module's results; printed (and written to $SPARSECODE_GPU_RESULTS) at its end."""
+    collected = Report()
+    yield collected
+    text = _results_markdown(collected)
+    print("\n" + text)
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        Path(path).write_text(text)
+        print(f"sparsecode: wrote {path}")
+
+
+@dataclass(frozen=True, repr=False)
+class Problem:
+    """bfloat16 inputs on the GPU: x [B, d], SAE-like weights (W_dec rows of unit norm,
+    W_enc = W_dec.T), the code (values, indices [B, k]) of x by torch mm + topk, and a fixed
+    gradient grad_x_hat [B, d]."""
+
+    x: Tensor
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    values: Tensor
+    indices: Tensor
+    grad_x_hat: Tensor
+
+    def leaves(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Fresh copies of W_enc, b_enc, W_dec, b_dec that require grad."""
+        return tuple(
+            t.clone().requires_grad_() for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        )
+
+
+@pytest.fixture(scope="module")
+def problem() -> Iterator[Problem]:
+    torch.manual_seed(SEED)
+    W_dec = torch.randn(D_SAE, D_MODEL, device=DEVICE)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = W_dec.T.contiguous()
+    x = torch.randn(BATCH, D_MODEL, device=DEVICE, dtype=DTYPE)
+    b_enc = (0.01 * torch.randn(D_SAE, device=DEVICE)).to(DTYPE)
+    b_dec = (0.01 * torch.randn(D_MODEL, device=DEVICE)).to(DTYPE)
+    W_enc, W_dec = W_enc.to(DTYPE), W_dec.to(DTYPE)
+    with torch.no_grad():
+        values, indices = reference.topk_encode(x, W_enc, b_enc, b_dec, K)
+    yield Problem(x, W_enc, b_enc, W_dec, b_dec, values, indices, torch.randn_like(x))
+    torch.cuda.empty_cache()
+
+
+def test_encode(report: Report, problem: Problem) -> None:
+    """Issue 6: the fused encode against the bare GEMM and the naive mm + topk."""
+    errors = len(report.errors)
+    p = problem
+    tflop = 2 * BATCH * D_MODEL * D_SAE / 1e12
+    mm = report.time(MM, lambda: torch.mm(p.x, p.W_enc))
+    report.time(MM_TOPK, lambda: torch.topk(torch.mm(p.x, p.W_enc), K, dim=1))
+    with torch.no_grad():
+        fused = report.time(
+            FUSED, lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="triton")
+        )
+    for label, ms in (("torch.mm", mm), ("fused encode", fused)):
+        if ms is not None:
+            report.add(f"encode: {label} rate", f"{tflop / ms * 1e3:.0f} TFLOP/s")
+    report.check("issue 6: fused encode / torch.mm", report.ratio(FUSED, MM), 1.3, at_least=False)
+    report.check("issue 6: (torch.mm + topk) / fused encode", report.ratio(MM_TOPK, FUSED), 1.5,
+                 at_least=True)
+    report.fail_on_errors_since(errors)
+
+
+def test_encode_config_sweep(report: Report, problem: Problem) -> None:
+    """Issue 6: the fused encode forward (no autograd) with each EncodeConfig of SWEEP. A
+    config that the class or the launch rejects is reported as skipped, with the reason."""
+    errors = len(report.errors)
+    p = problem
+    module = report.attempt(
+        "encode config sweep",
+        lambda: importlib.import_module("sparsecode.triton_kernels.topk_encode"),
+    )
+    report.fail_on_errors_since(errors)
+    mm = report.times.get(MM)
+    torch_values = p.values.float()
+
+    def encode_with(config: object) -> Callable[[], tuple[Tensor, Tensor]]:
+        return lambda: module.topk_encode_forward(p.x, p.W_enc, p.b_enc, p.b_dec, K, config=config)
+
+    for fields in SWEEP:
+        label = "encode config " + " ".join(f"{key}={value}" for key, value in fields.items())
+        try:
+            encode = encode_with(module.EncodeConfig(**fields))
+            with torch.no_grad():
+                values, _ = encode()
+                ms = time_ms(encode)
+        except (TypeError, ValueError) as err:
+            report.add(label, f"skipped: {type(err).__name__}: {err}")
+            continue
+        except Exception as err:  # e.g. Triton's OutOfResources at launch: skip this config
+            report.add(label, f"skipped at launch: {type(err).__name__}: {str(err)[:150]}")
+            continue
+        # Against the values torch's mm + topk selected, each row's sorted (bf16 near-ties may
+        # pick other latents of equal value): small unless the config is wrong.
+        ours, theirs = values.float().sort(dim=1).values, torch_values.sort(dim=1).values
+        error = ((ours - theirs).norm() / theirs.norm()).item()
+        versus_mm = f", {ms / mm:.2f}× mm" if mm else ""
+        report.add(label, f"{ms:.3f} ms{versus_mm}; values rel. error vs mm+topk {error:.1e}")
+    # With k = 1 the running top-k is one slot that rarely changes: the kernel's GEMM and tile
+    # walk alone, which splits the fused encode's time into GEMM and selection.
+    one = lambda: module.topk_encode_forward(p.x, p.W_enc, p.b_enc, p.b_dec, 1)  # noqa: E731
+    with torch.no_grad():
+        one()
+        ms = time_ms(one)
+    versus_mm = f", {ms / mm:.2f}× mm" if mm else ""
+    report.add("encode default tiles, k=1 (its GEMM and tile walk, selection nearly free)",
+               f"{ms:.3f} ms{versus_mm}")
+
+
+def test_sparse_decode(report: Report, problem: Problem) -> None:
+    """Issue 6: sparse decode forward + backward (values, W_dec, b_dec) against the dense one."""
+    errors = len(report.errors)
+    p = problem
+    values = p.values.clone().requires_grad_()
+    _, _, W_dec, b_dec = p.leaves()
+
+    def forward_backward(decode: Callable[[], Tensor]) -> Callable[[], tuple[Tensor, ...]]:
+        return lambda: torch.autograd.grad(decode(), (values, W_dec, b_dec), p.grad_x_hat)
+
+    report.time(DECODE_SPARSE, forward_backward(
+        lambda: ops.sparse_decode(values, p.indices, W_dec, b_dec, backend="triton")))
+    report.time(DECODE_DENSE, forward_backward(
+        lambda: reference.sparse_decode(values, p.indices, W_dec, b_dec)))
+    report.check("issue 6: dense / sparse decode, fwd+bwd",
+                 report.ratio(DECODE_DENSE, DECODE_SPARSE), 5.0, at_least=True)
+    report.fail_on_errors_since(errors)
+
+
+def backward_floor_bytes() -> int:
+    """The fewest bytes the encode + decode backward can move: each input read once and each
+    output written once (bfloat16 2 bytes, int64 indices 8; intermediates such as grad_values,
+    and grad_x, which training does not need, are not counted):
+
+        reads   x [B, d], grad_x_hat [B, d], values [B, k], indices [B, k],
+                W_enc [d, n], W_dec [n, d], b_dec [d]
+        writes  grad_W_enc [d, n], grad_W_dec [n, d], grad_b_enc [n], grad_b_dec [d]
+
+    At the benchmark's size: 4 x 302 MB of weights and weight gradients, 75 MB of x and
+    grad_x_hat and 5 MB of code: about 1.29 GB.
+    """
+    e = DTYPE.itemsize
+    reads = 2 * BATCH * D_MODEL * e + BATCH * K * (e + 8) + 2 * D_MODEL * D_SAE * e + D_MODEL * e
+    writes = 2 * D_MODEL * D_SAE * e + D_SAE * e + D_MODEL * e
+    return reads + writes
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.rand(2**29, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), runs=10)
+    return 2 * src.nbytes / (ms / 1e3)
+
+
+def test_sparse_backward(report: Report, problem: Problem) -> None:
+    """Issue 7: the backward alone of encode + decode (x_hat's gradients of W_enc, b_enc,
+    W_dec, b_dec; x does not require grad): the cuda backend against the dense reference's
+    autograd and against the memory-traffic floor of backward_floor_bytes."""
+    errors = len(report.errors)
+    p = problem
+    leaves = p.leaves()
+    W_enc, b_enc, W_dec, b_dec = leaves
+
+    def backward(backend: str | None) -> Callable[[], tuple[Tensor, ...]]:
+        """Runs the forward once (backend None: the dense reference) and returns its backward."""
+        if backend is None:
+            values, indices = reference.topk_encode(p.x, W_enc, b_enc, b_dec, K)
+            x_hat = reference.sparse_decode(values, indices, W_dec, b_dec)
+        else:
+            values, indices = ops.topk_encode(p.x, W_enc, b_enc, b_dec, K, backend=backend)
+            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec, backend=backend)
+        return lambda: torch.autograd.grad(x_hat, leaves, p.grad_x_hat, retain_graph=True)
+
+    for label, backend in ((BACKWARD_SPARSE, "cuda"), (BACKWARD_DENSE, None)):
+        run = report.attempt(label, lambda: backward(backend))
+        if run is not None:
+            report.time(label, run)
+        del run
+    report.check("issue 7: dense / sparse backward",
+                 report.ratio(BACKWARD_DENSE, BACKWARD_SPARSE), 10.0, at_least=True)
+
+    floor_bytes = backward_floor_bytes()
+    bandwidth = report.attempt("device copy bandwidth", copy_bandwidth)
+    sparse = report.times.get(BACKWARD_SPARSE)
+    floor_ms = None
+    if bandwidth is not None:
+        floor_ms = floor_bytes / bandwidth * 1e3
+        report.add("sparse backward traffic floor",
+                   f"{floor_bytes / GB:.3f} GB at {bandwidth / GB:.0f} GB/s (measured copy): "
+                   f"{floor_ms:.3f} ms")
+    report.check("issue 7: sparse backward / its traffic floor",
+                 sparse / floor_ms if sparse is not None and floor_ms else None, 2.0,
+                 at_least=False)
+    report.fail_on_errors_since(errors)
+
+
+def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
+    """Issue 7: the nested-prefix loss over all 6 prefixes, forward + backward (values, W_dec,
+    b_dec), against one sparse decode forward + backward; both on the auto backend."""
+    errors = len(report.errors)
+    p = problem
+    values = p.values.clone().requires_grad_()
+    _, _, W_dec, b_dec = p.leaves()
+    wrt = (values, W_dec, b_dec)
+
+    def nested() -> tuple[Tensor, ...]:
+        loss, _ = ops.nested_prefix_loss(p.x, values, p.indices, W_dec, b_dec, PREFIX_SIZES,
+                                         PREFIX_WEIGHTS, backend="auto")
+        return torch.autograd.grad(loss, wrt)
+
+    def decode() -> tuple[Tensor, ...]:
+        x_hat = ops.sparse_decode(values, p.indices, W_dec, b_dec, backend="auto")
+        return torch.autograd.grad(x_hat, wrt, p.grad_x_hat)
+
+    report.time(NESTED, nested)
+    report.time(DECODE_AUTO, decode)
+    report.check("issue 7: nested loss / one decode, fwd+bwd", report.ratio(NESTED, DECODE_AUTO),
+                 1.2, at_least=False)
+    report.fail_on_errors_since(errors)
+
+
+class TrainStep:
+    """One training step of `sae` (float32 masters) on bfloat16 x [B, d_model]: zero_grad, cast
+    the parameters to bfloat16, forward, loss, backward (float32 gradients on the masters), and
+    a fused Adam step."""
+
+    def __init__(self, sae: sparsecode.SAE, x: Tensor) -> None:
+        self.sae, self.x = sae, x
+        self.opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
+
+    def __call__(self) -> None:
+        self.opt.zero_grad()
+        half = {name: p.to(DTYPE) for name, p in self.sae.named_parameters()}
+        loss = torch.func.functional_call(self.sae, half, (self.x,)).loss
+        loss.backward()
+        self.opt.step()
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """A step's median time, its peak allocation above the memory at rest (parameters, Adam
+    state and x) and, where measured, the bare encoder GEMM's and the Adam step's times."""
+
+    batch: int
+    ms: float
+    peak_bytes: int
+    gemm_ms: float | None = None
+    adam_ms: float | None = None
+
+    def summary(self) -> str:
+        return (f"{self.ms:.3f} ms, {self.batch / self.ms * 1e3:,.0f} tokens/s, "
+                f"peak {self.peak_bytes / GB:.2f} GB above rest")
+
+
+def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
+                 floors: bool = False) -> StepFigures:
+    """Times the TrainStep of a `kind` ("matryoshka" or "topk") SAE on `backend` at `batch`
+    rows, then measures one step's peak memory; with floors, also times the Adam step alone
+    and the bare encoder GEMM x @ W_enc in bfloat16."""
+    torch.manual_seed(SEED)
+    if kind == "matryoshka":
+        sae = sparsecode.MatryoshkaSAE(D_MODEL, D_SAE, K, list(PREFIX_SIZES), backend=backend,
+                                       device=DEVICE)
+    else:
+        sae = sparsecode.TopKSAE(D_MODEL, D_SAE, K, backend=backend, device=DEVICE)
+    x = torch.randn(batch, D_MODEL, device=DEVICE, dtype=DTYPE)
+    step = TrainStep(sae, x)
+    ms = time_ms(step, runs=runs)
+    gemm_ms = adam_ms = None
+    if floors:
+        adam_ms = time_ms(step.opt.step, runs=runs)  # on the gradients of the last step
+        W_enc = sae.W_enc.detach().to(DTYPE)
+        gemm_ms = time_ms(lambda: torch.mm(x, W_enc), runs=runs)
+        del W_enc
+    step.opt.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    rest = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return StepFigures(batch, ms, torch.cuda.max_memory_allocated() - rest, gemm_ms, adam_ms)
+
+
+def reference_step(report: Report) -> StepFigures:
+    """The reference Matryoshka step at BATCH rows or, if that runs out of GPU memory, at the
+    largest halved batch that fits (reported)."""
+    batch = BATCH
+    while True:
+        try:
+            return measure_step("matryoshka", "reference", batch, runs=8)
+        except torch.cuda.OutOfMemoryError:
+            if batch <= 512:
+                raise
+        torch.cuda.empty_cache()
+        report.add(f"step: matryoshka, reference, B={batch}", "out of GPU memory")
+        batch //= 2
+
+
+def test_training_steps(report: Report) -> None:
+    """Issue 7: the full Matryoshka training step on auto against the reference backend, the
+    bare encoder GEMM plus the Adam step, its peak memory, and the TopKSAE step."""
+    errors = len(report.errors)
+    matryoshka = report.attempt(
+        "step: matryoshka, auto", lambda: measure_step("matryoshka", "auto", BATCH, floors=True)
+    )
+    torch.cuda.empty_cache()
+    topk = report.attempt("step: topk, auto", lambda: measure_step("topk", "auto", BATCH))
+    torch.cuda.empty_cache()
+    ref = report.attempt("step: matryoshka, reference", lambda: reference_step(report))
+    torch.cuda.empty_cache()
+
+    for label, figures in (("step: matryoshka, auto", matryoshka), ("step: topk, auto", topk),
+                           ("step: matryoshka, reference", ref)):
+        if figures is not None:
+            report.add(f"{label}, B={figures.batch}", figures.summary())
+    if matryoshka is not None:
+        report.add("bare encoder GEMM x @ W_enc, bf16", f"{matryoshka.gemm_ms:.3f} ms")
+        report.add("Adam step alone (fused, float32 masters)", f"{matryoshka.adam_ms:.3f} ms")
+
+    same_batch = matryoshka
+    if ref is not None and ref.batch != BATCH:
+        same_batch = report.attempt(f"step: matryoshka, auto, B={ref.batch}",
+                                    lambda: measure_step("matryoshka", "auto", ref.batch))
+        if same_batch is not None:
+            report.add(f"step: matryoshka, auto, B={ref.batch}", same_batch.summary())
+    both = ref is not None and same_batch is not None
+    batch = ref.batch if ref is not None else BATCH
+    report.check(f"issue 7: step tokens/s, auto / reference (B={batch})",
+                 ref.ms / same_batch.ms if both else None, 4.0, at_least=True)
+    report.check("issue 7: step / (encoder GEMM + Adam step)",
+                 matryoshka.ms / (matryoshka.gemm_ms + matryoshka.adam_ms)
+                 if matryoshka is not None else None, 1.3, at_least=False)
+    report.check(f"issue 7: step peak memory, auto / reference (B={batch})",
+                 same_batch.peak_bytes / ref.peak_bytes if both else None, 0.25, at_least=False)
+    report.check("issue 7: Matryoshka step / TopK step",
+                 matryoshka.ms / topk.ms if matryoshka is not None and topk is not None else None,
+                 1.05, at_least=False)
+    report.fail_on_errors_since(errors)

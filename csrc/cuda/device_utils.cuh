@@ -1,0 +1,55 @@
+// Device helpers shared by the kernels in csrc/cuda/*.cu: conversions between the storage
+// types and their accumulation type, a warp sum, and the list of storage types to instantiate.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.cuh"
+
+namespace sparsecode::cuda {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Rounds to nearest even, like the CPU kernels' static_cast to at::Half / at::BFloat16.
+template <typename T>
+__device__ __forceinline__ T from_acc(Acc<T> v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// The sum over the warp's lanes, valid in lane 0; every lane of the warp must call it.
+// The shuffle tree is fixed, so the result is the same run to run.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v += __shfl_down_sync(kFullMask, v, offset);
+  }
+  return v;
+}
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Whether a grid of x by y blocks is within CUDA's limits (x < 2^31, y < 2^16).
+inline bool grid_fits(int64_t x, int64_t y) { return x <= 2147483647 && y <= 65535; }
+
+}  // namespace sparsecode::cuda
+
+// Instantiates MACRO(T) for every storage type.
+#define SPARSECODE_FOR_EACH_TYPE(MACRO) \
+  MACRO(float)                          \
+  MACRO(double)                         \
+  MACRO(__half)                         \
+  MACRO(__nv_bfloat16)

@@ -1,0 +1,102 @@
+// Launchers of the CUDA kernels in csrc/cuda/*.cu, called by the torch glue in ops_cuda.cpp.
+//
+// A plain header: the CUDA runtime and its half types only, no torch, so that CI compiles every
+// kernel with nvcc alone (tests/test_cuda_compile.py). Launchers take raw device pointers
+// (contiguous, row-major), sizes and the stream to run on, launch, and return the launch's
+// cudaGetLastError() for the caller to check; a problem with a zero size launches nothing.
+//
+// T is the storage type of one op's tensors: float, double, __half or __nv_bfloat16.
+// Arithmetic is in Acc<T>: float, or double for double.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sparsecode::cuda {
+
+template <typename T>
+struct AccTypeOf {
+  using type = float;
+};
+template <>
+struct AccTypeOf<double> {
+  using type = double;
+};
+template <typename T>
+using Acc = typename AccTypeOf<T>::type;
+
+// The row-walking kernels give each block one row and kColTile consecutive columns of d.
+// Reductions over d (dot products, squared norms) come out as one partial per column tile,
+// [num_col_tiles(d), ...], which the caller sums over the first dimension.
+constexpr int64_t kColTile = 128;
+inline int64_t num_col_tiles(int64_t d) { return (d + kColTile - 1) / kColTile; }
+
+// Prefix sizes of the nested loss, passed by value to the kernels.
+constexpr int kMaxGroups = 16;
+struct PrefixSizes {
+  int64_t m[kMaxGroups];
+  int count;
+};
+
+// out[b, e] = bias[e] + sum_j coef[b, j] * rows[indices[b, j], e]   (gather_rows.cu)
+// coef, indices [B, k]; rows [*, d]; bias [d] or null (zero); out [B, d]. Slots are summed in
+// order j = 0..k-1; with skip_zero a slot whose coef is zero is skipped (its row is not read).
+template <typename T>
+cudaError_t gather_rows_sum(const Acc<T>* coef, const int64_t* indices, const T* rows,
+                            const T* bias, int64_t B, int64_t k, int64_t d, bool skip_zero,
+                            T* out, cudaStream_t stream);
+
+// partial[t, b, j] = sum over the columns e of tile t of a[b, e] * rows[indices[b, j], e]
+// a [B, d]; indices [B, k]; rows [*, d]; partial [num_col_tiles(d), B, k].   (gather_rows.cu)
+template <typename T>
+cudaError_t row_dots_partial(const T* a, const int64_t* indices, const T* rows, int64_t B,
+                             int64_t k, int64_t d, Acc<T>* partial, cudaStream_t stream);
+
+// out [cols, rows] = in [rows, cols] transposed.   (gather_rows.cu)
+template <typename T>
+cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStream_t stream);
+
+// Segmented sum of rows by latent (latent_rows_sum.cu). The pairs are sorted by latent:
+// latent i owns positions offsets[i]..offsets[i+1]-1 of rows/coef (offsets [n + 1]).
+//   out[i] = sum over q of latent i, ascending, of coef[q] * src[rows[q]]     (zero if none)
+// written as out [n, d], or as out [d, n] when transposed. coef_sum (optional, [n]) receives
+// the sum of coef over each latent's positions.
+template <typename Src, typename Out>
+cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
+                            const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
+                            Out* coef_sum, cudaStream_t stream);
+
+// The walk plan of the nested loss (nested_prefix_loss.cu), from indices [B, k]:
+//   order [B, k]: order[b, q] is the slot at position q of row b sorted by (index, slot);
+//   group [B, k]: group[b, j] is the prefix group of slot j, the first g with
+//                 indices[b, j] < sizes.m[g].
+cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
+                             const PrefixSizes& sizes, int32_t* order, int32_t* group,
+                             cudaStream_t stream);
+
+// Nested loss forward: x_hat [B, d] and, per column tile, the squared norms of each row's
+// residual at each group boundary: partial_losses [num_col_tiles(d), B, G].
+template <typename T>
+cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
+                                const int64_t* indices, const int32_t* order,
+                                const int32_t* group, const T* W_dec, int64_t B, int64_t k,
+                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses,
+                                cudaStream_t stream);
+
+// Nested loss backward, given scale[g] = 2 (grad_loss w_g + grad_prefix_losses[g]) / B
+// (device, [G]) and grad_x_hat [B, d] (or null):
+//   S_g = sum_{g' >= g} scale[g'] r_{g'},  grad_x = S_0,  S [G, B, d] = S_g - grad_x_hat,
+//   partial_dots [num_col_tiles(d), B, k]: W_dec[indices[b, j]] . S_{group of slot j}[b]
+//   per column tile (grad_values is minus their sum).
+template <typename T>
+cudaError_t nested_loss_backward(const T* x, const T* b_dec, const T* values,
+                                 const int64_t* indices, const int32_t* order,
+                                 const int32_t* group, const T* W_dec, const T* grad_x_hat,
+                                 const double* scale, int64_t B, int64_t k, int64_t d, int G,
+                                 T* grad_x, Acc<T>* S, Acc<T>* partial_dots,
+                                 cudaStream_t stream);
+
+}  // namespace sparsecode::cuda

@@ -1,0 +1,319 @@
+// Nested-prefix (Matryoshka) loss, forward and backward, on the GPU (DESIGN.md §3.4; the
+// same maths and walk as csrc/nested_prefix_loss.cpp).
+//
+// With prefix sizes m_0 < ... < m_{G-1} = n, a slot j of row b belongs to group h, the first h
+// with indices[b, j] < m_h, and the residual of prefix g is
+//   r_g[b] = x[b] - b_dec - sum over slots of groups <= g of values[b, j] W_dec[indices[b, j]].
+// x [B, d], values / indices [B, k], W_dec [n, d], b_dec [d].
+//
+//   prefix_walk_plan:     each row's slots sorted by (index, slot) -> order [B, k], and each
+//                         slot's group -> group [B, k]. One thread per slot counts the slots
+//                         that sort before it: O(B k^2) integer work on L1-resident rows.
+//   nested_loss_forward:  walks the sorted slots once, r starting at x - b_dec; at each group
+//                         boundary the squared norm of r is recorded, and x_hat = b_dec + the
+//                         sum of all slots is accumulated on the way. Out: x_hat [B, d] and
+//                         partial_losses [tiles, B, G] (one per column tile).
+//   nested_loss_backward: the same walk records r_g in shared memory, then (per column)
+//                         S_g = scale_g r_g + S_{g+1}, grad_x = S_0, S_g -= grad_x_hat, S goes
+//                         to S [G, B, d] for grad_W_dec (a segmented sum by latent in
+//                         latent_rows_sum.cu), and each slot's dot W_dec[i] . S_h is reduced
+//                         per column tile into partial_dots [tiles, B, k] (grad_values is minus
+//                         their sum). Keeping r_g for all G groups in shared memory (G <= 16 x
+//                         128 columns) avoids a second, reverse walk.
+//
+// Strategy: one block per (row, tile of kColTile = 128 columns), one column per thread, so any
+// d works and the residuals stay in registers / shared memory; the row's slots are staged in
+// shared memory 256 at a time in walk order. Reductions over columns are warp shuffles, then
+// the 4 warps in order, then the caller sums the column tiles: all in a fixed order. Blocks are
+// numbered row-fastest, so the W_dec rows in flight belong to one column tile (n x 128 columns,
+// 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
+//
+// Cost at B = 8192, d = 2304, n = 65536, k = 64, G = 6 (s = bytes per element: 2 bf16, 4 fp32):
+//   forward:  2 B k d x2 = 4.8 GFLOP. DRAM floor: x (B d s), W_dec (n d s), x_hat (B d s),
+//             slots: 0.38 GB bf16 (0.75 GB fp32): 0.13 ms at 3 TB/s (0.25 ms).
+//   backward: the walk again (x, W_dec), grad_x and grad_x_hat (B d s each), S written once
+//             (G B d 4 = 453 MB), the dots read W_dec rows a second time from L1/L2:
+//             0.9 GB bf16 (1.2 GB fp32): 0.3 ms (0.4 ms); plus grad_W_dec (latent_rows_sum.cu).
+// The plan's O(B k^2) = 33 M comparisons at k = 64 cost a few microseconds.
+#include "device_utils.cuh"
+
+namespace sparsecode::cuda {
+namespace {
+
+constexpr int kSlotChunk = 256;                   // slots staged in shared memory at a time
+constexpr int kWalkWarps = kColTile / kWarp;      // warps per block
+constexpr int kColsPerLane = kColTile / kWarp;    // dot pass: columns per lane
+constexpr int kPlanThreads = 256;
+
+__global__ void __launch_bounds__(kPlanThreads)
+    prefix_walk_plan_kernel(const int64_t* __restrict__ indices, int64_t B, int64_t k,
+                            PrefixSizes sizes, int32_t* __restrict__ order,
+                            int32_t* __restrict__ group) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * kPlanThreads + threadIdx.x;
+  if (p >= B * k) {
+    return;
+  }
+  const int64_t b = p / k;
+  const int64_t j = p % k;
+  const int64_t* row = indices + b * k;
+  const int64_t i = row[j];
+  int64_t rank = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t other = row[t];
+    rank += (other < i || (other == i && t < j)) ? 1 : 0;
+  }
+  order[b * k + rank] = static_cast<int32_t>(j);
+  int g = 0;
+  while (g < sizes.count && i >= sizes.m[g]) {
+    ++g;
+  }
+  group[p] = g;
+}
+
+// Stages the walk positions q0 .. q0 + count - 1 of row b: the slot, its latent, its value
+// and its group.
+template <typename T>
+__device__ __forceinline__ void stage_slots(const int32_t* order_row, const int64_t* index_row,
+                                            const T* value_row, const int32_t* group_row,
+                                            int64_t q0, int count, int* s_slot,
+                                            int64_t* s_index, Acc<T>* s_value, int* s_group) {
+  for (int t = threadIdx.x; t < count; t += blockDim.x) {
+    const int slot = order_row[q0 + t];
+    s_slot[t] = slot;
+    s_index[t] = index_row[slot];
+    s_value[t] = to_acc(value_row[slot]);
+    s_group[t] = group_row[slot];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kColTile)
+    nested_loss_forward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
+                               const T* __restrict__ values, const int64_t* __restrict__ indices,
+                               const int32_t* __restrict__ order,
+                               const int32_t* __restrict__ group, const T* __restrict__ W_dec,
+                               int64_t B, int64_t k, int64_t d, int G, T* __restrict__ x_hat,
+                               Acc<T>* __restrict__ partial_losses) {
+  using A = Acc<T>;
+  __shared__ int s_slot[kSlotChunk];
+  __shared__ int64_t s_index[kSlotChunk];
+  __shared__ A s_value[kSlotChunk];
+  __shared__ int s_group[kSlotChunk];
+  __shared__ A s_loss[kMaxGroups][kWalkWarps];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t b = blockIdx.x;
+  const int64_t e = blockIdx.y * kColTile + threadIdx.x;
+  const bool active = e < d;
+  A r = 0;
+  A recon = 0;
+  if (active) {
+    const A bias = to_acc(b_dec[e]);
+    r = to_acc(x[b * d + e]) - bias;
+    recon = bias;
+  }
+  int g = 0;
+  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
+    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
+    __syncthreads();  // every thread is done with the previous chunk
+    stage_slots(order + b * k, indices + b * k, values + b * k, group + b * k, q0, count,
+                s_slot, s_index, s_value, s_group);
+    __syncthreads();
+    for (int t = 0; t < count; ++t) {
+      for (; g < s_group[t]; ++g) {
+        const A square = warp_sum(r * r);
+        if (lane == 0) {
+          s_loss[g][warp] = square;
+        }
+      }
+      const A v = s_value[t];
+      if (active && v != A(0)) {
+        const A w = to_acc(W_dec[s_index[t] * d + e]);
+        r -= v * w;
+        recon += v * w;
+      }
+    }
+  }
+  for (; g < G; ++g) {
+    const A square = warp_sum(r * r);
+    if (lane == 0) {
+      s_loss[g][warp] = square;
+    }
+  }
+  if (active) {
+    x_hat[b * d + e] = from_acc<T>(recon);
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < G) {
+    A sum = 0;
+    for (int w = 0; w < kWalkWarps; ++w) {
+      sum += s_loss[threadIdx.x][w];
+    }
+    partial_losses[(blockIdx.y * B + b) * G + threadIdx.x] = sum;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kColTile)
+    nested_loss_backward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
+                                const T* __restrict__ values,
+                                const int64_t* __restrict__ indices,
+                                const int32_t* __restrict__ order,
+                                const int32_t* __restrict__ group, const T* __restrict__ W_dec,
+                                const T* __restrict__ grad_x_hat,
+                                const double* __restrict__ scale, int64_t B, int64_t k,
+                                int64_t d, int G, T* __restrict__ grad_x, Acc<T>* __restrict__ S,
+                                Acc<T>* __restrict__ partial_dots) {
+  using A = Acc<T>;
+  __shared__ int s_slot[kSlotChunk];
+  __shared__ int64_t s_index[kSlotChunk];
+  __shared__ A s_value[kSlotChunk];
+  __shared__ int s_group[kSlotChunk];
+  __shared__ A s_S[kMaxGroups][kColTile];  // r_g, then S_g, of this block's columns
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int col = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t e0 = blockIdx.y * kColTile;
+  const int64_t e = e0 + col;
+  const bool active = e < d;
+  const int32_t* order_row = order + b * k;
+  const int64_t* index_row = indices + b * k;
+  const T* value_row = values + b * k;
+  const int32_t* group_row = group + b * k;
+
+  // The walk: r_g of this thread's column into s_S[g][col].
+  A r = active ? to_acc(x[b * d + e]) - to_acc(b_dec[e]) : A(0);
+  int g = 0;
+  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
+    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
+    __syncthreads();
+    stage_slots(order_row, index_row, value_row, group_row, q0, count, s_slot, s_index, s_value,
+                s_group);
+    __syncthreads();
+    for (int t = 0; t < count; ++t) {
+      for (; g < s_group[t]; ++g) {
+        s_S[g][col] = r;
+      }
+      const A v = s_value[t];
+      if (active && v != A(0)) {
+        r -= v * to_acc(W_dec[s_index[t] * d + e]);
+      }
+    }
+  }
+  for (; g < G; ++g) {
+    s_S[g][col] = r;
+  }
+
+  // Suffix sums of the scaled residuals; grad_x is S_0 before x_hat's gradient joins.
+  A suffix = 0;
+  for (int h = G - 1; h >= 0; --h) {
+    suffix = static_cast<A>(scale[h]) * s_S[h][col] + suffix;
+    s_S[h][col] = suffix;
+  }
+  if (active) {
+    grad_x[b * d + e] = from_acc<T>(s_S[0][col]);
+  }
+  const A g_hat = (active && grad_x_hat != nullptr) ? to_acc(grad_x_hat[b * d + e]) : A(0);
+  for (int h = 0; h < G; ++h) {
+    s_S[h][col] -= g_hat;
+    if (active) {
+      S[(h * B + b) * d + e] = s_S[h][col];
+    }
+  }
+
+  // Dot products W_dec[i] . S_h over this tile's columns: one warp per slot.
+  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
+    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
+    __syncthreads();  // s_S is complete; every warp is done with the previous chunk
+    stage_slots(order_row, index_row, value_row, group_row, q0, count, s_slot, s_index, s_value,
+                s_group);
+    __syncthreads();
+    for (int t = warp; t < count; t += kWalkWarps) {
+      const T* w = W_dec + s_index[t] * d + e0;
+      const A* S_h = s_S[s_group[t]];
+      A dot = 0;
+      for (int u = 0; u < kColsPerLane; ++u) {
+        const int c = lane + u * kWarp;
+        if (e0 + c < d) {
+          dot += to_acc(w[c]) * S_h[c];
+        }
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) {
+        partial_dots[(blockIdx.y * B + b) * k + s_slot[t]] = dot;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
+                             const PrefixSizes& sizes, int32_t* order, int32_t* group,
+                             cudaStream_t stream) {
+  const int64_t blocks = (B * k + kPlanThreads - 1) / kPlanThreads;
+  if (blocks == 0) {
+    return cudaSuccess;
+  }
+  if (!grid_fits(blocks, 1)) {
+    return cudaErrorInvalidConfiguration;
+  }
+  prefix_walk_plan_kernel<<<static_cast<unsigned>(blocks), kPlanThreads, 0, stream>>>(
+      indices, B, k, sizes, order, group);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
+                                const int64_t* indices, const int32_t* order,
+                                const int32_t* group, const T* W_dec, int64_t B, int64_t k,
+                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses,
+                                cudaStream_t stream) {
+  const int64_t tiles = num_col_tiles(d);
+  if (B == 0 || tiles == 0) {
+    return cudaSuccess;
+  }
+  if (G < 1 || G > kMaxGroups || !grid_fits(B, tiles)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
+  nested_loss_forward_kernel<T><<<grid, kColTile, 0, stream>>>(
+      x, b_dec, values, indices, order, group, W_dec, B, k, d, G, x_hat, partial_losses);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t nested_loss_backward(const T* x, const T* b_dec, const T* values,
+                                 const int64_t* indices, const int32_t* order,
+                                 const int32_t* group, const T* W_dec, const T* grad_x_hat,
+                                 const double* scale, int64_t B, int64_t k, int64_t d, int G,
+                                 T* grad_x, Acc<T>* S, Acc<T>* partial_dots,
+                                 cudaStream_t stream) {
+  const int64_t tiles = num_col_tiles(d);
+  if (B == 0 || tiles == 0) {
+    return cudaSuccess;
+  }
+  if (G < 1 || G > kMaxGroups || !grid_fits(B, tiles)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
+  nested_loss_backward_kernel<T><<<grid, kColTile, 0, stream>>>(
+      x, b_dec, values, indices, order, group, W_dec, grad_x_hat, scale, B, k, d, G, grad_x, S,
+      partial_dots);
+  return cudaGetLastError();
+}
+
+#define SPARSECODE_INSTANTIATE(T)                                                             \
+  template cudaError_t nested_loss_forward<T>(const T*, const T*, const T*, const int64_t*,   \
+                                              const int32_t*, const int32_t*, const T*,       \
+                                              int64_t, int64_t, int64_t, int, T*, Acc<T>*,    \
+                                              cudaStream_t);                                  \
+  template cudaError_t nested_loss_backward<T>(                                               \
+      const T*, const T*, const T*, const int64_t*, const int32_t*, const int32_t*, const T*, \
+      const T*, const double*, int64_t, int64_t, int64_t, int, T*, Acc<T>*, Acc<T>*,          \
+      cudaStream_t);
+SPARSECODE_FOR_EACH_TYPE(SPARSECODE_INSTANTIATE)
+#undef SPARSECODE_INSTANTIATE
+
+}  // namespace sparsecode::cuda

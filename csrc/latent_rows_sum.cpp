@@ -1,0 +1,52 @@
+// The per-latent weighted row sum on the CPU: sparse_decode_backward's grad_W_dec on its own,
+// for backends whose other kernels live elsewhere (the Triton decode backward).
+//
+//   out[i] = sum over (b, j) with indices[b, j] == i of coef[b, j] * src[b]
+//
+// coef [B, k] (any floating dtype, used in src's accumulation type), indices [B, k] int64,
+// src [B, d] -> out [d_sae, d] in src's dtype. The pairs are grouped by latent with a counting
+// sort and summed in ascending pair order (accumulate_by_latent): deterministic, and every row
+// is written, zero for latents no pair uses. O(B*k*d + d_sae*d).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include "latent_groups.h"
+#include "ops.h"
+
+namespace sparsecode {
+
+at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
+                           int64_t d_sae) {
+  check_cpu_float(coef, "coef", 2);
+  check_cpu_float(src, "src", 2);
+  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong,
+              "indices must be an int64 CPU tensor, got ", indices.scalar_type(), " on ",
+              indices.device());
+  TORCH_CHECK(indices.sizes() == coef.sizes(), "indices and coef must have the same shape [B, k], got ",
+              indices.sizes(), " and ", coef.sizes());
+  TORCH_CHECK(src.size(0) == coef.size(0), "src must be [B, d] with B = ", coef.size(0),
+              " (coef's rows), got ", src.sizes());
+  TORCH_CHECK(d_sae >= 0, "d_sae must be non-negative, got ", d_sae);
+  const int64_t B = coef.size(0);
+  const int64_t k = coef.size(1);
+  const int64_t d = src.size(1);
+
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor s = src.contiguous();
+  check_indices(idx.const_data_ptr<int64_t>(), B * k, d_sae);
+  at::Tensor out = at::empty({d_sae, d}, src.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_rows_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor c =
+        coef.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const LatentGroups groups = group_by_latent(idx.const_data_ptr<int64_t>(), B * k, d_sae);
+    accumulate_by_latent<scalar_t, acc_t, scalar_t>(
+        groups, c.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(),
+        [k](int64_t p) { return p / k; }, d, d_sae, /*transposed=*/false,
+        out.mutable_data_ptr<scalar_t>(), nullptr);
+  });
+  return out;
+}
+
+}  // namespace sparsecode

@@ -1,0 +1,62 @@
+"""Sparse weight gradients for the triton backend (DESIGN.md §3.3).
+
+The Triton kernels cover the encode and decode forwards and the decode's grad_values; the
+gradients that sum over the B*k active (row, latent) pairs by latent come from the compiled
+extension (``torch.ops.sparsecode_C``) when it has kernels for the tensors' device. Where it
+has none (Triton installed, extension built without CUDA) the same sums run as plain torch ops
+over chunks of rows, so no tensor larger than about ``_CHUNK_ELEMENTS`` is made and no dense
+``[B, d_sae]`` matrix ever is. Shapes: x [B, d], W_enc [d, n], values/indices [B, k].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsecode.backends import compiled_kernels
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(rows: int, width: int) -> range:
+    """Starts of row chunks whose [chunk, width] temporaries hold about _CHUNK_ELEMENTS."""
+    return range(0, rows, max(1, _CHUNK_ELEMENTS // max(1, width)))
+
+
+def latent_rows_sum(coef: Tensor, indices: Tensor, src: Tensor, d_sae: int) -> Tensor:
+    """out [d_sae, d] (src's dtype): out[i] = sum of coef[b, j] * src[b] over pairs with
+    indices[b, j] == i; coef, indices [B, k], src [B, d]."""
+    found = compiled_kernels(src.device)
+    if found is not None:
+        return found.latent_rows_sum(coef, indices, src, d_sae)
+    k, d = indices.shape[1], src.shape[1]
+    out = torch.zeros(d_sae, d, dtype=torch.float32, device=src.device)
+    chunks = _row_chunks(src.shape[0], k * d)
+    for r0 in chunks:
+        rows = slice(r0, r0 + chunks.step)
+        contrib = coef[rows, :, None].float() * src[rows, None, :].float()
+        out.index_add_(0, indices[rows].reshape(-1), contrib.reshape(-1, d))
+    return out.to(src.dtype)
+
+
+def topk_encode_backward(
+    grad_values: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, values: Tensor, indices: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x [B, d], grad_W_enc [d, n], grad_b_enc [n], grad_b_dec [d]) of the TopK encode,
+    touching only the B*k active latents."""
+    found = compiled_kernels(x.device)
+    if found is not None:
+        return tuple(found.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices))
+    n, k = W_enc.shape[1], indices.shape[1]
+    dpre = torch.where(values > 0, grad_values.to(x.dtype), 0)
+    grad_W_enc = latent_rows_sum(dpre, indices, x - b_dec, n).t().contiguous()
+    grad_b_enc = torch.zeros(n, dtype=torch.float32, device=x.device)
+    grad_b_enc.index_add_(0, indices.reshape(-1), dpre.reshape(-1).float())
+    W_rows = W_enc.t()
+    grad_x = torch.empty_like(x)
+    chunks = _row_chunks(x.shape[0], k * x.shape[1])
+    for r0 in chunks:
+        rows = slice(r0, r0 + chunks.step)
+        gathered = W_rows[indices[rows]].float()
+        grad_x[rows] = (dpre[rows, :, None].float() * gathered).sum(1).to(x.dtype)
+    return grad_x, grad_W_enc, grad_b_enc.to(x.dtype), -grad_x.sum(0)

@@ -1,0 +1,41 @@
+"""The cuda backend's argument checks: each bad argument raises a RuntimeError naming it.
+
+Kept apart from tests/test_cuda_ops.py, and run by benchmarks/gpu_check.sh as a pytest run of
+its own: built as C++17 against torch 2.11 (on a lent H100, 2026-11-26), these error paths
+crashed the process (SIGSEGV) whenever a message formatted a number or a shape, and a crash
+must not take the other GPU tests down with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_cuda_ops import random_code
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_bad_arguments_are_named():
+    C = torch.ops.sparsecode_C
+    values, indices = random_code(2, 10, 3, torch.float32)
+    W_dec, b_dec = torch.randn(10, 4, device="cuda"), torch.zeros(4, device="cuda")
+    bad = indices.clone()
+    bad[1, 2] = 10
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, d_sae=10\)"):
+        C.sparse_decode_forward(values, bad, W_dec, b_dec)
+    with pytest.raises(RuntimeError, match="W_dec must be a CUDA tensor"):
+        C.sparse_decode_forward(values, indices, W_dec.cpu(), b_dec)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        C.sparse_decode_forward(values.double(), indices, W_dec, b_dec)
+    x = torch.randn(2, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, [5, 5, 10], [1.0] * 3)
+    values, indices = random_code(2, 40, 3, torch.float32)
+    W_dec = torch.randn(40, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="at most 16 prefix sizes"):
+        C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, list(range(21, 41)),
+                                     [1.0] * 20)

@@ -1,0 +1,74 @@
+"""torch.ops.sparsecode_C.latent_rows_sum (CPU) against a dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsecode  # noqa: F401  (registers torch.ops.sparsecode_C)
+from sparsecode import reference
+from tests.conftest import TOLERANCE, assert_close
+
+
+def dense_reference(coef: torch.Tensor, indices: torch.Tensor, src: torch.Tensor, d_sae: int):
+    """out[i] = sum over (b, j) with indices[b, j] == i of coef[b, j] * src[b], in float64."""
+    return reference.dense_code(coef.double(), indices, d_sae).T @ src.double()
+
+
+def random_indices(B: int, n: int, k: int) -> torch.Tensor:
+    """Distinct indices [B, k] per row, in random order."""
+    return torch.rand(B, n).argsort(dim=1)[:, :k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "B,d,n,k", [(1, 1, 1, 1), (1, 7, 33, 1), (5, 100, 33, 3), (33, 7, 1000, 32), (17, 65, 40, 40)]
+)
+def test_matches_dense_reference(B, d, n, k, dtype, seed, poisoned):
+    coef = torch.randn(B, k)
+    indices = random_indices(B, n, k)
+    src = torch.randn(B, d, dtype=dtype)
+    out = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n)
+    assert out.dtype == dtype
+    assert_close(out, dense_reference(coef, indices, src, n), TOLERANCE[dtype])
+
+
+def test_repeated_latents_and_unused_rows(seed, poisoned):
+    """A latent used by every row sums all of them; latents no pair uses get zero rows."""
+    B, d, n, k = 50, 9, 20, 3
+    indices = torch.randint(0, 5, (B, k))
+    indices[:, 0] = 0
+    coef = torch.randn(B, k, dtype=torch.float64)
+    src = torch.randn(B, d, dtype=torch.float64)
+    out = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n)
+    assert_close(out, dense_reference(coef, indices, src, n), 1e-12)
+    assert torch.equal(out[5:], torch.zeros(n - 5, d, dtype=torch.float64))
+
+
+def test_coef_dtype_follows_src(seed, poisoned):
+    """coef in another floating dtype is used in src's accumulation type; out has src's dtype."""
+    coef = torch.randn(6, 4, dtype=torch.float64)
+    indices = random_indices(6, 30, 4)
+    src = torch.randn(6, 11)
+    out = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 30)
+    assert out.dtype == torch.float32
+    assert_close(out, dense_reference(coef.float(), indices, src, 30), TOLERANCE[torch.float32])
+
+
+def test_deterministic(seed):
+    indices = torch.randint(0, 16, (200, 8))
+    coef, src = torch.randn(200, 8), torch.randn(200, 33)
+    first = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 16)
+    assert torch.equal(first, torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 16))
+
+
+def test_bad_arguments_are_named():
+    coef, indices, src = torch.randn(2, 3), random_indices(2, 10, 3), torch.randn(2, 4)
+    bad = indices.clone()
+    bad[1, 2] = 10
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, d_sae=10\)"):
+        torch.ops.sparsecode_C.latent_rows_sum(coef, bad, src, 10)
+    with pytest.raises(RuntimeError, match="indices and coef must have the same shape"):
+        torch.ops.sparsecode_C.latent_rows_sum(coef, indices[:, :2], src, 10)
+    with pytest.raises(RuntimeError, match="src must be"):
+        torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src[:1], 10)

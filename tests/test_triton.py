@@ -1,0 +1,156 @@
+"""The triton backend's kernels against the reference, run interpreted on the CPU
+(TRITON_INTERPRET=1, set by conftest when there is no GPU), on tiny awkward shapes.
+
+The interpreter cannot run bfloat16 tl.dot, so bfloat16 is checked on the GPU only
+(tests/test_triton_gpu.py). Gradients that the backend takes from the compiled extension are
+checked on both of their paths: the extension's CPU kernels and the plain-torch fallback.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton package is not installed (pip install triton)")
+
+from sparsecode import ops, reference, sparse_grad  # noqa: E402
+from sparsecode.backends import BackendUnavailableError, resolve_backend  # noqa: E402
+from sparsecode.triton_kernels.topk_encode import EncodeConfig, topk_encode_forward  # noqa: E402
+from tests.conftest import TOLERANCE, assert_close  # noqa: E402
+from tests.test_topk_encode import check_topk_selection, make_inputs, reference_at  # noqa: E402
+
+if torch.cuda.is_available():
+    pytest.skip("the interpreted checks run on CPU-only machines", allow_module_level=True)
+
+SHAPES = [
+    (B, d, n, k)
+    for B, d, n, k in itertools.product([1, 5], [7, 32], [33, 130], [1, 3, 8])
+]
+DTYPES = [torch.float32, torch.float16]
+GRAD_PATHS = ["extension", "torch"]
+
+
+@pytest.fixture(params=GRAD_PATHS)
+def grad_path(request, monkeypatch) -> str:
+    """Runs the test with the sparse gradients from the extension, then from plain torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", SHAPES)
+def test_encode_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
+    inputs = [t.requires_grad_() for t in make_inputs(B, d, n, dtype)]
+    values, indices = ops.topk_encode(*inputs, k, backend="triton")
+    assert values.dtype == dtype
+    check_topk_selection(inputs, indices, k, slack=1e-5 if dtype == torch.float32 else 1e-2)
+
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_values = reference_at(inputs64, indices)
+    assert_close(values, ref_values, TOLERANCE[dtype], "values")
+
+    grad = torch.randn(values.shape, dtype=dtype)
+    grads = torch.autograd.grad(values, inputs, grad)
+    ref_grads = torch.autograd.grad(ref_values, inputs64, grad.double())
+    for name, g, ref in zip(["x", "W_enc", "b_enc", "b_dec"], grads, ref_grads):
+        assert_close(g, ref, TOLERANCE[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_encode_result_does_not_depend_on_the_column_split(splits, seed):
+    x, W_enc, b_enc, b_dec = make_inputs(5, 32, 130, torch.float32)
+    config = EncodeConfig(block_b=16, block_n=16, block_d=16, splits=splits, num_warps=1)
+    values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
+    ref_values, ref_indices = reference.topk_encode(*(t.double() for t in (x, W_enc, b_enc, b_dec)), 8)
+    assert torch.equal(indices, ref_indices)
+    assert_close(values, ref_values, TOLERANCE[torch.float32], "values")
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_encode_exact_ties_keep_the_lowest_ids(k, seed):
+    """Small-integer inputs make every pre-activation an exact integer, so rows are full of
+    exact ties; the kernel keeps the lower latent id among equals, whatever the split."""
+    B, d, n = 5, 16, 130
+    x = torch.randint(-3, 4, (B, d)).float()
+    W_enc = torch.randint(-2, 3, (d, n)).float()
+    b_enc = torch.randint(-2, 3, (n,)).float()
+    b_dec = torch.randint(-1, 2, (d,)).float()
+    values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="triton")
+    pre = (x - b_dec) @ W_enc + b_enc
+    lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices, lowest_first.sort(1).values)
+    assert_close(values, torch.relu(pre.gather(1, indices)), 0.0, "values")
+
+
+def test_encode_all_negative_preactivations_give_zero_values(seed):
+    x, W_enc, b_enc, b_dec = make_inputs(5, 7, 33, torch.float32)
+    values, indices = ops.topk_encode(x, W_enc, b_enc - 100.0, b_dec, 3, backend="triton")
+    assert torch.equal(values, torch.zeros_like(values))
+    check_topk_selection([x, W_enc, b_enc - 100.0, b_dec], indices, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", SHAPES)
+def test_decode_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
+    values = torch.rand(B, k, dtype=dtype) + 0.1
+    values[0, 0] = 0.0  # a zero value is skipped by the gather and must still decode right
+    indices = torch.stack([torch.randperm(n)[:k].sort().values for _ in range(B)])
+    W_dec = torch.randn(n, d, dtype=dtype)
+    b_dec = torch.randn(d, dtype=dtype)
+    leaves = [t.requires_grad_() for t in (values, W_dec, b_dec)]
+    out = ops.sparse_decode(leaves[0], indices, leaves[1], leaves[2], backend="triton")
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.sparse_decode(leaves64[0], indices, leaves64[1], leaves64[2])
+    assert_close(out, ref, TOLERANCE[dtype], "x_hat")
+
+    grad = torch.randn(out.shape, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
+    for name, g, r in zip(["values", "W_dec", "b_dec"], grads, ref_grads):
+        assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
+
+
+def test_matryoshka_step_compiles_without_graph_breaks(seed):
+    """torch.compile(fullgraph=True) fails on any graph break: the Triton launches sit inside
+    registered custom ops with fake implementations, so the forward is one graph and the
+    backward graph comes from the ops' autograd formulas."""
+    from sparsecode import MatryoshkaSAE
+
+    torch._dynamo.reset()
+    sae = MatryoshkaSAE(32, 130, 8, [33, 130], backend="triton")
+    x = torch.randn(5, 32)
+
+    def forward(model: MatryoshkaSAE, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(batch)
+        return out.loss, out.x_hat
+
+    eager_loss, eager_x_hat = forward(sae, x)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in sae.parameters()]
+    sae.zero_grad()
+    loss, x_hat = torch.compile(forward, fullgraph=True, backend="aot_eager")(sae, x)
+    loss.backward()
+    assert_close(loss, eager_loss, 1e-6, "loss")
+    assert_close(x_hat, eager_x_hat, 1e-6, "x_hat")
+    for g, e in zip((p.grad for p in sae.parameters()), eager_grads):
+        assert_close(g, e, 1e-6, "grad")
+
+
+def test_encode_rejects_what_it_cannot_run(seed):
+    x, W_enc, b_enc, b_dec = make_inputs(5, 7, 300, torch.float64)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        ops.topk_encode(x, W_enc, b_enc, b_dec, 3, backend="triton")
+    x, W_enc, b_enc, b_dec = (t.float() for t in (x, W_enc, b_enc, b_dec))
+    with pytest.raises(ValueError, match="k must be in"):
+        ops.topk_encode(x, W_enc, b_enc, b_dec, 257, backend="triton")
+    with pytest.raises(ValueError, match="W_enc"):
+        ops.topk_encode(x, W_enc[:5], b_enc, b_dec, 3, backend="triton")
+
+
+def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"))

@@ -1,0 +1,239 @@
+"""The triton backend on a CUDA device against the float64 reference (DESIGN.md §5).
+
+Real sizes (B=8192; d_model, d_sae and k each take every value of the Triton issue's lists) in
+float32, bfloat16 and float16; tiny awkward shapes and exact ties in bfloat16, which the CPU
+interpreter cannot run; and a torch.compile'd Matryoshka training step against the eager one.
+Marked ``gpu`` and skipped where torch sees no CUDA device.
+
+Each shape and dtype compiles kernels, so the file checks a covering subset of the size grid
+and checks the encode, its backward, the decode and its backward in one test per case. The
+float64 references at B=8192, d_sae=65536 hold a few [B, d_sae] float64 matrices (4.3 GB each)
+while a test runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from sparsecode import MatryoshkaSAE, ops, reference
+from tests.conftest import TOLERANCE, assert_close
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEVICE = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REAL_BATCH = 8192
+# (d_model, d_sae, k): every value of each of d_model ∈ {768, 2304}, d_sae ∈ {16384, 65536},
+# k ∈ {32, 64, 128} appears; the benchmarks' size (2304, 65536, 64) is one of them.
+REAL_SIZES = [(768, 16384, 32), (2304, 65536, 64), (768, 65536, 128), (2304, 16384, 64)]
+# (B, d_model, d_sae, k): every value of each of B ∈ {1, 5}, d_model ∈ {7, 32},
+# d_sae ∈ {33, 130}, k ∈ {1, 3, 8} appears.
+TINY_SIZES = [(1, 7, 33, 1), (5, 32, 130, 3), (5, 7, 130, 8), (1, 32, 33, 8), (5, 32, 33, 1)]
+
+
+def triton_tolerance(dtype: torch.dtype) -> float:
+    """The §5 bound for an output of a Triton kernel, whose float32 tl.dot may use tf32."""
+    return 5e-4 if dtype == torch.float32 else TOLERANCE[dtype]
+
+
+def selection_slack(dtype: torch.dtype) -> float:
+    """How far below the k-th largest float64 pre-activation a selected one may lie, as a
+    fraction of max|pre|: the kernel ranks pre-activations computed from x - b_dec rounded to
+    the input dtype (about 4e-3 relative in 16 bits) with float32 or tf32 (5e-4) products."""
+    return 1e-3 if dtype == torch.float32 else 1e-2
+
+
+@contextlib.contextmanager
+def poisoned_memory(enabled: bool = True) -> Iterator[None]:
+    """While active, tensors torch allocates uninitialised (the kernels' outputs among them)
+    start as NaN (ints as their max value), so an element a kernel never writes fails the
+    comparison. Ops without a deterministic implementation only warn (warn_only)."""
+    if not enabled:
+        yield
+        return
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+def make_encoder(B: int, d: int, n: int, dtype: torch.dtype) -> list[Tensor]:
+    """x [B, d], W_enc [d, n], b_enc [n], b_dec [d] on the GPU: random, never zero."""
+    return [
+        torch.randn(B, d, device=DEVICE).to(dtype),
+        (torch.randn(d, n, device=DEVICE) / d**0.5).to(dtype),
+        (0.1 * torch.randn(n, device=DEVICE)).to(dtype),
+        (0.1 * torch.randn(d, device=DEVICE)).to(dtype),
+    ]
+
+
+def make_decoder(n: int, d: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """W_dec [n, d] with rows of norm about 1 and b_dec [d] on the GPU: random, never zero."""
+    return (
+        (torch.randn(n, d, device=DEVICE) / d**0.5).to(dtype),
+        (0.1 * torch.randn(d, device=DEVICE)).to(dtype),
+    )
+
+
+def check_selection(pre: Tensor, indices: Tensor, k: int, slack: float) -> None:
+    """indices [B, k] are int64, in range, sorted, distinct, and pick a top k of pre [B, n]
+    (float64) up to slack * max|pre|."""
+    B, n = pre.shape
+    assert indices.dtype == torch.int64 and indices.shape == (B, k), (indices.dtype, indices.shape)
+    # The range check comes first: an out-of-range index in gather would break the CUDA context.
+    assert bool(((indices >= 0) & (indices < n)).all()), "indices out of range (unwritten?)"
+    assert bool((indices[:, 1:] > indices[:, :-1]).all()), "indices not sorted and distinct"
+    if k < n:
+        chosen = pre.gather(1, indices).min(1).values
+        others = pre.scatter(1, indices, float("-inf")).max(1).values
+        margin = slack * pre.abs().max()
+        worst = (others - chosen).max().item()
+        assert bool((chosen >= others - margin).all()), (
+            f"not a top-k: an unselected pre-activation beats a selected one by {worst:.3e} "
+            f"> slack {margin.item():.3e}"
+        )
+
+
+def check_encode(inputs: list[Tensor], k: int, poison_backward: bool) -> tuple[Tensor, Tensor]:
+    """ops.topk_encode (triton) of inputs = [x, W_enc, b_enc, b_dec] against float64.
+
+    The selection must be a top k; values and the gradients of all four inputs are compared
+    with the float64 reference at the kernel's own indices, so a near-tie that picked another
+    latent cannot hide an error. Returns the kernel's values and indices [B, k].
+    """
+    dtype = inputs[0].dtype
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with poisoned_memory():
+        values, indices = ops.topk_encode(*leaves, k, backend="triton")
+
+    inputs64 = [t.double().requires_grad_() for t in inputs]
+    x, W_enc, b_enc, b_dec = inputs64
+    pre = (x - b_dec) @ W_enc + b_enc
+    check_selection(pre.detach(), indices, k, selection_slack(dtype))
+    ref_values = torch.relu(pre.gather(1, indices))
+    del pre
+    assert_close(values, ref_values, triton_tolerance(dtype), "encode values")
+
+    grad = torch.randn_like(values)
+    with poisoned_memory(poison_backward):
+        grads = torch.autograd.grad(values, leaves, grad)
+    ref_grads = torch.autograd.grad(ref_values, inputs64, grad.double())
+    for name, g, ref in zip(["x", "W_enc", "b_enc", "b_dec"], grads, ref_grads):
+        assert_close(g, ref, TOLERANCE[dtype], f"encode grad {name}")
+    return values.detach(), indices
+
+
+def check_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, poison_backward: bool
+) -> None:
+    """ops.sparse_decode (triton) of the code (values, indices [B, k]) and its gradients of
+    values, W_dec [n, d] and b_dec [d] against the float64 reference's autograd."""
+    dtype = values.dtype
+    leaves = [t.clone().requires_grad_() for t in (values, W_dec, b_dec)]
+    with poisoned_memory():
+        x_hat = ops.sparse_decode(leaves[0], indices, leaves[1], leaves[2], backend="triton")
+    inputs64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.sparse_decode(inputs64[0], indices, inputs64[1], inputs64[2])
+    assert_close(x_hat, ref, triton_tolerance(dtype), "decode x_hat")
+
+    grad = torch.randn_like(x_hat)
+    with poisoned_memory(poison_backward):
+        grads = torch.autograd.grad(x_hat, leaves, grad)
+    ref_grads = torch.autograd.grad(ref, inputs64, grad.double())
+    # grad_values is a Triton kernel; grad_W_dec and grad_b_dec come from the CUDA extension.
+    tolerances = [triton_tolerance(dtype), TOLERANCE[dtype], TOLERANCE[dtype]]
+    for name, g, r, tol in zip(["values", "W_dec", "b_dec"], grads, ref_grads, tolerances):
+        assert_close(g, r, tol, f"decode grad {name}")
+
+
+@pytest.fixture(autouse=True)
+def release_gpu_memory() -> Iterator[None]:
+    """Hands the cached blocks of a test's large float64 references back between tests."""
+    yield
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("d,n,k", REAL_SIZES)
+def test_real_sizes(d: int, n: int, k: int, dtype: torch.dtype, seed: int) -> None:
+    """Encode and decode, forward and backward, at B=8192 (backward not poisoned: the fast,
+    default-mode backward is the one checked here)."""
+    values, indices = check_encode(make_encoder(REAL_BATCH, d, n, dtype), k, poison_backward=False)
+    check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=False)
+
+
+@pytest.mark.parametrize("B,d,n,k", TINY_SIZES)
+def test_tiny_shapes_bf16(B: int, d: int, n: int, k: int, seed: int) -> None:
+    """Sizes that are not multiples of any block, every output poisoned, in bfloat16."""
+    dtype = torch.bfloat16
+    values, indices = check_encode(make_encoder(B, d, n, dtype), k, poison_backward=True)
+    check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_exact_ties_bf16(k: int, seed: int) -> None:
+    """Small-integer inputs make every pre-activation an exact integer in bfloat16 with float32
+    accumulation, so rows are full of exact ties: the values must be exact, the kernel must keep
+    the lower latent id among equals, and the reconstruction must match."""
+    B, d, n = 9, 16, 40
+    dtype = torch.bfloat16
+    x = torch.randint(-3, 4, (B, d), device=DEVICE).to(dtype)
+    W_enc = torch.randint(-2, 3, (d, n), device=DEVICE).to(dtype)
+    b_enc = torch.randint(-2, 3, (n,), device=DEVICE).to(dtype)
+    b_dec = torch.randint(-1, 2, (d,), device=DEVICE).to(dtype)
+    with poisoned_memory():
+        values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="triton")
+
+    pre = (x.double() - b_dec.double()) @ W_enc.double() + b_enc.double()
+    check_selection(pre, indices, k, slack=0.0)
+    lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices, lowest_first.sort(1).values), "ties not broken by lower id"
+    assert torch.equal(values.double(), torch.relu(pre.gather(1, indices))), "values not exact"
+    check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
+
+
+def test_compiled_training_step_matches_eager(seed: int) -> None:
+    """torch.compile(fullgraph=True) of a MatryoshkaSAE's loss on the triton backend runs
+    without graph breaks, and two Adam steps through it match two eager steps: same losses,
+    same gradients, same parameters (float32; the same kernels run in both)."""
+    d_model, d_sae, k, batch = 256, 4096, 32, 2048
+    torch._dynamo.reset()
+    eager = MatryoshkaSAE(d_model, d_sae, k, [512, 1024, 2048, 4096], backend="triton",
+                          device=DEVICE)
+    compiled = copy.deepcopy(eager)
+    x = torch.randn(batch, d_model, device=DEVICE)
+    losses = {
+        "eager": lambda x: eager(x).loss,
+        "compiled": torch.compile(lambda x: compiled(x).loss, fullgraph=True),
+    }
+    models = {"eager": eager, "compiled": compiled}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    tol = TOLERANCE[torch.float32]
+    for step in range(2):
+        loss = {}
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            loss[name] = losses[name](x)
+            loss[name].backward()
+        assert_close(loss["compiled"], loss["eager"], tol, f"step {step} loss")
+        for (param, p_compiled), p_eager in zip(compiled.named_parameters(), eager.parameters()):
+            assert_close(p_compiled.grad, p_eager.grad, tol, f"step {step} grad {param}")
+        for opt in optimizers.values():
+            opt.step()
+    for (param, p_compiled), p_eager in zip(compiled.named_parameters(), eager.parameters()):
+        assert_close(p_compiled, p_eager, tol, f"parameter {param} after two steps")

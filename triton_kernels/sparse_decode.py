@@ -1,0 +1,125 @@
+"""Sparse decode and its grad_values (DESIGN.md §3.2): gathers of k decoder rows per batch row.
+
+    forward:      x_hat[b]          = b_dec + sum_j values[b, j] * W_dec[indices[b, j]]
+    grad_values:  grad_values[b, j] = grad_out[b] . W_dec[indices[b, j]]
+
+values, indices [B, k] (int64), W_dec [n, d], b_dec [d], grad_out [B, d]; x_hat [B, d] and
+grad_values [B, k] in values' dtype, float32 accumulation.
+
+Tiles. The forward gives a program BLOCK_B rows and BLOCK_D columns of x_hat; it walks the k
+slots, loading for each the BLOCK_B gathered row segments W_dec[indices[:, j], cols] (skipped
+where the value is zero). grad_values gives a program BLOCK_P flat (row, slot) pairs and walks d
+in BLOCK_D steps, multiplying each pair's gathered W_dec segment with its grad_out segment.
+
+Cost. Each is 2*B*k*d FLOPs and reads B*k*d weight elements (gathered rows, each segment
+contiguous), plus B*d elements of x_hat written or grad_out read, against the dense decode's
+2*B*n*d FLOPs and dense [B, n] code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _blocks() -> tuple[int, int]:
+    """(rows or pairs, columns) per program; small under the CPU interpreter."""
+    return (4, 16) if os.environ.get("TRITON_INTERPRET") == "1" else (32, 128)
+
+
+@triton.jit
+def _decode_kernel(
+    val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, B, k, d,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    col_ok = cols < d
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32) + bias[None, :]
+    for j in range(0, k):
+        slot = rows.to(tl.int64) * k + j
+        v = tl.load(val_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
+        i = tl.load(idx_ptr + slot, mask=row_ok, other=0)
+        live = row_ok & (v != 0.0)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc += v[:, None] * w.to(tl.float32)
+    out = rows[:, None].to(tl.int64) * d + cols[None, :]
+    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_values_kernel(
+    g_ptr, idx_ptr, w_ptr, out_ptr, P, k, d,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pair_ok = pairs < P
+    i = tl.load(idx_ptr + pairs, mask=pair_ok, other=0)
+    row = (pairs // k).to(tl.int64)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = pair_ok[:, None] & (cols < d)[None, :]
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=mask, other=0.0)
+        g = tl.load(g_ptr + row[:, None] * d + cols[None, :], mask=mask, other=0.0)
+        acc += w.to(tl.float32) * g.to(tl.float32)
+    tl.store(out_ptr + pairs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=pair_ok)
+
+
+def _check_code(values: Tensor, indices: Tensor, W_dec: Tensor) -> None:
+    if values.dtype not in _DTYPES:
+        raise TypeError(
+            f"the triton backend takes float32, bfloat16 or float16 tensors, got values of "
+            f"{values.dtype}; use backend='cuda' or 'reference' for other dtypes"
+        )
+    if values.dim() != 2 or indices.shape != values.shape:
+        raise ValueError(f"values and indices must both be [B, k], got {list(values.shape)} and "
+                         f"{list(indices.shape)}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if W_dec.dim() != 2 or W_dec.dtype != values.dtype or W_dec.device != values.device:
+        raise TypeError(f"W_dec must be [d_sae, d_model] of values' dtype {values.dtype} on "
+                        f"{values.device}, got {list(W_dec.shape)} {W_dec.dtype} on {W_dec.device}")
+    torch._assert_async(((indices >= 0) & (indices < W_dec.shape[0])).all(),
+                        "indices must lie in [0, d_sae)")
+
+
+def sparse_decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """x_hat [B, d] = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]. Forward only."""
+    _check_code(values, indices, W_dec)
+    B, k = values.shape
+    d = W_dec.shape[1]
+    if b_dec.shape != (d,) or b_dec.dtype != values.dtype:
+        raise ValueError(f"b_dec must be [d_model={d}] of {values.dtype}, got "
+                         f"{list(b_dec.shape)} {b_dec.dtype}")
+    out = torch.empty(B, d, dtype=values.dtype, device=values.device)
+    block_b, block_d = _blocks()
+    grid = (triton.cdiv(B, block_b), triton.cdiv(d, block_d))
+    _decode_kernel[grid](values.contiguous(), indices.contiguous(), W_dec.contiguous(),
+                         b_dec.contiguous(), out, B, k, d, BLOCK_B=block_b, BLOCK_D=block_d)
+    return out
+
+
+def sparse_decode_grad_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """grad_values [B, k] = grad_out[b] . W_dec[indices[b, j]], in grad_out's dtype."""
+    _check_code(torch.empty_like(indices, dtype=grad_out.dtype), indices, W_dec)
+    B, k = indices.shape
+    d = W_dec.shape[1]
+    if grad_out.shape != (B, d):
+        raise ValueError(f"grad_out must be [B={B}, d_model={d}], got {list(grad_out.shape)}")
+    out = torch.empty(B, k, dtype=grad_out.dtype, device=grad_out.device)
+    block_p, block_d = _blocks()
+    _grad_values_kernel[(triton.cdiv(B * k, block_p),)](
+        grad_out.contiguous(), indices.contiguous(), W_dec.contiguous(), out, B * k, k, d,
+        BLOCK_P=block_p, BLOCK_D=block_d,
+    )
+    return out
