@@ -1,7 +1,8 @@
 """Every CUDA kernel file (csrc/cuda/*.cu) compiles with nvcc for sm_80 and sm_90.
 
 The kernels include only CUDA's own headers, so this runs without a GPU and with a CPU build
-of torch: a broken kernel fails here even where the CUDA extension is never built.
+of torch: a broken kernel fails here even where the CUDA extension is never built. The flags
+follow the CUDA build's (CMakeLists.txt: C++17, -O3).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def find_nvcc() -> str | None:
 
 def compile_one(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES]
-    command = [nvcc, "-std=c++20", "-O3", *gencode, "-c", str(source),
+    command = [nvcc, "-std=c++17", "-O3", *gencode, "-c", str(source),
                "-o", str(out_dir / f"{source.stem}.o")]
     return source, subprocess.run(command, capture_output=True, text=True)
 
