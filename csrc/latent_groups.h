@@ -7,7 +7,8 @@
 //                          fixed order and is bit-identical run to run.
 //   accumulate_by_latent:  out[i] = sum over pairs p of latent i of coef[p] * src[row(p)],
 //                          a d-vector per latent, written to every latent (zero when none is
-//                          active), so no separate zero fill is needed. O(B*k*d + n*d).
+//                          active), so no separate zero fill is needed; pairs whose coefficient
+//                          is zero are skipped. O(B*k*d + n*d).
 //                          `transposed` writes out as [d, n] (W_enc layout) through tiles of
 //                          kTile latents, so each store fills whole cache lines.
 #pragma once
@@ -94,6 +95,9 @@ void accumulate_by_latent(const LatentGroups& groups, const acc_t* coef, const s
         for (int64_t q = groups.offsets[i0 + t]; q < groups.offsets[i0 + t + 1]; ++q) {
           const int64_t p = groups.pairs[q];
           const acc_t c = coef[p];
+          if (c == acc_t(0)) {
+            continue;  // a zero coefficient adds nothing: BatchTopK codes carry many
+          }
           const src_t* s = src + src_row(p) * d;
           for (int64_t e = 0; e < d; ++e) {
             row[e] += c * static_cast<acc_t>(s[e]);

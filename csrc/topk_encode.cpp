@@ -192,6 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
           wide_t s[kRowBlock] = {};
           for (int64_t j = 0; j < k; ++j) {
             const wide_t c = dpre[b * k + j];
+            if (c == wide_t(0)) {
+              continue;
+            }
             const int64_t i = idx_ptr[b * k + j];
             for (int64_t rr = 0; rr < rows; ++rr) {
               s[rr] += c * static_cast<wide_t>(w_rows[rr * n + i]);

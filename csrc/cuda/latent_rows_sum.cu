@@ -9,7 +9,8 @@
 //   grad_W_enc (encode):   coef = grad_pre,   src = x - b_dec [B, d],     rows = b, transposed
 //   grad_W_dec (nested):   coef = -values,    src = S         [G * B, d], rows = g * B + b
 // No atomics: each output element is summed by one lane in a fixed order, so the result is
-// bit-identical run to run, and latents without pairs get zero rows.
+// bit-identical run to run, and latents without pairs get zero rows. Pairs whose coefficient
+// is zero are skipped, as on the CPU (accumulate_by_latent).
 //
 // Strategy: a block owns kLatentTile = 32 consecutive latents x kSegCols = 64 columns; each of
 // its 8 warps sums 4 latents, a lane holding 2 columns. A warp loads 32 pairs' (row, coef) at
@@ -68,6 +69,9 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
         for (int u = 0; u < count; ++u) {
           const long long r = __shfl_sync(kFullMask, lane_row, u);
           const A c = __shfl_sync(kFullMask, lane_coef, u);
+          if (c == A(0)) {
+            continue;  // adds nothing (the same for the whole warp): BatchTopK codes carry many
+          }
           const Src* s = src + r * d;
           if (c0 < d) {
             acc0 += c * to_acc(s[c0]);

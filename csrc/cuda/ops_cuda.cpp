@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor W_rows = rows_of_columns<T>(W_enc);
     C10_CUDA_CHECK(kernels::gather_rows_sum<T>(in<kernels::Acc<T>>(grad_pre), in<int64_t>(idx),
                                                in<T>(W_rows), nullptr, B, k, d,
-                                               /*skip_zero=*/false, out<T>(grad_x), stream));
+                                               /*skip_zero=*/true, out<T>(grad_x), stream));
   });
   at::Tensor grad_b_dec = -grad_x.sum(0);
   return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
