@@ -44,7 +44,7 @@ def select(values: Tensor, total: int, probe: bool) -> BatchSelection:
         probe_at = rows * values.shape[1] + values.detach().argmin(dim=1)
         eligible[probe_at] = False
     scores = torch.where(eligible, flat, -1.0)
-    total = min(total, int(eligible.sum()))
+    total = min(total, flat.numel() - (values.shape[0] if probe else 0))  # the eligible count
     threshold = torch.kthvalue(scores, scores.numel() - total + 1).values
     above = scores > threshold
     tied = scores == threshold

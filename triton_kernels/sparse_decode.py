@@ -75,27 +75,29 @@ def _grad_values_kernel(
     tl.store(out_ptr + pairs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=pair_ok)
 
 
-def _check_code(values: Tensor, indices: Tensor, W_dec: Tensor) -> None:
-    if values.dtype not in _DTYPES:
+def _check_code(floats: Tensor, name: str, indices: Tensor, W_dec: Tensor) -> None:
+    """Checks indices [B, k] and W_dec against the float input `name` (values or grad_out)."""
+    if floats.dtype not in _DTYPES:
         raise TypeError(
-            f"the triton backend takes float32, bfloat16 or float16 tensors, got values of "
-            f"{values.dtype}; use backend='cuda' or 'reference' for other dtypes"
+            f"the triton backend takes float32, bfloat16 or float16 tensors, got {name} of "
+            f"{floats.dtype}; use backend='cuda' or 'reference' for other dtypes"
         )
-    if values.dim() != 2 or indices.shape != values.shape:
-        raise ValueError(f"values and indices must both be [B, k], got {list(values.shape)} and "
-                         f"{list(indices.shape)}")
-    if indices.dtype != torch.int64:
-        raise TypeError(f"indices must be int64, got {indices.dtype}")
-    if W_dec.dim() != 2 or W_dec.dtype != values.dtype or W_dec.device != values.device:
-        raise TypeError(f"W_dec must be [d_sae, d_model] of values' dtype {values.dtype} on "
-                        f"{values.device}, got {list(W_dec.shape)} {W_dec.dtype} on {W_dec.device}")
+    if indices.dim() != 2 or indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 [B, k] tensor, got {indices.dtype} "
+                        f"{list(indices.shape)}")
+    if W_dec.dim() != 2 or W_dec.dtype != floats.dtype or W_dec.device != floats.device:
+        raise TypeError(f"W_dec must be [d_sae, d_model] of {name}'s dtype {floats.dtype} on "
+                        f"{floats.device}, got {list(W_dec.shape)} {W_dec.dtype} on {W_dec.device}")
     torch._assert_async(((indices >= 0) & (indices < W_dec.shape[0])).all(),
                         "indices must lie in [0, d_sae)")
 
 
 def sparse_decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     """x_hat [B, d] = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]. Forward only."""
-    _check_code(values, indices, W_dec)
+    _check_code(values, "values", indices, W_dec)
+    if values.shape != indices.shape:
+        raise ValueError(f"values and indices must both be [B, k], got {list(values.shape)} and "
+                         f"{list(indices.shape)}")
     B, k = values.shape
     d = W_dec.shape[1]
     if b_dec.shape != (d,) or b_dec.dtype != values.dtype:
@@ -111,7 +113,7 @@ def sparse_decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec:
 
 def sparse_decode_grad_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """grad_values [B, k] = grad_out[b] . W_dec[indices[b, j]], in grad_out's dtype."""
-    _check_code(torch.empty_like(indices, dtype=grad_out.dtype), indices, W_dec)
+    _check_code(grad_out, "grad_out", indices, W_dec)
     B, k = indices.shape
     d = W_dec.shape[1]
     if grad_out.shape != (B, d):
