@@ -76,12 +76,10 @@ inline acc_t dot(const a_t* a, const b_t* b, int64_t d) {
   return s;
 }
 
-// src_row(p) gives the row of `src` ([rows, d], contiguous) that pair p contributes;
-// coef_sum (optional, [n]) receives sum of coef over each latent's pairs.
+// src_row(p) gives the row of `src` ([rows, d], contiguous) that pair p contributes.
 template <typename out_t, typename acc_t, typename src_t, typename SrcRow>
 void accumulate_by_latent(const LatentGroups& groups, const acc_t* coef, const src_t* src,
-                          SrcRow src_row, int64_t d, int64_t n, bool transposed, out_t* out,
-                          out_t* coef_sum) {
+                          SrcRow src_row, int64_t d, int64_t n, bool transposed, out_t* out) {
   const int64_t num_tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<acc_t> acc(kTile * d);
@@ -91,7 +89,6 @@ void accumulate_by_latent(const LatentGroups& groups, const acc_t* coef, const s
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t t = 0; t < width; ++t) {
         acc_t* row = acc.data() + t * d;
-        acc_t total = 0;
         for (int64_t q = groups.offsets[i0 + t]; q < groups.offsets[i0 + t + 1]; ++q) {
           const int64_t p = groups.pairs[q];
           const acc_t c = coef[p];
@@ -102,10 +99,6 @@ void accumulate_by_latent(const LatentGroups& groups, const acc_t* coef, const s
           for (int64_t e = 0; e < d; ++e) {
             row[e] += c * static_cast<acc_t>(s[e]);
           }
-          total += c;
-        }
-        if (coef_sum != nullptr) {
-          coef_sum[i0 + t] = static_cast<out_t>(total);
         }
       }
       if (transposed) {

@@ -44,7 +44,7 @@ at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, co
     accumulate_by_latent<scalar_t, acc_t, scalar_t>(
         groups, c.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(),
         [k](int64_t p) { return p / k; }, d, d_sae, /*transposed=*/false,
-        out.mutable_data_ptr<scalar_t>(), nullptr);
+        out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

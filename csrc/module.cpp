@@ -56,7 +56,7 @@ TORCH_LIBRARY(sparsecode_C, m) {
   m.def("topk_encode_forward(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k)"
         " -> (Tensor, Tensor)");
   m.def("topk_encode_backward(Tensor grad_values, Tensor x, Tensor W_enc, Tensor b_dec,"
-        " Tensor values, Tensor indices) -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor values, Tensor indices, bool need_grad_x=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sparse_decode_forward(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec)"
         " -> Tensor");
   m.def("sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec)"

@@ -6,8 +6,9 @@
 // x [B, d], values/indices [B, k], W_dec [n, d], b_dec [d]
 //   -> loss [], prefix_losses [G], x_hat [B, d] (the full reconstruction, a by-product).
 //
-// Forward: one walk over each row's slots in ascending index order; the residual is
-// recorded at each group boundary. O(B*(k + G)*d) for all G prefixes at once.
+// Forward: one walk over each row's slots in ascending index order accumulates the
+// reconstruction (one multiply-add per slot and element); the residual is formed at each group
+// boundary. O(B*(k + G)*d) for all G prefixes at once.
 // Backward: with c_g = grad_loss * w_g + grad_prefix_losses[g], the same walk stores the
 // residuals, then suffix sums S_g = (2/B) sum_{g' >= g} c_{g'} r_{g'} - grad_x_hat
 // (computed per row in double, kept as a [G, B, d] float scratch; x_hat = x - r_{G-1}, so its
@@ -70,51 +71,51 @@ Problem prepare(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
 // against each other) would otherwise lose digits that float32 tests can see; the walk works on
 // cache-resident rows, so the wider type costs arithmetic, not memory traffic.
 //
-// Walks one row's slots in ascending index order, starting from r = x - b_dec. Calls
-// at_boundary(g, r) with the residual of prefix g, once per g in order, and stores each
-// slot's group in group_of_slot[k]. `order` is scratch of size k. When x_hat is not null it
-// receives b_dec + sum_j values[j] W_dec[indices[j]] (accumulated directly, not as x - r).
+// Walks one row's slots in ascending index order, accumulating the reconstruction
+// s = sum_j values[j] W_dec[indices[j]] (one multiply-add per slot and element). At each group
+// boundary it forms the residual r = (x - b_dec) - s in `r` and calls at_boundary(g, r), once
+// per g in order, and stores each slot's group in group_of_slot[k]. `order` is scratch of size
+// k, `s` of size d. When x_hat is not null it receives b_dec + s.
 template <typename scalar_t, typename acc_t, typename AtBoundary>
 void walk_row(const scalar_t* x, const scalar_t* b_dec, const scalar_t* values,
               const int64_t* indices, const scalar_t* W_dec, const Problem& p,
-              at::IntArrayRef sizes, std::vector<int64_t>& order, acc_t* r,
+              at::IntArrayRef sizes, std::vector<int64_t>& order, acc_t* s, acc_t* r,
               int64_t* group_of_slot, acc_t* x_hat, AtBoundary at_boundary) {
   std::iota(order.begin(), order.end(), 0);
   if (!std::is_sorted(indices, indices + p.k)) {
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
   }
-  for (int64_t e = 0; e < p.d; ++e) {
-    r[e] = static_cast<acc_t>(x[e]) - static_cast<acc_t>(b_dec[e]);
-  }
-  if (x_hat != nullptr) {
+  std::fill(s, s + p.d, acc_t(0));
+  auto boundary = [&](int64_t g) {
     for (int64_t e = 0; e < p.d; ++e) {
-      x_hat[e] = static_cast<acc_t>(b_dec[e]);
+      r[e] = static_cast<acc_t>(x[e]) - static_cast<acc_t>(b_dec[e]) - s[e];
     }
-  }
+    at_boundary(g, r);
+  };
   int64_t g = 0;
-  for (const int64_t s : order) {
-    const int64_t i = indices[s];
+  for (const int64_t slot : order) {
+    const int64_t i = indices[slot];
     while (g < p.G && i >= sizes[g]) {
-      at_boundary(g++, r);
+      boundary(g++);
     }
-    group_of_slot[s] = g;
-    const acc_t v = static_cast<acc_t>(values[s]);
+    group_of_slot[slot] = g;
+    const acc_t v = static_cast<acc_t>(values[slot]);
     if (v == acc_t(0)) {
       continue;
     }
     const scalar_t* w = W_dec + i * p.d;
     for (int64_t e = 0; e < p.d; ++e) {
-      r[e] -= v * static_cast<acc_t>(w[e]);
-    }
-    if (x_hat != nullptr) {
-      for (int64_t e = 0; e < p.d; ++e) {
-        x_hat[e] += v * static_cast<acc_t>(w[e]);
-      }
+      s[e] += v * static_cast<acc_t>(w[e]);
     }
   }
   while (g < p.G) {
-    at_boundary(g++, r);
+    boundary(g++);
+  }
+  if (x_hat != nullptr) {
+    for (int64_t e = 0; e < p.d; ++e) {
+      x_hat[e] = static_cast<acc_t>(b_dec[e]) + s[e];
+    }
   }
 }
 
@@ -132,14 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     using acc_t = wide_type<scalar_t>;
     at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> order(p.k), group_of_slot(p.k);
-      std::vector<acc_t> r(p.d), recon(p.d);
+      std::vector<acc_t> s(p.d), r(p.d), recon(p.d);
       scalar_t* x_hat_ptr = x_hat.mutable_data_ptr<scalar_t>();
       for (int64_t b = begin; b < end; ++b) {
         walk_row<scalar_t, acc_t>(
             p.x.const_data_ptr<scalar_t>() + b * p.d, p.b_dec.const_data_ptr<scalar_t>(),
             p.values.const_data_ptr<scalar_t>() + b * p.k, p.indices.const_data_ptr<int64_t>() + b * p.k,
-            p.W_dec.const_data_ptr<scalar_t>(), p, prefix_sizes, order, r.data(), group_of_slot.data(),
-            recon.data(), [&](int64_t g, const acc_t* res) {
+            p.W_dec.const_data_ptr<scalar_t>(), p, prefix_sizes, order, s.data(), r.data(),
+            group_of_slot.data(), recon.data(), [&](int64_t g, const acc_t* res) {
               row_losses[b * p.G + g] = static_cast<double>(dot<acc_t>(res, res, p.d));
             });
         for (int64_t e = 0; e < p.d; ++e) {
@@ -208,14 +209,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     scalar_t* gv_ptr = grad_values.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> order(p.k);
-      std::vector<acc_t> r(p.d);
+      std::vector<acc_t> s(p.d), r(p.d);
       std::vector<acc_t> S_row(p.G * p.d);  // this row's residuals, then suffix sums
       for (int64_t b = begin; b < end; ++b) {
         auto S_at = [&](int64_t g) { return S_row.data() + g * p.d; };
         walk_row<scalar_t, acc_t>(
             p.x.const_data_ptr<scalar_t>() + b * p.d, p.b_dec.const_data_ptr<scalar_t>(),
-            val_ptr + b * p.k, idx_ptr + b * p.k, W_ptr, p, prefix_sizes, order, r.data(),
-            group_of_pair.data() + b * p.k, nullptr,
+            val_ptr + b * p.k, idx_ptr + b * p.k, W_ptr, p, prefix_sizes, order, s.data(),
+            r.data(), group_of_pair.data() + b * p.k, nullptr,
             [&](int64_t g, const acc_t* res) { std::copy(res, res + p.d, S_at(g)); });
         for (int64_t g = p.G - 1; g >= 0; --g) {
           acc_t* Sg = S_at(g);
@@ -259,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     accumulate_by_latent<scalar_t, store_t, store_t>(
         groups, coef.data(), S,
         [&](int64_t q) { return group_of_pair[q] * B + q / k; }, p.d, p.n,
-        /*transposed=*/false, grad_W_dec.mutable_data_ptr<scalar_t>(), nullptr);
+        /*transposed=*/false, grad_W_dec.mutable_data_ptr<scalar_t>());
   });
   at::Tensor grad_b_dec = has_grad_x_hat ? g_hat.sum(0) - grad_x.sum(0) : -grad_x.sum(0);
   return {grad_x, grad_values, grad_W_dec, grad_b_dec};

@@ -23,10 +23,11 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& b_enc,
                                                        const at::Tensor& b_dec, int64_t k);
 
-// Returns (grad_x, grad_W_enc, grad_b_enc, grad_b_dec).
+// Returns (grad_x, grad_W_enc, grad_b_enc, grad_b_dec); grad_x is [0, d] unless need_grad_x.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
-    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices);
+    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices,
+    bool need_grad_x);
 
 at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& indices,
                                  const at::Tensor& W_dec, const at::Tensor& b_dec);

@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
     const LatentGroups groups = group_by_latent(idx_ptr, B * k, n);
     accumulate_by_latent<scalar_t, acc_t, scalar_t>(
         groups, coef.data(), g_ptr, [k](int64_t p) { return p / k; }, d, n,
-        /*transposed=*/false, grad_W_dec.mutable_data_ptr<scalar_t>(), nullptr);
+        /*transposed=*/false, grad_W_dec.mutable_data_ptr<scalar_t>());
   });
   return {grad_values, grad_W_dec, g.sum(0)};
 }

@@ -5,14 +5,19 @@
 //           x [B, d], W_enc [d, n], b_enc [n], b_dec [d] -> values [B, k], indices [B, k].
 //           Rows are processed in chunks, so one [rows, n] buffer of at most kChunkElems
 //           elements is alive (and reused across calls), never the whole [B, n] matrix.
+//           The GEMM writes (x - b_dec) @ W_enc alone; b_enc is added as the selection reads
+//           each entry, which saves addmm's broadcast copy of b_enc into the buffer.
 //           Cost: the GEMM (2*B*d*n flops) plus one read of each pre row with a k-heap
 //           (O(n + k log k log n) per row).
 // Backward: dpre = grad_values * [values > 0] on the B*k active pairs only, then
 //           dW_enc[:, i] = sum dpre * x'[b]        (segmented by latent, transposed tiles)
 //           db_enc[i]    = sum dpre
+//           db_dec       = -W_enc @ db_enc         (= -sum_b dx'[b], one pass over W_enc)
 //           dx'[b]       = sum_j dpre[b, j] * W_enc[:, indices[b, j]]   (kRowBlock rows of
-//                          W_enc at a time, so the gathers stay in cache and sum in parallel)
-//           dx = dx', db_dec = -sum_b dx'.  O(B*k*d) flops plus writing dW_enc once.
+//                          W_enc at a time, so the gathers stay in cache and sum in parallel),
+//                          only when need_grad_x (a training step's x needs none; it is the
+//                          backward's costliest part, B*k*d strided gathers); else dx is [0].
+//           O(B*k*d) flops plus reading W_enc and writing dW_enc once.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -32,23 +37,24 @@ constexpr int64_t kChunkElems = int64_t(1) << 24;  // 64 MiB of float32 pre-acti
 constexpr int64_t kScanBlock = 32;                 // pre entries checked at once for a new top-k entry
 constexpr int64_t kRowBlock = 8;                   // rows of W_enc gathered together for grad_x
 
-// Selects the k largest of pre[0:n] (lower index first among equals) into values/indices,
-// sorted by index, values passed through relu. `heap` is scratch of size k.
+// Selects the k largest of pre[0:n] + bias[0:n] (lower index first among equals) into
+// values/indices, sorted by index, values passed through relu. `heap` is scratch of size k.
 template <typename scalar_t, typename acc_t>
-void select_topk_row(const scalar_t* pre, int64_t n, int64_t k,
+void select_topk_row(const scalar_t* pre, const scalar_t* bias, int64_t n, int64_t k,
                      std::vector<std::pair<acc_t, int64_t>>& heap, scalar_t* values,
                      int64_t* indices) {
+  auto at = [&](int64_t i) { return static_cast<acc_t>(pre[i]) + static_cast<acc_t>(bias[i]); };
   // Ordering "a is better than b"; with it the std heap keeps the worst kept entry at front.
   auto better = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
   for (int64_t i = 0; i < k; ++i) {
-    heap[i] = {static_cast<acc_t>(pre[i]), i};
+    heap[i] = {at(i), i};
   }
   std::make_heap(heap.begin(), heap.end(), better);
   acc_t threshold = heap.front().first;
   auto offer = [&](int64_t i) {
-    const acc_t v = static_cast<acc_t>(pre[i]);
+    const acc_t v = at(i);
     // A later equal value has a higher index, so it never beats the kept one.
     if (v > threshold) {
       std::pop_heap(heap.begin(), heap.end(), better);
@@ -60,10 +66,10 @@ void select_topk_row(const scalar_t* pre, int64_t n, int64_t k,
   // Most blocks hold nothing above the running threshold: a vectorised max skips them.
   int64_t i = k;
   for (; i + kScanBlock <= n; i += kScanBlock) {
-    acc_t block_max = static_cast<acc_t>(pre[i]);
+    acc_t block_max = at(i);
 #pragma omp simd reduction(max : block_max)
     for (int64_t e = 1; e < kScanBlock; ++e) {
-      const acc_t v = static_cast<acc_t>(pre[i + e]);
+      const acc_t v = at(i + e);
       block_max = v > block_max ? v : block_max;
     }
     if (block_max > threshold) {
@@ -111,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
 
   const at::Tensor xc = (x - b_dec).contiguous();
   const at::Tensor W = W_enc.contiguous();
+  const at::Tensor bias = b_enc.contiguous();
   at::Tensor values = at::empty({B, k}, x.options());
   at::Tensor indices = at::empty({B, k}, x.options().dtype(at::kLong));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / n));
@@ -121,15 +128,15 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
     for (int64_t r0 = 0; r0 < B; r0 += chunk) {
       const int64_t rows = std::min(chunk, B - r0);
       at::Tensor pre_rows = pre.narrow(0, 0, rows);
-      at::addmm_out(pre_rows, b_enc, xc.narrow(0, r0, rows), W);
+      at::mm_out(pre_rows, xc.narrow(0, r0, rows), W);
       const scalar_t* pre_ptr = pre_rows.const_data_ptr<scalar_t>();
       scalar_t* val_ptr = values.mutable_data_ptr<scalar_t>() + r0 * k;
       int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>() + r0 * k;
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         std::vector<std::pair<acc_t, int64_t>> heap(k);
         for (int64_t r = begin; r < end; ++r) {
-          select_topk_row<scalar_t, acc_t>(pre_ptr + r * n, n, k, heap, val_ptr + r * k,
-                                           idx_ptr + r * k);
+          select_topk_row<scalar_t, acc_t>(pre_ptr + r * n, bias.const_data_ptr<scalar_t>(), n,
+                                           k, heap, val_ptr + r * k, idx_ptr + r * k);
         }
       });
     }
@@ -139,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
-    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices) {
+    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices,
+    bool need_grad_x) {
   check_encode_args(x, W_enc, b_dec);
   const int64_t B = x.size(0);
   const int64_t d = x.size(1);
@@ -160,26 +168,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
 
   at::Tensor grad_W_enc = at::empty({d, n}, x.options());
   at::Tensor grad_b_enc = at::empty({n}, x.options());
-  at::Tensor grad_x = at::empty({B, d}, x.options());
+  at::Tensor grad_b_dec = at::empty({d}, x.options());
+  at::Tensor grad_x = at::empty({need_grad_x ? B : 0, d}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using wide_t = wide_type<scalar_t>;
     const int64_t* idx_ptr = idx.const_data_ptr<int64_t>();
     const scalar_t* val_ptr = val.const_data_ptr<scalar_t>();
     const scalar_t* gval_ptr = gval.const_data_ptr<scalar_t>();
+    const scalar_t* W_ptr = W.const_data_ptr<scalar_t>();
     std::vector<acc_t> dpre(B * k);
+    std::vector<wide_t> column_sum(n, wide_t(0));  // db_enc, summed in ascending pair order
     for (int64_t p = 0; p < B * k; ++p) {
       dpre[p] = static_cast<acc_t>(val_ptr[p]) > acc_t(0) ? static_cast<acc_t>(gval_ptr[p])
                                                            : acc_t(0);
+      column_sum[idx_ptr[p]] += dpre[p];
     }
+    scalar_t* gbe_ptr = grad_b_enc.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      gbe_ptr[i] = static_cast<scalar_t>(column_sum[i]);
+    }
+    scalar_t* gbd_ptr = grad_b_dec.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, d, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        gbd_ptr[e] = static_cast<scalar_t>(-dot<wide_t>(W_ptr + e * n, column_sum.data(), n));
+      }
+    });
 
     const LatentGroups groups = group_by_latent(idx_ptr, B * k, n);
     accumulate_by_latent<scalar_t, acc_t, scalar_t>(
         groups, dpre.data(), xc.const_data_ptr<scalar_t>(), [k](int64_t p) { return p / k; },
-        d, n, /*transposed=*/true, grad_W_enc.mutable_data_ptr<scalar_t>(),
-        grad_b_enc.mutable_data_ptr<scalar_t>());
+        d, n, /*transposed=*/true, grad_W_enc.mutable_data_ptr<scalar_t>());
+    if (!need_grad_x) {
+      return;
+    }
 
-    const scalar_t* W_ptr = W.const_data_ptr<scalar_t>();
     scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     const int64_t num_blocks = (d + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -188,7 +212,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
         const int64_t rows = std::min(kRowBlock, d - r0);
         const scalar_t* w_rows = W_ptr + r0 * n;
         for (int64_t b = 0; b < B; ++b) {
-          using wide_t = wide_type<scalar_t>;
           wide_t s[kRowBlock] = {};
           for (int64_t j = 0; j < k; ++j) {
             const wide_t c = dpre[b * k + j];
@@ -207,7 +230,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
       }
     });
   });
-  at::Tensor grad_b_dec = -grad_x.sum(0);
   return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
 }
 

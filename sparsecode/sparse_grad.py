@@ -40,23 +40,32 @@ def latent_rows_sum(coef: Tensor, indices: Tensor, src: Tensor, d_sae: int) -> T
 
 
 def topk_encode_backward(
-    grad_values: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, values: Tensor, indices: Tensor
+    grad_values: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    need_grad_x: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x [B, d], grad_W_enc [d, n], grad_b_enc [n], grad_b_dec [d]) of the TopK encode,
-    touching only the B*k active latents."""
+    """(grad_x [B, d] ([0, d] unless need_grad_x), grad_W_enc [d, n], grad_b_enc [n],
+    grad_b_dec [d]) of the TopK encode, touching only the B*k active latents."""
     found = compiled_kernels(x.device)
     if found is not None:
-        return tuple(found.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices))
+        return tuple(
+            found.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices, need_grad_x)
+        )
     n, k = W_enc.shape[1], indices.shape[1]
     dpre = torch.where(values > 0, grad_values.to(x.dtype), 0)
     grad_W_enc = latent_rows_sum(dpre, indices, x - b_dec, n).t().contiguous()
     grad_b_enc = torch.zeros(n, dtype=torch.float32, device=x.device)
     grad_b_enc.index_add_(0, indices.reshape(-1), dpre.reshape(-1).float())
+    grad_x = x.new_empty(x.shape[0] if need_grad_x else 0, x.shape[1])
     W_rows = W_enc.t()
-    grad_x = torch.empty_like(x)
-    chunks = _row_chunks(x.shape[0], k * x.shape[1])
+    chunks = _row_chunks(grad_x.shape[0], k * x.shape[1])
     for r0 in chunks:
         rows = slice(r0, r0 + chunks.step)
         gathered = W_rows[indices[rows]].float()
         grad_x[rows] = (dpre[rows, :, None].float() * gathered).sum(1).to(x.dtype)
-    return grad_x, grad_W_enc, grad_b_enc.to(x.dtype), -grad_x.sum(0)
+    grad_b_enc = grad_b_enc.to(x.dtype)
+    return grad_x, grad_W_enc, grad_b_enc, -torch.mv(W_enc, grad_b_enc)

@@ -43,19 +43,19 @@ def _topk_encode_backward(
     b_dec: Tensor,
     values: Tensor,
     indices: Tensor,
+    need_grad_x: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (grad_values, x, W_enc, b_dec, values, indices, need_grad_x)
     if backend == "triton":
-        return sparse_grad.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices)
-    return tuple(
-        kernels(backend, x.device).topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices)
-    )
+        return sparse_grad.topk_encode_backward(*args)
+    return tuple(kernels(backend, x.device).topk_encode_backward(*args))
 
 
 @_topk_encode_backward.register_fake
-def _(grad_values, x, W_enc, b_dec, values, indices, backend):
+def _(grad_values, x, W_enc, b_dec, values, indices, need_grad_x, backend):
     return (
-        torch.empty_like(x),
+        x.new_empty(x.shape[0] if need_grad_x else 0, x.shape[1]),
         torch.empty_like(W_enc),
         W_enc.new_empty(W_enc.shape[1]),
         torch.empty_like(b_dec),
@@ -71,10 +71,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_values: Tensor, _grad_indices: Tensor):
     x, W_enc, b_dec, values, indices = ctx.saved_tensors
+    need_grad_x = ctx.needs_input_grad[0]
     grad_x, grad_W_enc, grad_b_enc, grad_b_dec = _topk_encode_backward(
-        grad_values, x, W_enc, b_dec, values, indices, ctx.backend
+        grad_values, x, W_enc, b_dec, values, indices, need_grad_x, ctx.backend
     )
-    return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+    return grad_x if need_grad_x else None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
 
 _topk_encode.register_autograd(_backward, setup_context=_setup_context)

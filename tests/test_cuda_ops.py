@@ -114,6 +114,11 @@ def check_encode(B: int, d: int, n: int, k: int, dtype: torch.dtype, cpp: bool) 
     ref_grads = torch.autograd.grad(picked, inputs64, grad.double() * (values > 0))
     check_all(grads, ref_grads, tol, ["grad x", "grad W_enc", "grad b_enc", "grad b_dec"])
     del pre, picked, ref_grads, inputs64
+    # Without grad_x (a training step) the other gradients are unchanged.
+    raw = tuple(t.detach() for t in (grad, inputs[0], inputs[1], inputs[3], values, indices))
+    lean = torch.ops.sparsecode_C.topk_encode_backward(*raw, False)
+    assert lean[0].shape == (0, d)
+    check_all(lean[1:], grads[1:], tol, ["lean grad W_enc", "lean grad b_enc", "lean grad b_dec"])
 
     if not cpp:
         return
@@ -122,8 +127,7 @@ def check_encode(B: int, d: int, n: int, k: int, dtype: torch.dtype, cpp: bool) 
         cpu_values, _ = ops.topk_encode(*on_cpu(inputs), k, backend="cpp")
         assert_close(values.sort(1).values, cpu_values.cuda().sort(1).values, tol, "values vs cpp")
     # The backward with the same code on both devices (bf16 selections may differ by ties).
-    raw = (grad, inputs[0], inputs[1], inputs[3], values, indices)
-    cpu_grads = torch.ops.sparsecode_C.topk_encode_backward(*(t.detach().cpu() for t in raw))
+    cpu_grads = torch.ops.sparsecode_C.topk_encode_backward(*(t.cpu() for t in raw))
     check_all(grads, [g.cuda() for g in cpu_grads], tol,
               ["grad x vs cpp", "grad W_enc vs cpp", "grad b_enc vs cpp", "grad b_dec vs cpp"])
 

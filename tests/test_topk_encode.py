@@ -53,10 +53,15 @@ def check_topk_selection(
         assert bool((chosen.min(1).values >= others.max(1).values - margin).all()), "not a top-k"
 
 
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "no_x_grad"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("B,d,n,k", SHAPES)
-def test_matches_reference(B, d, n, k, dtype, seed, poisoned):
-    inputs = [t.requires_grad_() for t in make_inputs(B, d, n, dtype)]
+def test_matches_reference(B, d, n, k, dtype, x_grad, seed, poisoned):
+    """Values and gradients; without x_grad (a training step's activations) the backward
+    skips grad_x and the other gradients must not change."""
+    inputs = make_inputs(B, d, n, dtype)
+    names = ["x", "W_enc", "b_enc", "b_dec"]
+    leaves = [(name, t.requires_grad_()) for name, t in zip(names, inputs) if x_grad or name != "x"]
     values, indices = ops.topk_encode(*inputs, k, backend="cpp")
     check_topk_selection(inputs, indices, k)
 
@@ -65,10 +70,23 @@ def test_matches_reference(B, d, n, k, dtype, seed, poisoned):
     assert_close(values, ref_values, TOLERANCE[dtype], "values")
 
     grad = torch.randn(values.shape, dtype=dtype)
-    grads = torch.autograd.grad(values, inputs, grad)
-    ref_grads = torch.autograd.grad(ref_values, inputs64, grad.double())
-    for name, g, ref in zip(["x", "W_enc", "b_enc", "b_dec"], grads, ref_grads):
-        assert_close(g, ref, TOLERANCE[dtype], f"grad {name}")
+    grads = torch.autograd.grad(values, [t for _, t in leaves], grad)
+    ref_grads = dict(zip(names, torch.autograd.grad(ref_values, inputs64, grad.double())))
+    for (name, _), g in zip(leaves, grads):
+        assert_close(g, ref_grads[name], TOLERANCE[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("B,d,n,k", [(1, 5, 17, 1), (33, 100, 1000, 32)])
+def test_backward_without_grad_x(B, d, n, k, seed):
+    """need_grad_x=False returns grad_x as [0, d] and the same weight and bias gradients."""
+    x, W_enc, b_enc, b_dec = make_inputs(B, d, n, torch.float32)
+    values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="cpp")
+    grad = torch.randn_like(values)
+    full = torch.ops.sparsecode_C.topk_encode_backward(grad, x, W_enc, b_dec, values, indices, True)
+    lean = torch.ops.sparsecode_C.topk_encode_backward(grad, x, W_enc, b_dec, values, indices, False)
+    assert full[0].shape == (B, d) and lean[0].shape == (0, d)
+    for name, a, b in zip(["W_enc", "b_enc", "b_dec"], full[1:], lean[1:]):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("B,d,n,k", [(7, 5, 17, 3), (33, 64, 256, 32), (1, 100, 1000, 1)])

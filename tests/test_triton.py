@@ -59,6 +59,22 @@ def test_encode_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
         assert_close(g, ref, TOLERANCE[dtype], f"grad {name}")
 
 
+@pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 32, 130, 8)])
+def test_encode_without_grad_x(B, d, n, k, grad_path, seed):
+    """When x needs no gradient (a training step) the backward skips grad_x; the weight and
+    bias gradients still match the reference."""
+    inputs = make_inputs(B, d, n, torch.float32)
+    leaves = [t.requires_grad_() for t in inputs[1:]]
+    values, indices = ops.topk_encode(*inputs, k, backend="triton")
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_values = reference_at(inputs64, indices)
+    grad = torch.randn(values.shape)
+    grads = torch.autograd.grad(values, leaves, grad)
+    ref_grads = torch.autograd.grad(ref_values, inputs64[1:], grad.double())
+    for name, g, ref in zip(["W_enc", "b_enc", "b_dec"], grads, ref_grads):
+        assert_close(g, ref, TOLERANCE[torch.float32], f"grad {name}")
+
+
 @pytest.mark.parametrize("splits", [1, 3, 8])
 def test_encode_result_does_not_depend_on_the_column_split(splits, seed):
     x, W_enc, b_enc, b_dec = make_inputs(5, 32, 130, torch.float32)

@@ -11,7 +11,8 @@
 //                           ties, which keeps the CPU's rule (among equals the lower id wins);
 //                           nonzero() lists them in ascending index order.
 //   topk_encode_backward:   grad_pre = grad_values * [values > 0]; grad_W_enc / grad_b_enc by
-//                           latent_rows_sum (transposed); grad_x = gather of W_enc^T rows.
+//                           latent_rows_sum (transposed); grad_b_dec = -W_enc @ grad_b_enc;
+//                           grad_x = gather of W_enc^T rows, only when need_grad_x.
 //                           W_enc [d, n] holds a latent's weights as a strided column, so grad_x
 //                           first makes W_enc^T [n, d] with the tiled transpose kernel (reads and
 //                           writes n*d once: 0.2 ms bf16 / 0.4 ms fp32 at n = 65536, d = 2304;
@@ -221,7 +222,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
-    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices) {
+    const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices,
+    bool need_grad_x) {
   check_encode_args(x, W_enc, b_dec);
   const int64_t B = x.size(0);
   const int64_t d = x.size(1);
@@ -247,18 +249,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
 
   at::Tensor grad_W_enc = at::empty({d, n}, x.options());
   at::Tensor grad_b_enc = at::empty({n}, x.options());
-  at::Tensor grad_x = at::empty({B, d}, x.options());
+  at::Tensor grad_x = at::empty({need_grad_x ? B : 0, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_backward_cuda", [&] {
     using T = cuda_t<scalar_t>;
     const LatentCsr csr = group_by_latent(idx.reshape(-1), n);
     sum_rows_by_latent<T, T>(csr, grad_pre.reshape(-1), pair_rows(B, k, idx.options()), xc, n, d,
                              /*transposed=*/true, grad_W_enc, &grad_b_enc);
+    if (!need_grad_x) {
+      return;
+    }
     const at::Tensor W_rows = rows_of_columns<T>(W_enc);
     C10_CUDA_CHECK(kernels::gather_rows_sum<T>(in<kernels::Acc<T>>(grad_pre), in<int64_t>(idx),
                                                in<T>(W_rows), nullptr, B, k, d,
                                                /*skip_zero=*/true, out<T>(grad_x), stream));
   });
-  at::Tensor grad_b_dec = -grad_x.sum(0);
+  at::Tensor grad_b_dec = -at::mv(W_enc, grad_b_enc);
   return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
 }
 
