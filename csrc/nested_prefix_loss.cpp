@@ -94,8 +94,12 @@ void walk_row(const scalar_t* x, const scalar_t* b_dec, const scalar_t* values,
     at_boundary(g, r);
   };
   int64_t g = 0;
-  for (const int64_t slot : order) {
+  for (int64_t position = 0; position < p.k; ++position) {
+    const int64_t slot = order[position];
     const int64_t i = indices[slot];
+    if (position + 1 < p.k) {
+      prefetch_row(W_dec + indices[order[position + 1]] * p.d, p.d);
+    }
     while (g < p.G && i >= sizes[g]) {
       boundary(g++);
     }

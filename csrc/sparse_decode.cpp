@@ -65,6 +65,9 @@ at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& ind
           acc[e] = static_cast<acc_t>(bias_ptr[e]);
         }
         for (int64_t j = 0; j < k; ++j) {
+          if (b * k + j + 1 < B * k) {
+            prefetch_row(W_ptr + idx_ptr[b * k + j + 1] * d, d);
+          }
           const acc_t v = static_cast<acc_t>(val_ptr[b * k + j]);
           if (v == acc_t(0)) {
             continue;
@@ -114,6 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* g_row = g_ptr + b * d;
         for (int64_t j = 0; j < k; ++j) {
+          if (b * k + j + 1 < B * k) {
+            prefetch_row(W_ptr + idx_ptr[b * k + j + 1] * d, d);
+          }
           const scalar_t* w_row = W_ptr + idx_ptr[b * k + j] * d;
           gv_ptr[b * k + j] = static_cast<scalar_t>(dot<wide_type<scalar_t>>(g_row, w_row, d));
         }
