@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformer_lens.utils import lm_cross_entropy_loss
+from transformer_lens.utilities import lm_cross_entropy_loss
 
 from sparsecode import lm
 from sparsecode.lm import DEFAULT_HOOK, extract_activations, hook_layer, outlier_positions
