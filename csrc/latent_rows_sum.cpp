@@ -17,16 +17,7 @@ namespace sparsecode {
 
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
                            int64_t d_sae) {
-  check_cpu_float(coef, "coef", 2);
-  check_cpu_float(src, "src", 2);
-  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong,
-              "indices must be an int64 CPU tensor, got ", indices.scalar_type(), " on ",
-              indices.device());
-  TORCH_CHECK(indices.sizes() == coef.sizes(), "indices and coef must have the same shape [B, k], got ",
-              indices.sizes(), " and ", coef.sizes());
-  TORCH_CHECK(src.size(0) == coef.size(0), "src must be [B, d] with B = ", coef.size(0),
-              " (coef's rows), got ", src.sizes());
-  TORCH_CHECK(d_sae >= 0, "d_sae must be non-negative, got ", d_sae);
+  check_rows_sum_args(coef, indices, src, d_sae, at::Device(at::kCPU));
   const int64_t B = coef.size(0);
   const int64_t k = coef.size(1);
   const int64_t d = src.size(1);

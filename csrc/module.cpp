@@ -5,52 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <sstream>
-#include <string>
-
 #include "ops.h"
-
-namespace sparsecode {
-
-void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend, got ",
-              t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
-}
-
-void check_same_dtype(const at::Tensor& a, const char* name_a, const at::Tensor& b,
-                      const char* name_b) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), name_a, " and ", name_b,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-}
-
-// "[a, b, c]": the sizes as the error messages below print them.
-std::string format_sizes(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t g = 0; g < sizes.size(); ++g) {
-    out << (g == 0 ? "" : ", ") << sizes[g];
-  }
-  out << "]";
-  return out.str();
-}
-
-void check_prefixes(at::IntArrayRef sizes, at::ArrayRef<double> weights, int64_t n) {
-  const int64_t G = static_cast<int64_t>(sizes.size());
-  TORCH_CHECK(G >= 1 && static_cast<int64_t>(weights.size()) == G,
-              "need one prefix weight per prefix size, got ", weights.size(), " weights for ", G,
-              " sizes");
-  for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(sizes[g] >= 1 && (g == 0 || sizes[g] > sizes[g - 1]),
-                "prefix_sizes must be strictly increasing positive ints, got ", format_sizes(sizes));
-  }
-  TORCH_CHECK(sizes[G - 1] == n, "the last prefix size must equal d_sae = ", n, ", got ",
-              format_sizes(sizes));
-}
-
-}  // namespace sparsecode
 
 TORCH_LIBRARY(sparsecode_C, m) {
   m.def("topk_encode_forward(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k)"

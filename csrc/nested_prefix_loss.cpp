@@ -43,25 +43,11 @@ struct Problem {
 Problem prepare(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                    const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef sizes,
                    at::ArrayRef<double> weights) {
-  check_cpu_float(x, "x", 2);
-  check_cpu_float(values, "values", 2);
-  check_cpu_float(W_dec, "W_dec", 2);
-  check_cpu_float(b_dec, "b_dec", 1);
-  check_same_dtype(x, "x", values, "values");
-  check_same_dtype(x, "x", W_dec, "W_dec");
-  check_same_dtype(x, "x", b_dec, "b_dec");
-  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong,
-              "indices must be an int64 CPU tensor");
+  check_nested_args(x, values, indices, W_dec, b_dec, sizes, weights, at::Device(at::kCPU));
   Problem p{x.size(0),         values.size(1),        W_dec.size(0),
             x.size(1),         static_cast<int64_t>(sizes.size()),
             x.contiguous(),    values.contiguous(),   indices.contiguous(),
             W_dec.contiguous(), b_dec.contiguous()};
-  TORCH_CHECK(values.size(0) == p.B && indices.sizes() == values.sizes(),
-              "values and indices must be [B, k] with B = ", p.B, ", got ", values.sizes(),
-              " and ", indices.sizes());
-  TORCH_CHECK(W_dec.size(1) == p.d && b_dec.size(0) == p.d,
-              "W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = ", p.d);
-  check_prefixes(sizes, weights, p.n);
   check_indices(p.indices.const_data_ptr<int64_t>(), p.B * p.k, p.n);
   return p;
 }

@@ -11,12 +11,33 @@
 
 namespace sparsecode {
 
-// Dense input checks shared by the kernels: `name` is the argument name in the error.
-void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim);
+// Argument checks shared by the CPU and CUDA ops (checks.cpp). `device` is where the op runs:
+// the CPU, or the GPU of its first tensor argument; `name` is the argument name in the error.
+void check_float(const at::Tensor& t, const char* name, int64_t dim, const at::Device& device);
 void check_same_dtype(const at::Tensor& a, const char* name_a, const at::Tensor& b,
                       const char* name_b);
+void check_index_tensor(const at::Tensor& indices, const at::Device& device);
 // Prefix sizes strictly increasing, positive, the last equal to n; one weight per size.
 void check_prefixes(at::IntArrayRef sizes, at::ArrayRef<double> weights, int64_t n);
+// Each op's arguments (dtypes, dims, devices, shapes; not the range of the index values).
+void check_encode_forward_args(const at::Tensor& x, const at::Tensor& W_enc,
+                               const at::Tensor& b_enc, const at::Tensor& b_dec, int64_t k,
+                               const at::Device& device);
+void check_encode_backward_args(const at::Tensor& grad_values, const at::Tensor& x,
+                                const at::Tensor& W_enc, const at::Tensor& b_dec,
+                                const at::Tensor& values, const at::Tensor& indices,
+                                const at::Device& device);
+void check_decode_forward_args(const at::Tensor& values, const at::Tensor& indices,
+                               const at::Tensor& W_dec, const at::Tensor& b_dec,
+                               const at::Device& device);
+void check_decode_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
+                                const at::Tensor& indices, const at::Tensor& W_dec,
+                                const at::Device& device);
+void check_nested_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                       const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef sizes,
+                       at::ArrayRef<double> weights, const at::Device& device);
+void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
+                         const at::Tensor& src, int64_t d_sae, const at::Device& device);
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,

@@ -18,31 +18,13 @@
 #include "ops.h"
 
 namespace sparsecode {
-namespace {
-
-void check_code(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec) {
-  check_cpu_float(values, "values", 2);
-  check_cpu_float(W_dec, "W_dec", 2);
-  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong,
-              "indices must be an int64 CPU tensor, got ", indices.scalar_type(), " on ",
-              indices.device());
-  TORCH_CHECK(indices.sizes() == values.sizes(), "indices and values must have the same shape [B, k], got ",
-              indices.sizes(), " and ", values.sizes());
-  check_same_dtype(values, "values", W_dec, "W_dec");
-}
-
-}  // namespace
-
 at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& indices,
                                  const at::Tensor& W_dec, const at::Tensor& b_dec) {
-  check_code(values, indices, W_dec);
-  check_cpu_float(b_dec, "b_dec", 1);
-  check_same_dtype(values, "values", b_dec, "b_dec");
+  check_decode_forward_args(values, indices, W_dec, b_dec, at::Device(at::kCPU));
   const int64_t B = values.size(0);
   const int64_t k = values.size(1);
   const int64_t n = W_dec.size(0);
   const int64_t d = W_dec.size(1);
-  TORCH_CHECK(b_dec.size(0) == d, "b_dec must be [d_model] = [", d, "], got ", b_dec.sizes());
 
   const at::Tensor val = values.contiguous();
   const at::Tensor idx = indices.contiguous();
@@ -89,14 +71,11 @@ at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& ind
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec) {
-  check_code(values, indices, W_dec);
+  check_decode_backward_args(grad_out, values, indices, W_dec, at::Device(at::kCPU));
   const int64_t B = values.size(0);
   const int64_t k = values.size(1);
   const int64_t n = W_dec.size(0);
   const int64_t d = W_dec.size(1);
-  check_cpu_float(grad_out, "grad_out", 2);
-  TORCH_CHECK(grad_out.size(0) == B && grad_out.size(1) == d, "grad_out must be [B, d_model] = [",
-              B, ", ", d, "], got ", grad_out.sizes());
 
   const at::Tensor g = grad_out.contiguous().to(values.scalar_type());
   const at::Tensor val = values.contiguous();

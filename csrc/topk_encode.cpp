@@ -89,31 +89,15 @@ void select_topk_row(const scalar_t* pre, const scalar_t* bias, int64_t n, int64
   }
 }
 
-void check_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec) {
-  check_cpu_float(x, "x", 2);
-  check_cpu_float(W_enc, "W_enc", 2);
-  check_cpu_float(b_dec, "b_dec", 1);
-  check_same_dtype(x, "x", W_enc, "W_enc");
-  check_same_dtype(x, "x", b_dec, "b_dec");
-  TORCH_CHECK(W_enc.size(0) == x.size(1), "W_enc must be [d_model, d_sae] with d_model = ",
-              x.size(1), " (x's last dim), got ", W_enc.sizes());
-  TORCH_CHECK(b_dec.size(0) == x.size(1), "b_dec must be [d_model] = [", x.size(1), "], got ",
-              b_dec.sizes());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
                                                        const at::Tensor& b_enc,
                                                        const at::Tensor& b_dec, int64_t k) {
-  check_encode_args(x, W_enc, b_dec);
-  check_cpu_float(b_enc, "b_enc", 1);
-  check_same_dtype(x, "x", b_enc, "b_enc");
+  check_encode_forward_args(x, W_enc, b_enc, b_dec, k, at::Device(at::kCPU));
   const int64_t B = x.size(0);
   const int64_t n = W_enc.size(1);
-  TORCH_CHECK(b_enc.size(0) == n, "b_enc must be [d_sae] = [", n, "], got ", b_enc.sizes());
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, d_sae=", n, "], got ", k);
 
   const at::Tensor xc = (x - b_dec).contiguous();
   const at::Tensor W = W_enc.contiguous();
@@ -148,15 +132,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices,
     bool need_grad_x) {
-  check_encode_args(x, W_enc, b_dec);
+  check_encode_backward_args(grad_values, x, W_enc, b_dec, values, indices, at::Device(at::kCPU));
   const int64_t B = x.size(0);
   const int64_t d = x.size(1);
   const int64_t n = W_enc.size(1);
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == B && values.sizes() == indices.sizes() &&
-                  values.sizes() == grad_values.sizes(),
-              "values, indices and grad_values must all be [B, k] with B = ", B,
-              ", got ", values.sizes(), ", ", indices.sizes(), ", ", grad_values.sizes());
   const int64_t k = values.size(1);
 
   const at::Tensor xc = (x - b_dec).contiguous();

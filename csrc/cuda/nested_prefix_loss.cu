@@ -70,19 +70,80 @@ __global__ void __launch_bounds__(kPlanThreads)
   group[p] = g;
 }
 
-// Stages the walk positions q0 .. q0 + count - 1 of row b: the slot, its latent, its value
-// and its group.
+// One chunk of a row's slots staged in shared memory, in walk order: the slot, its latent,
+// its value and its group.
+template <typename A>
+struct SlotStage {
+  int slot[kSlotChunk];
+  int64_t index[kSlotChunk];
+  A value[kSlotChunk];
+  int group[kSlotChunk];
+};
+
+// One row's code: walk order, latents, values and groups of its k slots.
 template <typename T>
-__device__ __forceinline__ void stage_slots(const int32_t* order_row, const int64_t* index_row,
-                                            const T* value_row, const int32_t* group_row,
-                                            int64_t q0, int count, int* s_slot,
-                                            int64_t* s_index, Acc<T>* s_value, int* s_group) {
+struct RowCode {
+  const int32_t* order;
+  const int64_t* index;
+  const T* value;
+  const int32_t* group;
+};
+
+template <typename T>
+__device__ __forceinline__ RowCode<T> row_code(const int32_t* order, const int64_t* indices,
+                                               const T* values, const int32_t* group, int64_t b,
+                                               int64_t k) {
+  return {order + b * k, indices + b * k, values + b * k, group + b * k};
+}
+
+// Stages the walk positions q0 .. q0 + count - 1 of a row.
+template <typename T>
+__device__ __forceinline__ void stage_slots(const RowCode<T>& row, int64_t q0, int count,
+                                            SlotStage<Acc<T>>& stage) {
   for (int t = threadIdx.x; t < count; t += blockDim.x) {
-    const int slot = order_row[q0 + t];
-    s_slot[t] = slot;
-    s_index[t] = index_row[slot];
-    s_value[t] = to_acc(value_row[slot]);
-    s_group[t] = group_row[slot];
+    const int slot = row.order[q0 + t];
+    stage.slot[t] = slot;
+    stage.index[t] = row.index[slot];
+    stage.value[t] = to_acc(row.value[slot]);
+    stage.group[t] = row.group[slot];
+  }
+}
+
+// The walk both kernels share, for this thread's column e of row b: starting from
+// r = x - b_dec, subtracts each slot's values * W_dec[index] in walk order and calls
+// at_boundary(g, r) with the residual of prefix g, once per g in order. Every thread of the
+// block calls it (inactive columns with r = 0), so at_boundary may use warp shuffles. When
+// recon is not null, *recon also accumulates the slots' sum.
+template <typename T, typename AtBoundary>
+__device__ __forceinline__ void walk_row(const T* x, const T* b_dec, const T* W_dec,
+                                         const RowCode<T>& row, int64_t b, int64_t k, int64_t d,
+                                         int64_t e, bool active, int G,
+                                         SlotStage<Acc<T>>& stage, Acc<T>* recon,
+                                         AtBoundary at_boundary) {
+  using A = Acc<T>;
+  A r = active ? to_acc(x[b * d + e]) - to_acc(b_dec[e]) : A(0);
+  int g = 0;
+  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
+    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
+    __syncthreads();  // every thread is done with the previous chunk
+    stage_slots(row, q0, count, stage);
+    __syncthreads();
+    for (int t = 0; t < count; ++t) {
+      for (; g < stage.group[t]; ++g) {
+        at_boundary(g, r);
+      }
+      const A v = stage.value[t];
+      if (active && v != A(0)) {
+        const A w = to_acc(W_dec[stage.index[t] * d + e]);
+        r -= v * w;
+        if (recon != nullptr) {
+          *recon += v * w;
+        }
+      }
+    }
+  }
+  for (; g < G; ++g) {
+    at_boundary(g, r);
   }
 }
 
@@ -95,51 +156,21 @@ __global__ void __launch_bounds__(kColTile)
                                int64_t B, int64_t k, int64_t d, int G, T* __restrict__ x_hat,
                                Acc<T>* __restrict__ partial_losses) {
   using A = Acc<T>;
-  __shared__ int s_slot[kSlotChunk];
-  __shared__ int64_t s_index[kSlotChunk];
-  __shared__ A s_value[kSlotChunk];
-  __shared__ int s_group[kSlotChunk];
+  __shared__ SlotStage<A> stage;
   __shared__ A s_loss[kMaxGroups][kWalkWarps];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t b = blockIdx.x;
   const int64_t e = blockIdx.y * kColTile + threadIdx.x;
   const bool active = e < d;
-  A r = 0;
-  A recon = 0;
-  if (active) {
-    const A bias = to_acc(b_dec[e]);
-    r = to_acc(x[b * d + e]) - bias;
-    recon = bias;
-  }
-  int g = 0;
-  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
-    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
-    __syncthreads();  // every thread is done with the previous chunk
-    stage_slots(order + b * k, indices + b * k, values + b * k, group + b * k, q0, count,
-                s_slot, s_index, s_value, s_group);
-    __syncthreads();
-    for (int t = 0; t < count; ++t) {
-      for (; g < s_group[t]; ++g) {
-        const A square = warp_sum(r * r);
-        if (lane == 0) {
-          s_loss[g][warp] = square;
-        }
-      }
-      const A v = s_value[t];
-      if (active && v != A(0)) {
-        const A w = to_acc(W_dec[s_index[t] * d + e]);
-        r -= v * w;
-        recon += v * w;
-      }
-    }
-  }
-  for (; g < G; ++g) {
-    const A square = warp_sum(r * r);
-    if (lane == 0) {
-      s_loss[g][warp] = square;
-    }
-  }
+  A recon = active ? to_acc(b_dec[e]) : A(0);
+  walk_row(x, b_dec, W_dec, row_code(order, indices, values, group, b, k), b, k, d, e, active, G,
+           stage, &recon, [&](int g, A r) {
+             const A square = warp_sum(r * r);
+             if (lane == 0) {
+               s_loss[g][warp] = square;
+             }
+           });
   if (active) {
     x_hat[b * d + e] = from_acc<T>(recon);
   }
@@ -165,10 +196,7 @@ __global__ void __launch_bounds__(kColTile)
                                 int64_t d, int G, T* __restrict__ grad_x, Acc<T>* __restrict__ S,
                                 Acc<T>* __restrict__ partial_dots) {
   using A = Acc<T>;
-  __shared__ int s_slot[kSlotChunk];
-  __shared__ int64_t s_index[kSlotChunk];
-  __shared__ A s_value[kSlotChunk];
-  __shared__ int s_group[kSlotChunk];
+  __shared__ SlotStage<A> stage;
   __shared__ A s_S[kMaxGroups][kColTile];  // r_g, then S_g, of this block's columns
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -177,33 +205,11 @@ __global__ void __launch_bounds__(kColTile)
   const int64_t e0 = blockIdx.y * kColTile;
   const int64_t e = e0 + col;
   const bool active = e < d;
-  const int32_t* order_row = order + b * k;
-  const int64_t* index_row = indices + b * k;
-  const T* value_row = values + b * k;
-  const int32_t* group_row = group + b * k;
+  const RowCode<T> row = row_code(order, indices, values, group, b, k);
 
   // The walk: r_g of this thread's column into s_S[g][col].
-  A r = active ? to_acc(x[b * d + e]) - to_acc(b_dec[e]) : A(0);
-  int g = 0;
-  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
-    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
-    __syncthreads();
-    stage_slots(order_row, index_row, value_row, group_row, q0, count, s_slot, s_index, s_value,
-                s_group);
-    __syncthreads();
-    for (int t = 0; t < count; ++t) {
-      for (; g < s_group[t]; ++g) {
-        s_S[g][col] = r;
-      }
-      const A v = s_value[t];
-      if (active && v != A(0)) {
-        r -= v * to_acc(W_dec[s_index[t] * d + e]);
-      }
-    }
-  }
-  for (; g < G; ++g) {
-    s_S[g][col] = r;
-  }
+  walk_row(x, b_dec, W_dec, row, b, k, d, e, active, G, stage, static_cast<A*>(nullptr),
+           [&](int g, A r) { s_S[g][col] = r; });
 
   // Suffix sums of the scaled residuals; grad_x is S_0 before x_hat's gradient joins.
   A suffix = 0;
@@ -226,12 +232,11 @@ __global__ void __launch_bounds__(kColTile)
   for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
     const int count = static_cast<int>(min64(kSlotChunk, k - q0));
     __syncthreads();  // s_S is complete; every warp is done with the previous chunk
-    stage_slots(order_row, index_row, value_row, group_row, q0, count, s_slot, s_index, s_value,
-                s_group);
+    stage_slots(row, q0, count, stage);
     __syncthreads();
     for (int t = warp; t < count; t += kWalkWarps) {
-      const T* w = W_dec + s_index[t] * d + e0;
-      const A* S_h = s_S[s_group[t]];
+      const T* w = W_dec + stage.index[t] * d + e0;
+      const A* S_h = s_S[stage.group[t]];
       A dot = 0;
       for (int u = 0; u < kColsPerLane; ++u) {
         const int c = lane + u * kWarp;
@@ -241,7 +246,7 @@ __global__ void __launch_bounds__(kColTile)
       }
       dot = warp_sum(dot);
       if (lane == 0) {
-        partial_dots[(blockIdx.y * B + b) * k + s_slot[t]] = dot;
+        partial_dots[(blockIdx.y * B + b) * k + stage.slot[t]] = dot;
       }
     }
   }

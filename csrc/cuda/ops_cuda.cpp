@@ -80,24 +80,6 @@ at::ScalarType acc_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_cuda_float(const at::Tensor& t, const char* name, int64_t dim,
-                      const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got ", t.device(),
-              "; use the cpp backend for CPU tensors");
-  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the other inputs are on ",
-              device, "; move them to one GPU");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
-}
-
-void check_cuda_indices(const at::Tensor& indices, const at::Device& device) {
-  TORCH_CHECK(indices.is_cuda() && indices.device() == device &&
-                  indices.scalar_type() == at::kLong,
-              "indices must be an int64 CUDA tensor on ", device, " like the other inputs, got ",
-              indices.scalar_type(), " on ", indices.device());
-}
-
 // Throws unless every index lies in [0, n): an out-of-range id would read or write outside
 // the weight matrices. One small device-to-host copy (a synchronisation).
 void check_index_range(const at::Tensor& indices, int64_t n) {
@@ -163,18 +145,6 @@ at::Tensor rows_of_columns(const at::Tensor& W_enc) {
   return W_t;
 }
 
-void check_encode_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec) {
-  check_cuda_float(x, "x", 2, x.device());
-  check_cuda_float(W_enc, "W_enc", 2, x.device());
-  check_cuda_float(b_dec, "b_dec", 1, x.device());
-  check_same_dtype(x, "x", W_enc, "W_enc");
-  check_same_dtype(x, "x", b_dec, "b_dec");
-  TORCH_CHECK(W_enc.size(0) == x.size(1), "W_enc must be [d_model, d_sae] with d_model = ",
-              x.size(1), " (x's last dim), got ", W_enc.sizes());
-  TORCH_CHECK(b_dec.size(0) == x.size(1), "b_dec must be [d_model] = [", x.size(1), "], got ",
-              b_dec.sizes());
-}
-
 // values / indices [rows, k]: the k largest entries of each row of pre, ties to the lower
 // index, listed in ascending index order; values through relu.
 std::tuple<at::Tensor, at::Tensor> select_topk(const at::Tensor& pre, int64_t k) {
@@ -197,13 +167,9 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
                                                        const at::Tensor& b_enc,
                                                        const at::Tensor& b_dec, int64_t k) {
-  check_encode_args(x, W_enc, b_dec);
-  check_cuda_float(b_enc, "b_enc", 1, x.device());
-  check_same_dtype(x, "x", b_enc, "b_enc");
+  check_encode_forward_args(x, W_enc, b_enc, b_dec, k, x.device());
   const int64_t B = x.size(0);
   const int64_t n = W_enc.size(1);
-  TORCH_CHECK(b_enc.size(0) == n, "b_enc must be [d_sae] = [", n, "], got ", b_enc.sizes());
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, d_sae=", n, "], got ", k);
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::Tensor xc = (x - b_dec).contiguous();
@@ -224,17 +190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices,
     bool need_grad_x) {
-  check_encode_args(x, W_enc, b_dec);
+  check_encode_backward_args(grad_values, x, W_enc, b_dec, values, indices, x.device());
   const int64_t B = x.size(0);
   const int64_t d = x.size(1);
   const int64_t n = W_enc.size(1);
-  check_cuda_indices(indices, x.device());
-  check_cuda_float(values, "values", 2, x.device());
-  check_cuda_float(grad_values, "grad_values", 2, x.device());
-  TORCH_CHECK(values.size(0) == B && values.sizes() == indices.sizes() &&
-                  values.sizes() == grad_values.sizes(),
-              "values, indices and grad_values must all be [B, k] with B = ", B, ", got ",
-              values.sizes(), ", ", indices.sizes(), ", ", grad_values.sizes());
   const int64_t k = values.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -267,26 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
   return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
 }
 
-void check_code(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec) {
-  check_cuda_float(values, "values", 2, values.device());
-  check_cuda_float(W_dec, "W_dec", 2, values.device());
-  check_cuda_indices(indices, values.device());
-  TORCH_CHECK(indices.sizes() == values.sizes(),
-              "indices and values must have the same shape [B, k], got ", indices.sizes(),
-              " and ", values.sizes());
-  check_same_dtype(values, "values", W_dec, "W_dec");
-}
-
 at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& indices,
                                  const at::Tensor& W_dec, const at::Tensor& b_dec) {
-  check_code(values, indices, W_dec);
-  check_cuda_float(b_dec, "b_dec", 1, values.device());
-  check_same_dtype(values, "values", b_dec, "b_dec");
+  check_decode_forward_args(values, indices, W_dec, b_dec, values.device());
   const int64_t B = values.size(0);
   const int64_t k = values.size(1);
   const int64_t n = W_dec.size(0);
   const int64_t d = W_dec.size(1);
-  TORCH_CHECK(b_dec.size(0) == d, "b_dec must be [d_model] = [", d, "], got ", b_dec.sizes());
   const c10::cuda::CUDAGuard guard(values.device());
 
   const at::Tensor coef = values.contiguous().to(acc_dtype(values.scalar_type()));
@@ -307,14 +253,11 @@ at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& ind
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec) {
-  check_code(values, indices, W_dec);
+  check_decode_backward_args(grad_out, values, indices, W_dec, values.device());
   const int64_t B = values.size(0);
   const int64_t k = values.size(1);
   const int64_t n = W_dec.size(0);
   const int64_t d = W_dec.size(1);
-  check_cuda_float(grad_out, "grad_out", 2, values.device());
-  TORCH_CHECK(grad_out.size(0) == B && grad_out.size(1) == d,
-              "grad_out must be [B, d_model] = [", B, ", ", d, "], got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -340,15 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
 
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
                            int64_t d_sae) {
-  check_cuda_float(coef, "coef", 2, src.device());
-  check_cuda_float(src, "src", 2, src.device());
-  check_cuda_indices(indices, src.device());
-  TORCH_CHECK(indices.sizes() == coef.sizes(),
-              "indices and coef must have the same shape [B, k], got ", indices.sizes(), " and ",
-              coef.sizes());
-  TORCH_CHECK(src.size(0) == coef.size(0), "src must be [B, d] with B = ", coef.size(0),
-              " (coef's rows), got ", src.sizes());
-  TORCH_CHECK(d_sae >= 0, "d_sae must be non-negative, got ", d_sae);
+  check_rows_sum_args(coef, indices, src, d_sae, src.device());
   const int64_t B = coef.size(0);
   const int64_t k = coef.size(1);
   const int64_t d = src.size(1);
@@ -380,25 +315,12 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
                              const at::Tensor& indices, const at::Tensor& W_dec,
                              const at::Tensor& b_dec, at::IntArrayRef sizes,
                              at::ArrayRef<double> weights) {
-  check_cuda_float(x, "x", 2, x.device());
-  check_cuda_float(values, "values", 2, x.device());
-  check_cuda_float(W_dec, "W_dec", 2, x.device());
-  check_cuda_float(b_dec, "b_dec", 1, x.device());
-  check_same_dtype(x, "x", values, "values");
-  check_same_dtype(x, "x", W_dec, "W_dec");
-  check_same_dtype(x, "x", b_dec, "b_dec");
-  check_cuda_indices(indices, x.device());
+  check_nested_args(x, values, indices, W_dec, b_dec, sizes, weights, x.device());
   NestedProblem p{x.size(0),          values.size(1),        W_dec.size(0),
                   x.size(1),          static_cast<int64_t>(sizes.size()),
                   x.contiguous(),     values.contiguous(),   indices.contiguous(),
                   W_dec.contiguous(), b_dec.contiguous(),    {},
                   {},                 {}};
-  TORCH_CHECK(values.size(0) == p.B && indices.sizes() == values.sizes(),
-              "values and indices must be [B, k] with B = ", p.B, ", got ", values.sizes(),
-              " and ", indices.sizes());
-  TORCH_CHECK(W_dec.size(1) == p.d && b_dec.size(0) == p.d,
-              "W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = ", p.d);
-  check_prefixes(sizes, weights, p.n);
   TORCH_CHECK(p.G <= kernels::kMaxGroups, "the cuda backend supports at most ",
               kernels::kMaxGroups, " prefix sizes, got ", p.G,
               "; merge prefixes or use the cpp backend");
@@ -457,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
   if (has_grad_x_hat) {
     TORCH_CHECK(grad_x_hat->sizes() == x.sizes(), "grad_x_hat must be [B, d_model] like x, got ",
                 grad_x_hat->sizes());
-    check_cuda_float(*grad_x_hat, "grad_x_hat", 2, x.device());
+    check_float(*grad_x_hat, "grad_x_hat", 2, x.device());
     g_hat = grad_x_hat->contiguous().to(x.scalar_type());
   }
   // scale[g] = 2 c_g / B with c_g = grad_loss * w_g + grad_prefix_losses[g], in float64.
