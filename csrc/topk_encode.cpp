@@ -7,8 +7,8 @@
 //           elements is alive (and reused across calls), never the whole [B, n] matrix.
 //           The GEMM writes (x - b_dec) @ W_enc alone; b_enc is added as the selection reads
 //           each entry, which saves addmm's broadcast copy of b_enc into the buffer.
-//           Cost: the GEMM (2*B*d*n flops) plus one read of each pre row with a k-heap
-//           (O(n + k log k log n) per row).
+//           Cost: the GEMM (2*B*d*n flops) plus one read of each pre row, keeping the
+//           entries above a running k-th-best threshold (O(n + k log k + k log(n/k)) per row).
 // Backward: dpre = grad_values * [values > 0] on the B*k active pairs only, then
 //           dW_enc[:, i] = sum dpre * x'[b]        (segmented by latent, transposed tiles)
 //           db_enc[i]    = sum dpre
@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -37,30 +38,49 @@ constexpr int64_t kChunkElems = int64_t(1) << 24;  // 64 MiB of float32 pre-acti
 constexpr int64_t kScanBlock = 32;                 // pre entries checked at once for a new top-k entry
 constexpr int64_t kRowBlock = 8;                   // rows of W_enc gathered together for grad_x
 
+// Slots of the candidate buffer of select_topk_row for a given k.
+inline int64_t candidate_slots(int64_t k) { return 2 * k + 64; }
+
 // Selects the k largest of pre[0:n] + bias[0:n] (lower index first among equals) into
-// values/indices, sorted by index, values passed through relu. `heap` is scratch of size k.
+// values/indices, sorted by index, values passed through relu. `buf` is scratch of
+// candidate_slots(k) entries.
+//
+// Entries above the running threshold are appended to buf; when it is full, nth_element keeps
+// the k best and the threshold becomes the k-th best value. Appending is cheaper than a heap
+// update per new entry, and a full buffer is compacted only every k + 64 appends. A NaN
+// pre-activation counts as -inf, so every comparison below is a strict weak order.
 template <typename scalar_t, typename acc_t>
 void select_topk_row(const scalar_t* pre, const scalar_t* bias, int64_t n, int64_t k,
-                     std::vector<std::pair<acc_t, int64_t>>& heap, scalar_t* values,
+                     std::vector<std::pair<acc_t, int64_t>>& buf, scalar_t* values,
                      int64_t* indices) {
   auto at = [&](int64_t i) { return static_cast<acc_t>(pre[i]) + static_cast<acc_t>(bias[i]); };
-  // Ordering "a is better than b"; with it the std heap keeps the worst kept entry at front.
+  // "a is better than b": the larger value, or the lower index among equals.
   auto better = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
+  const acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t slots = static_cast<int64_t>(buf.size());
+  int64_t used = 0;
   for (int64_t i = 0; i < k; ++i) {
-    heap[i] = {at(i), i};
+    const acc_t v = at(i);
+    buf[used++] = {v == v ? v : minus_inf, i};
   }
-  std::make_heap(heap.begin(), heap.end(), better);
-  acc_t threshold = heap.front().first;
+  // Every entry better than the k-th best so far is at or above this (-inf until the first
+  // compaction). A later entry equal to it has a higher index than the kept ones, so it
+  // never beats them: only strictly larger values are taken.
+  acc_t threshold = minus_inf;
+  auto keep_best_k = [&] {
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + used, better);
+    used = k;
+    threshold = buf[k - 1].first;
+  };
   auto offer = [&](int64_t i) {
     const acc_t v = at(i);
-    // A later equal value has a higher index, so it never beats the kept one.
     if (v > threshold) {
-      std::pop_heap(heap.begin(), heap.end(), better);
-      heap.back() = {v, i};
-      std::push_heap(heap.begin(), heap.end(), better);
-      threshold = heap.front().first;
+      buf[used++] = {v, i};
+      if (used == slots) {
+        keep_best_k();
+      }
     }
   };
   // Most blocks hold nothing above the running threshold: a vectorised max skips them.
@@ -81,11 +101,14 @@ void select_topk_row(const scalar_t* pre, const scalar_t* bias, int64_t n, int64
   for (; i < n; ++i) {
     offer(i);
   }
-  std::sort(heap.begin(), heap.end(),
+  if (used > k) {
+    keep_best_k();
+  }
+  std::sort(buf.begin(), buf.begin() + k,
             [](const auto& a, const auto& b) { return a.second < b.second; });
   for (int64_t j = 0; j < k; ++j) {
-    values[j] = static_cast<scalar_t>(std::max(heap[j].first, acc_t(0)));
-    indices[j] = heap[j].second;
+    values[j] = static_cast<scalar_t>(std::max(buf[j].first, acc_t(0)));
+    indices[j] = buf[j].second;
   }
 }
 
@@ -117,10 +140,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
       scalar_t* val_ptr = values.mutable_data_ptr<scalar_t>() + r0 * k;
       int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>() + r0 * k;
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<std::pair<acc_t, int64_t>> heap(k);
+        std::vector<std::pair<acc_t, int64_t>> buf(candidate_slots(k));
         for (int64_t r = begin; r < end; ++r) {
           select_topk_row<scalar_t, acc_t>(pre_ptr + r * n, bias.const_data_ptr<scalar_t>(), n,
-                                           k, heap, val_ptr + r * k, idx_ptr + r * k);
+                                           k, buf, val_ptr + r * k, idx_ptr + r * k);
         }
       });
     }
