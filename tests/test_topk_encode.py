@@ -126,6 +126,20 @@ def test_all_negative_preactivations_give_zero_values(seed):
     check_topk_selection([x, W_enc, b_enc, b_dec], indices, 5)
 
 
+@pytest.mark.parametrize("k", [1, 5])
+def test_nan_preactivations_are_never_preferred(k, seed):
+    """A NaN pre-activation ranks below every number: the kernel keeps the top-k of the
+    finite entries, whatever the NaN's position in the row."""
+    x, W_enc, b_enc, b_dec = make_inputs(6, 8, 40, torch.float64)
+    b_enc[[0, 17, 39]] = float("nan")
+    values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="cpp")
+    assert bool(torch.isfinite(values).all())
+    assert not bool(torch.isin(indices, torch.tensor([0, 17, 39])).any())
+    finite = b_enc.nan_to_num(nan=float("-inf"))
+    ref_values, ref_indices = reference.topk_encode(x, W_enc, finite, b_dec, k)
+    assert torch.equal(indices, ref_indices)
+    assert_close(values, ref_values, 1e-12, "values")
+
 def test_gradcheck(seed):
     inputs = [t.requires_grad_() for t in make_inputs(5, 6, 19, torch.float64)]
     assert torch.autograd.gradcheck(
