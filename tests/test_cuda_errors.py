@@ -29,6 +29,10 @@ def test_bad_arguments_are_named():
         C.sparse_decode_forward(values, bad, W_dec, b_dec)
     with pytest.raises(RuntimeError, match="W_dec must be a CUDA tensor"):
         C.sparse_decode_forward(values, indices, W_dec.cpu(), b_dec)
+    with pytest.raises(RuntimeError, match="values must be a CUDA tensor"):
+        C.sparse_decode_forward(values.cpu(), indices, W_dec, b_dec)
+    with pytest.raises(RuntimeError, match="indices must be an int64 tensor on cuda"):
+        C.sparse_decode_forward(values, indices.int(), W_dec, b_dec)
     with pytest.raises(RuntimeError, match="same dtype"):
         C.sparse_decode_forward(values.double(), indices, W_dec, b_dec)
     x = torch.randn(2, 4, device="cuda")

@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -78,6 +79,17 @@ T* out(at::Tensor& t) {
 // The accumulation dtype of the kernels for storage dtype `dtype`.
 at::ScalarType acc_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The GPU an op runs on: that of its first CUDA tensor argument (the dispatcher picked the CUDA
+// kernel, so there is one). The shared checks then name any argument that is elsewhere.
+at::Device op_device(std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.is_cuda()) {
+      return t.device();
+    }
+  }
+  return tensors.begin()->device();
 }
 
 // Throws unless every index lies in [0, n): an out-of-range id would read or write outside
@@ -167,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
                                                        const at::Tensor& b_enc,
                                                        const at::Tensor& b_dec, int64_t k) {
-  check_encode_forward_args(x, W_enc, b_enc, b_dec, k, x.device());
+  check_encode_forward_args(x, W_enc, b_enc, b_dec, k, op_device({x, W_enc, b_enc, b_dec}));
   const int64_t B = x.size(0);
   const int64_t n = W_enc.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -190,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
     const at::Tensor& b_dec, const at::Tensor& values, const at::Tensor& indices,
     bool need_grad_x) {
-  check_encode_backward_args(grad_values, x, W_enc, b_dec, values, indices, x.device());
+  check_encode_backward_args(grad_values, x, W_enc, b_dec, values, indices,
+                             op_device({x, W_enc, b_dec, values, grad_values}));
   const int64_t B = x.size(0);
   const int64_t d = x.size(1);
   const int64_t n = W_enc.size(1);
@@ -228,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
 
 at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& indices,
                                  const at::Tensor& W_dec, const at::Tensor& b_dec) {
-  check_decode_forward_args(values, indices, W_dec, b_dec, values.device());
+  check_decode_forward_args(values, indices, W_dec, b_dec, op_device({values, W_dec, b_dec}));
   const int64_t B = values.size(0);
   const int64_t k = values.size(1);
   const int64_t n = W_dec.size(0);
@@ -253,7 +266,8 @@ at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& ind
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec) {
-  check_decode_backward_args(grad_out, values, indices, W_dec, values.device());
+  check_decode_backward_args(grad_out, values, indices, W_dec,
+                             op_device({values, W_dec, grad_out}));
   const int64_t B = values.size(0);
   const int64_t k = values.size(1);
   const int64_t n = W_dec.size(0);
@@ -283,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
 
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
                            int64_t d_sae) {
-  check_rows_sum_args(coef, indices, src, d_sae, src.device());
+  check_rows_sum_args(coef, indices, src, d_sae, op_device({src, coef}));
   const int64_t B = coef.size(0);
   const int64_t k = coef.size(1);
   const int64_t d = src.size(1);
@@ -315,7 +329,8 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
                              const at::Tensor& indices, const at::Tensor& W_dec,
                              const at::Tensor& b_dec, at::IntArrayRef sizes,
                              at::ArrayRef<double> weights) {
-  check_nested_args(x, values, indices, W_dec, b_dec, sizes, weights, x.device());
+  check_nested_args(x, values, indices, W_dec, b_dec, sizes, weights,
+                    op_device({x, values, W_dec, b_dec}));
   NestedProblem p{x.size(0),          values.size(1),        W_dec.size(0),
                   x.size(1),          static_cast<int64_t>(sizes.size()),
                   x.contiguous(),     values.contiguous(),   indices.contiguous(),
