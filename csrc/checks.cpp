@@ -151,6 +151,18 @@ void check_nested_args(const at::Tensor& x, const at::Tensor& values, const at::
   check_prefixes(sizes, weights, W_dec.size(0));
 }
 
+void check_nested_grads(const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
+                        const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x,
+                        int64_t G, const at::Device& device) {
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_prefix_losses.numel() == G,
+              "grad_loss must be a scalar and grad_prefix_losses [G]");
+  if (grad_x_hat.has_value() && grad_x_hat->defined()) {
+    TORCH_CHECK(grad_x_hat->sizes() == x.sizes(), "grad_x_hat must be [B, d_model] like x, got ",
+                grad_x_hat->sizes());
+    check_float(*grad_x_hat, "grad_x_hat", 2, device);
+  }
+}
+
 void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
                          const at::Tensor& src, int64_t d_sae, const at::Device& device) {
   check_float(coef, "coef", 2, device);

@@ -161,13 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
     at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
   const Problem p = prepare(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_prefix_losses.numel() == p.G,
-              "grad_loss must be a scalar and grad_prefix_losses [G]");
+  check_nested_grads(grad_loss, grad_prefix_losses, grad_x_hat, x, p.G, at::Device(at::kCPU));
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
   at::Tensor g_hat;
   if (has_grad_x_hat) {
-    TORCH_CHECK(grad_x_hat->sizes() == x.sizes(), "grad_x_hat must be [B, d_model] like x, got ",
-                grad_x_hat->sizes());
     g_hat = grad_x_hat->contiguous().to(x.scalar_type());
   }
 

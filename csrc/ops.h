@@ -36,6 +36,10 @@ void check_decode_backward_args(const at::Tensor& grad_out, const at::Tensor& va
 void check_nested_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                        const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef sizes,
                        at::ArrayRef<double> weights, const at::Device& device);
+// The nested loss backward's incoming gradients (grad_x_hat may be absent).
+void check_nested_grads(const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
+                        const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x,
+                        int64_t G, const at::Device& device);
 void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
                          const at::Tensor& src, int64_t d_sae, const at::Device& device);
 

@@ -387,14 +387,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
   const c10::cuda::CUDAGuard guard(x.device());
   const NestedProblem p =
       prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_prefix_losses.numel() == p.G,
-              "grad_loss must be a scalar and grad_prefix_losses [G]");
+  check_nested_grads(grad_loss, grad_prefix_losses, grad_x_hat, x, p.G, x.device());
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
   at::Tensor g_hat;
   if (has_grad_x_hat) {
-    TORCH_CHECK(grad_x_hat->sizes() == x.sizes(), "grad_x_hat must be [B, d_model] like x, got ",
-                grad_x_hat->sizes());
-    check_float(*grad_x_hat, "grad_x_hat", 2, x.device());
     g_hat = grad_x_hat->contiguous().to(x.scalar_type());
   }
   // scale[g] = 2 c_g / B with c_g = grad_loss * w_g + grad_prefix_losses[g], in float64.
