@@ -3,13 +3,13 @@
 # CUDA kernels, runs the tests marked gpu, runs the GPU benchmarks, and ends with the results
 # table and a one-line summary of the stages.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench]
+#   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench|profile]
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
 # Files written to $OUT: env.txt, build.log, gpu_tests.log, gpu_errors.log, gpu_bench.log,
-# gpu_results.md.
+# gpu_results.md, gpu_profile.log.
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
-# TESTS_TIMEOUT, BENCH_TIMEOUT seconds), and no stage runs past TOTAL_TIMEOUT seconds from the
+# TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds), and no stage runs past TOTAL_TIMEOUT seconds from the
 # start, so that the whole script ends inside one 10-minute call.
 
 set -u
@@ -17,8 +17,8 @@ cd "$(dirname "$0")/.." || exit 1
 
 STAGE="${1:-all}"
 case "$STAGE" in
-  all | build | tests | bench) ;;
-  *) echo "usage: OUT=folder bash benchmarks/gpu_check.sh [build|tests|bench]" >&2; exit 2 ;;
+  all | build | tests | bench | profile) ;;
+  *) echo "usage: OUT=folder bash benchmarks/gpu_check.sh [build|tests|bench|profile]" >&2; exit 2 ;;
 esac
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
@@ -26,6 +26,7 @@ PYTHON="${PYTHON:-python3}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-170}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-170}"
+PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-90}"
 TOTAL_TIMEOUT="${TOTAL_TIMEOUT:-570}"
 export PYTHONUNBUFFERED=1
 SUMMARY=()
@@ -108,6 +109,10 @@ if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
     echo "no results table was written; the end of $OUT/gpu_bench.log:"
     tail -n 40 "$OUT/gpu_bench.log"
   fi
+fi
+
+if [[ "$STAGE" == all || "$STAGE" == profile ]]; then
+  run_stage profile "$PROFILE_TIMEOUT" "$OUT/gpu_profile.log" "$PYTHON" benchmarks/gpu_profile.py
 fi
 
 echo

@@ -1,0 +1,94 @@
+"""Where the GPU time goes: a kernel-by-kernel breakdown (torch.profiler) of the operations that
+benchmarks/test_gpu.py times, at its problem size, for choosing what to speed up next.
+
+    python benchmarks/gpu_profile.py > profile.txt
+
+Each section profiles a few runs after warm-up and prints the kernels sorted by their total
+device time (per-run figures: divide by the run count printed in the heading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sparsecode
+from sparsecode import ops, reference
+
+BATCH, D_MODEL, D_SAE, K = 8192, 2304, 65536, 64
+PREFIX_SIZES = (2048, 4096, 8192, 16384, 32768, 65536)
+PREFIX_WEIGHTS = tuple(1 / len(PREFIX_SIZES) for _ in PREFIX_SIZES)
+DTYPE = torch.bfloat16
+RUNS = 5
+
+
+def breakdown(title: str, fn: Callable[[], object]) -> None:
+    """Prints the device kernels of RUNS calls of fn (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(RUNS):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n=== {title} ({RUNS} runs)")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
+                                    max_name_column_width=70))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev = "cuda"
+    W_dec = torch.randn(D_SAE, D_MODEL, device=dev)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = W_dec.T.contiguous().to(DTYPE).requires_grad_()
+    W_dec = W_dec.to(DTYPE).requires_grad_()
+    x = torch.randn(BATCH, D_MODEL, device=dev, dtype=DTYPE)
+    b_enc = (0.01 * torch.randn(D_SAE, device=dev)).to(DTYPE).requires_grad_()
+    b_dec = (0.01 * torch.randn(D_MODEL, device=dev)).to(DTYPE).requires_grad_()
+    grad = torch.randn_like(x)
+    with torch.no_grad():
+        values, indices = reference.topk_encode(x, W_enc, b_enc, b_dec, K)
+    values = values.requires_grad_()
+
+    with torch.no_grad():
+        breakdown("fused encode forward", lambda: ops.topk_encode(x, W_enc, b_enc, b_dec, K))
+
+    def decode() -> object:
+        x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
+        return torch.autograd.grad(x_hat, (values, W_dec, b_dec), grad)
+
+    breakdown("sparse decode fwd+bwd", decode)
+
+    v, i = ops.topk_encode(x, W_enc, b_enc, b_dec, K)
+    x_hat = ops.sparse_decode(v, i, W_dec, b_dec)
+    leaves = (W_enc, b_enc, W_dec, b_dec)
+    breakdown("encode+decode backward",
+              lambda: torch.autograd.grad(x_hat, leaves, grad, retain_graph=True))
+    del v, i, x_hat
+
+    def nested() -> object:
+        loss, _ = ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
+                                         PREFIX_WEIGHTS)
+        return torch.autograd.grad(loss, (values, W_dec, b_dec))
+
+    breakdown("nested loss fwd+bwd", nested)
+    del W_enc, W_dec, b_enc, b_dec, values
+    torch.cuda.empty_cache()
+
+    sae = sparsecode.MatryoshkaSAE(D_MODEL, D_SAE, K, list(PREFIX_SIZES), device=dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        opt.zero_grad()
+        half = {name: p.to(DTYPE) for name, p in sae.named_parameters()}
+        torch.func.functional_call(sae, half, (x,)).loss.backward()
+        opt.step()
+
+    breakdown("Matryoshka training step", step)
+
+
+if __name__ == "__main__":
+    main()
