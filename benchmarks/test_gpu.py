@@ -77,6 +77,17 @@ SWEEP = [
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
     {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 4, "num_stages": 3},
 ]
+# The same kernel loading the x' and W_enc tiles through tensor descriptors (TMA) instead of
+# masked pointers; swept last (test_encode_tma_sweep), so that a fault there cannot spoil the
+# other measurements of the run.
+TMA_SWEEP = [
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
+     "tma": True},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
+     "tma": True},
+    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
+     "tma": True},
+]
 
 
 def time_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
@@ -295,9 +306,11 @@ def test_encode(report: Report, problem: Problem) -> None:
     report.fail_on_errors_since(errors)
 
 
-def test_encode_config_sweep(report: Report, problem: Problem) -> None:
-    """Issue 6: the fused encode forward (no autograd) with each EncodeConfig of SWEEP. A
-    config that the class or the launch rejects is reported as skipped, with the reason."""
+def sweep_encode_configs(report: Report, problem: Problem, configs: list[dict]) -> None:
+    """Times the fused encode forward (no autograd) with each EncodeConfig(**fields) of
+    `configs`. A config that the class or the launch rejects is reported as skipped, with the
+    reason (for tma=True configs that includes triton.set_allocator and the descriptors'
+    creation, which happen inside the launch)."""
     errors = len(report.errors)
     p = problem
     module = report.attempt(
@@ -311,7 +324,7 @@ def test_encode_config_sweep(report: Report, problem: Problem) -> None:
     def encode_with(config: object) -> Callable[[], tuple[Tensor, Tensor]]:
         return lambda: module.topk_encode_forward(p.x, p.W_enc, p.b_enc, p.b_dec, K, config=config)
 
-    for fields in SWEEP:
+    for fields in configs:
         label = "encode config " + " ".join(f"{key}={value}" for key, value in fields.items())
         try:
             encode = encode_with(module.EncodeConfig(**fields))
@@ -330,6 +343,14 @@ def test_encode_config_sweep(report: Report, problem: Problem) -> None:
         error = ((ours - theirs).norm() / theirs.norm()).item()
         versus_mm = f", {ms / mm:.2f}× mm" if mm else ""
         report.add(label, f"{ms:.3f} ms{versus_mm}; values rel. error vs mm+topk {error:.1e}")
+
+
+def test_encode_config_sweep(report: Report, problem: Problem) -> None:
+    """Issue 6: the fused encode with each tile config of SWEEP, then with k = 1."""
+    sweep_encode_configs(report, problem, SWEEP)
+    p = problem
+    module = importlib.import_module("sparsecode.triton_kernels.topk_encode")
+    mm = report.times.get(MM)
     # With k = 1 the running top-k is one slot that rarely changes: the kernel's GEMM and tile
     # walk alone, which splits the fused encode's time into GEMM and selection.
     one = lambda: module.topk_encode_forward(p.x, p.W_enc, p.b_enc, p.b_dec, 1)  # noqa: E731
@@ -570,3 +591,9 @@ def test_training_steps(report: Report) -> None:
                  matryoshka.ms / topk.ms if matryoshka is not None and topk is not None else None,
                  1.05, at_least=False)
     report.fail_on_errors_since(errors)
+
+
+def test_encode_tma_sweep(report: Report, problem: Problem) -> None:
+    """Issue 6: the fused encode with the tensor-descriptor (TMA) loads of TMA_SWEEP; last in
+    the module, since a kernel fault would leave the CUDA context unusable."""
+    sweep_encode_configs(report, problem, TMA_SWEEP)

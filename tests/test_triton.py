@@ -13,7 +13,8 @@ import itertools
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the triton package is not installed (pip install triton)")
+triton = pytest.importorskip("triton",
+                             reason="the triton package is not installed (pip install triton)")
 
 from sparsecode import ops, reference, sparse_grad  # noqa: E402
 from sparsecode.backends import BackendUnavailableError, resolve_backend  # noqa: E402
@@ -83,6 +84,52 @@ def test_encode_result_does_not_depend_on_the_column_split(splits, seed):
     ref_values, ref_indices = reference.topk_encode(*(t.double() for t in (x, W_enc, b_enc, b_dec)), 8)
     assert torch.equal(indices, ref_indices)
     assert_close(values, ref_values, TOLERANCE[torch.float32], "values")
+
+
+# EncodeConfig(tma=True) under the interpreter: triton's interpreter runs tensor descriptors as
+# masked loads (zero past the edges), and checks their 16-byte alignment as the GPU needs.
+_TMA_TILES = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, num_stages=1)
+_INTERPRETER_HAS_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
+needs_interpreted_descriptors = pytest.mark.skipif(
+    not _INTERPRETER_HAS_DESCRIPTORS,
+    reason=f"triton {triton.__version__}'s interpreter has no tl.make_tensor_descriptor",
+)
+
+
+@needs_interpreted_descriptors
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", itertools.product([5], [32, 40], [64, 136], [1, 3]))
+def test_encode_with_tensor_descriptors_matches_reference(B, d, n, k, dtype, seed):
+    """The TMA load path: row, column and d tails past the tensors' edges (B < block_b, n and d
+    not multiples of the tiles) are zero-filled like the masked loads, so the result is the
+    masked path's, bit for bit, and matches the reference."""
+    inputs = make_inputs(B, d, n, dtype)
+    values, indices = topk_encode_forward(*inputs, k, EncodeConfig(**_TMA_TILES, tma=True))
+    assert values.dtype == dtype
+    check_topk_selection(inputs, indices, k, slack=1e-5 if dtype == torch.float32 else 1e-2)
+    ref_values = reference_at([t.double() for t in inputs], indices)
+    assert_close(values, ref_values, TOLERANCE[dtype], "values")
+    masked_values, masked_indices = topk_encode_forward(*inputs, k, EncodeConfig(**_TMA_TILES))
+    assert torch.equal(indices, masked_indices)
+    assert torch.equal(values, masked_values)
+
+
+def test_encode_with_tensor_descriptors_rejects_misaligned_inputs(seed):
+    config = EncodeConfig(**_TMA_TILES, tma=True)
+    for dtype, d, n, name in ((torch.float32, 30, 64, "d_model=30"),
+                              (torch.float32, 32, 66, "d_sae=66"),
+                              (torch.float16, 36, 64, "d_model=36"),
+                              (torch.float16, 32, 68, "d_sae=68")):
+        with pytest.raises(ValueError, match=f"tma=True.*{name}"):
+            topk_encode_forward(*make_inputs(5, d, n, dtype), 1, config)
+    # 16-byte rows, but W_enc starts 4 bytes into its storage.
+    x, W_enc, b_enc, b_dec = make_inputs(5, 32, 64, torch.float32)
+    shifted = torch.empty(32 * 64 + 1)[1:].view(32, 64).copy_(W_enc)
+    with pytest.raises(ValueError, match=r"tma=True\) needs 16-byte aligned data; W_enc"):
+        topk_encode_forward(x, shifted, b_enc, b_dec, 1, config)
+    masked = EncodeConfig(**_TMA_TILES)  # the pointer loads take any alignment
+    assert torch.equal(topk_encode_forward(x, shifted, b_enc, b_dec, 1, masked)[1],
+                       topk_encode_forward(x, W_enc, b_enc, b_dec, 1, masked)[1])
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])

@@ -12,22 +12,26 @@
 // bit-identical run to run, and latents without pairs get zero rows. Pairs whose coefficient
 // is zero are skipped, as on the CPU (accumulate_by_latent).
 //
-// Strategy: a block owns kLatentTile = 32 consecutive latents x kSegCols = 64 columns; each of
-// its 8 warps sums 4 latents, a lane holding 2 columns. A warp loads 32 pairs' (row, coef) at
-// a time, one per lane, and broadcasts them with shuffles, then every lane adds its columns of
-// each src row (a warp reads 64 consecutive elements per pair: coalesced). Non-transposed
-// results go straight from registers to out (row segments of 64); transposed ones go through a
-// [32][65] shared tile, then each warp stores 32 consecutive latents of one column of out.
-// Blocks are numbered latent-tile fastest, so the blocks in flight share one column tile and
-// read only a B x 64 (or G*B x 64) slab of src, a few MB that stays in L2.
+// Strategy: a block owns kLatentTile = 32 consecutive latents x 32 * V columns, where V is
+// the number of elements in 16 bytes of src (8 bf16 / fp16, 4 fp32, 2 fp64) when src rows are
+// 16-byte aligned (else V = 1); each of its 8 warps sums 4 latents, a lane holding V
+// consecutive columns that it reads with one vector load per pair. A warp loads 32 pairs'
+// (row, coef) at a time, one per lane, and broadcasts them with shuffles; it then issues the
+// loads of kUnroll pairs before adding any of them, so that several L2 reads are in flight
+// per lane while the sum keeps its ascending pair order. Non-transposed results go straight
+// from registers to out; transposed ones go through a [32][32 V + 1] shared tile, then each
+// warp stores 32 consecutive latents of one column of out. Blocks are numbered latent-tile
+// fastest, so the blocks in flight share one column tile and read only a B x 32 V (or
+// G*B x 32 V) slab of src, a few MB that stays in L2.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64 (s = bytes per element: 2 bf16, 4 fp32):
 // 2 B k d = 2.4 GFLOP. DRAM floor: src once (B d s = 38 MB bf16; the nested S is fp32,
 // G B d 4 = 453 MB at G = 6), out once (n d s = 302 MB bf16), pairs B k 16 (8 MB) and
 // offsets: 0.35 GB bf16 decode / encode: 0.12 ms at 3 TB/s (0.7 GB fp32: 0.23 ms); 0.77 GB
 // for the nested grad_W_dec: 0.26 ms. The B k d src reads (2.4 GB bf16, 4.8 GB for the fp32 S)
-// are served by L2. A latent used by very many rows is summed by one warp per column tile,
-// so a latent active in every row of the batch costs about B sequential steps.
+// are served by L2 (1.1 ms per bf16 call on an H100 with 2-byte loads and no unrolling, about
+// 2.2 TB/s of L2 reads: latency-bound). A latent used by very many rows is summed by one warp
+// per column tile, so a latent active in every row of the batch costs about B sequential steps.
 #include "device_utils.cuh"
 
 namespace sparsecode::cuda {
@@ -35,26 +39,33 @@ namespace {
 
 constexpr int kLatentTile = 32;
 constexpr int kSegWarps = 8;
-constexpr int kSegCols = 2 * kWarp;
+constexpr int kUnroll = 4;
 
-template <typename Src, typename Out, bool kTransposed>
+// V consecutive elements, loaded and stored as one access of V * sizeof(T) bytes.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename Src, typename Out, bool kTransposed, int V>
 __global__ void __launch_bounds__(kSegWarps * kWarp)
     latent_rows_sum_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ rows,
                            const Acc<Out>* __restrict__ coef, const Src* __restrict__ src,
                            int64_t n, int64_t d, Out* __restrict__ out,
                            Out* __restrict__ coef_sum) {
   using A = Acc<Out>;
-  __shared__ A tile[kLatentTile][kSegCols + 1];
+  constexpr int kCols = kWarp * V;  // columns per block
+  __shared__ A tile[kTransposed ? kLatentTile : 1][kCols + 1];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kLatentTile;
-  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kSegCols;
-  const int64_t c0 = e0 + lane;
-  const int64_t c1 = e0 + lane + kWarp;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kCols;
+  const int64_t c = e0 + static_cast<int64_t>(lane) * V;  // this lane's first column
+  // With V > 1, d is a multiple of V, so a lane's V columns are all inside or all outside.
+  const bool active = c < d;
   for (int t = warp; t < kLatentTile; t += kSegWarps) {
     const int64_t i = i0 + t;
-    A acc0 = 0;
-    A acc1 = 0;
+    A acc[V] = {};
     A total = 0;
     if (i < n) {
       const int64_t end = offsets[i + 1];
@@ -66,32 +77,44 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
           lane_row = rows[q0 + lane];
           lane_coef = coef[q0 + lane];
         }
-        for (int u = 0; u < count; ++u) {
-          const long long r = __shfl_sync(kFullMask, lane_row, u);
-          const A c = __shfl_sync(kFullMask, lane_coef, u);
-          if (c == A(0)) {
-            continue;  // adds nothing (the same for the whole warp): BatchTopK codes carry many
+        for (int u0 = 0; u0 < count; u0 += kUnroll) {
+          A cs[kUnroll];
+          Pack<Src, V> w[kUnroll] = {};
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const long long r = __shfl_sync(kFullMask, lane_row, (u0 + u) % kWarp);
+            cs[u] = __shfl_sync(kFullMask, lane_coef, (u0 + u) % kWarp);
+            // A zero coefficient adds nothing and its row is not read (the same for the whole
+            // warp): BatchTopK codes carry many.
+            if (u0 + u >= count) {
+              cs[u] = 0;
+            }
+            if (active && cs[u] != A(0)) {
+              w[u] = *reinterpret_cast<const Pack<Src, V>*>(src + r * d + c);
+            }
           }
-          const Src* s = src + r * d;
-          if (c0 < d) {
-            acc0 += c * to_acc(s[c0]);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (cs[u] != A(0)) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                acc[v] += cs[u] * to_acc(w[u].v[v]);
+              }
+              total += cs[u];
+            }
           }
-          if (c1 < d) {
-            acc1 += c * to_acc(s[c1]);
-          }
-          total += c;
         }
       }
     }
     if constexpr (kTransposed) {
-      tile[t][lane] = acc0;
-      tile[t][lane + kWarp] = acc1;
-    } else if (i < n) {
-      if (c0 < d) {
-        out[i * d + c0] = from_acc<Out>(acc0);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        tile[t][lane * V + v] = acc[v];
       }
-      if (c1 < d) {
-        out[i * d + c1] = from_acc<Out>(acc1);
+    } else if (i < n && active) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        out[i * d + c + v] = from_acc<Out>(acc[v]);
       }
     }
     if (coef_sum != nullptr && blockIdx.y == 0 && lane == 0 && i < n) {
@@ -100,7 +123,7 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
   }
   if constexpr (kTransposed) {
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kLatentTile * kSegCols; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < kLatentTile * kCols; idx += blockDim.x) {
       const int col = idx / kLatentTile;
       const int t = idx % kLatentTile;
       const int64_t e = e0 + col;
@@ -112,15 +135,14 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
   }
 }
 
-}  // namespace
-
-template <typename Src, typename Out>
-cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
-                            const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
-                            Out* coef_sum, cudaStream_t stream) {
+template <typename Src, typename Out, int V>
+cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
+                                   const Acc<Out>* coef, const Src* src, int64_t n, int64_t d,
+                                   bool transposed, Out* out, Out* coef_sum,
+                                   cudaStream_t stream) {
   const int64_t latent_tiles = (n + kLatentTile - 1) / kLatentTile;
   // At least one column tile, so that coef_sum is written even when d = 0.
-  const int64_t col_tiles = d > 0 ? (d + kSegCols - 1) / kSegCols : 1;
+  const int64_t col_tiles = d > 0 ? (d + kWarp * V - 1) / (kWarp * V) : 1;
   if (latent_tiles == 0) {
     return cudaSuccess;
   }
@@ -130,13 +152,29 @@ cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const A
   const dim3 grid(static_cast<unsigned>(latent_tiles), static_cast<unsigned>(col_tiles));
   const int threads = kSegWarps * kWarp;
   if (transposed) {
-    latent_rows_sum_kernel<Src, Out, true>
+    latent_rows_sum_kernel<Src, Out, true, V>
         <<<grid, threads, 0, stream>>>(offsets, rows, coef, src, n, d, out, coef_sum);
   } else {
-    latent_rows_sum_kernel<Src, Out, false>
+    latent_rows_sum_kernel<Src, Out, false, V>
         <<<grid, threads, 0, stream>>>(offsets, rows, coef, src, n, d, out, coef_sum);
   }
   return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename Src, typename Out>
+cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
+                            const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
+                            Out* coef_sum, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(Src);
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 && d % kVec == 0;
+  if (aligned) {
+    return launch_latent_rows_sum<Src, Out, kVec>(offsets, rows, coef, src, n, d, transposed,
+                                                  out, coef_sum, stream);
+  }
+  return launch_latent_rows_sum<Src, Out, 1>(offsets, rows, coef, src, n, d, transposed, out,
+                                             coef_sum, stream);
 }
 
 // src in the storage type, and in the accumulation type (the nested loss's fp32 S).

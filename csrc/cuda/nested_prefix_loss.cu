@@ -23,8 +23,11 @@
 //
 // Strategy: one block per (row, tile of kColTile = 128 columns), one column per thread, so any
 // d works and the residuals stay in registers / shared memory; the row's slots are staged in
-// shared memory 256 at a time in walk order. Reductions over columns are warp shuffles, then
-// the 4 warps in order, then the caller sums the column tiles: all in a fixed order. Blocks are
+// shared memory 256 at a time in walk order. The walk issues the W_dec loads of 8 slots before
+// it uses the first, and the dot pass those of 4 slots per warp, so that several L2 reads are in
+// flight per thread: with one load at a time both kernels were latency-bound (on an H100 at the
+// size below: forward 1.83 ms, backward 2.62 ms, where the Triton decode makes the same gathers
+// in 0.45 ms). Reductions over columns are warp shuffles, then the 4 warps in order, then the caller sums the column tiles: all in a fixed order. Blocks are
 // numbered row-fastest, so the W_dec rows in flight belong to one column tile (n x 128 columns,
 // 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
 //
@@ -44,6 +47,8 @@ constexpr int kSlotChunk = 256;                   // slots staged in shared memo
 constexpr int kWalkWarps = kColTile / kWarp;      // warps per block
 constexpr int kColsPerLane = kColTile / kWarp;    // dot pass: columns per lane
 constexpr int kPlanThreads = 256;
+constexpr int kWalkUnroll = 8;                    // slots whose loads the walk issues together
+constexpr int kDotUnroll = 4;                     // slots per warp in flight in the dot pass
 
 __global__ void __launch_bounds__(kPlanThreads)
     prefix_walk_plan_kernel(const int64_t* __restrict__ indices, int64_t B, int64_t k,
@@ -128,16 +133,32 @@ __device__ __forceinline__ void walk_row(const T* x, const T* b_dec, const T* W_
     __syncthreads();  // every thread is done with the previous chunk
     stage_slots(row, q0, count, stage);
     __syncthreads();
-    for (int t = 0; t < count; ++t) {
-      for (; g < stage.group[t]; ++g) {
-        at_boundary(g, r);
+    // kWalkUnroll slots at a time: their W_dec loads are all issued before the first is used,
+    // so that several reads are in flight per thread (the walk is bound by their latency).
+    for (int t0 = 0; t0 < count; t0 += kWalkUnroll) {
+      A w[kWalkUnroll];
+#pragma unroll
+      for (int u = 0; u < kWalkUnroll; ++u) {
+        const int t = t0 + u;
+        w[u] = (t < count && active && stage.value[t] != A(0))
+                   ? to_acc(W_dec[stage.index[t] * d + e])
+                   : A(0);
       }
-      const A v = stage.value[t];
-      if (active && v != A(0)) {
-        const A w = to_acc(W_dec[stage.index[t] * d + e]);
-        r -= v * w;
-        if (recon != nullptr) {
-          *recon += v * w;
+#pragma unroll
+      for (int u = 0; u < kWalkUnroll; ++u) {
+        const int t = t0 + u;
+        if (t >= count) {
+          break;  // the same for the whole block
+        }
+        for (; g < stage.group[t]; ++g) {
+          at_boundary(g, r);
+        }
+        const A v = stage.value[t];
+        if (active && v != A(0)) {
+          r -= v * w[u];
+          if (recon != nullptr) {
+            *recon += v * w[u];
+          }
         }
       }
     }
@@ -234,19 +255,35 @@ __global__ void __launch_bounds__(kColTile)
     __syncthreads();  // s_S is complete; every warp is done with the previous chunk
     stage_slots(row, q0, count, stage);
     __syncthreads();
-    for (int t = warp; t < count; t += kWalkWarps) {
-      const T* w = W_dec + stage.index[t] * d + e0;
-      const A* S_h = s_S[stage.group[t]];
-      A dot = 0;
-      for (int u = 0; u < kColsPerLane; ++u) {
-        const int c = lane + u * kWarp;
-        if (e0 + c < d) {
-          dot += to_acc(w[c]) * S_h[c];
+    // Each warp takes kDotUnroll of its slots at a time, loading all their W_dec segments
+    // before the first reduction.
+    for (int t0 = warp; t0 < count; t0 += kWalkWarps * kDotUnroll) {
+      A dots[kDotUnroll];
+#pragma unroll
+      for (int u = 0; u < kDotUnroll; ++u) {
+        const int t = t0 + u * kWalkWarps;
+        dots[u] = 0;
+        if (t < count) {
+          const T* w = W_dec + stage.index[t] * d + e0;
+          const A* S_h = s_S[stage.group[t]];
+#pragma unroll
+          for (int v = 0; v < kColsPerLane; ++v) {
+            const int c = lane + v * kWarp;
+            if (e0 + c < d) {
+              dots[u] += to_acc(w[c]) * S_h[c];
+            }
+          }
         }
       }
-      dot = warp_sum(dot);
-      if (lane == 0) {
-        partial_dots[(blockIdx.y * B + b) * k + stage.slot[t]] = dot;
+#pragma unroll
+      for (int u = 0; u < kDotUnroll; ++u) {
+        const int t = t0 + u * kWalkWarps;
+        if (t < count) {  // the same for the whole warp
+          const A dot = warp_sum(dots[u]);
+          if (lane == 0) {
+            partial_dots[(blockIdx.y * B + b) * k + stage.slot[t]] = dot;
+          }
+        }
       }
     }
   }
