@@ -247,6 +247,16 @@ def test_nested_small(B, d, n, k, G, seed):
         check_nested(B, d, n, k, dtype, sizes, cpp=True, shuffle=(B == 5))
 
 
+@pytest.mark.parametrize("d", [100, 130])
+def test_nested_most_groups(d, seed):
+    """G = 16 prefixes (the cuda backend's most), with float64 too: the backward keeps 16
+    residuals per column in shared memory; d = 100 takes the vector path, d = 130 the strided
+    one."""
+    sizes = [2 * (g + 1) for g in range(15)] + [1000]
+    for dtype in [*DTYPES, torch.float64]:
+        check_nested(33, d, 1000, 32, dtype, sizes, cpp=True, shuffle=True)
+
+
 def test_exact_ties_keep_the_lower_latent(seed):
     """Integer inputs make every pre-activation an exact integer: rows full of ties. Like the
     cpp kernel, the lower latent id wins among equals."""

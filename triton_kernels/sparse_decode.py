@@ -6,10 +6,13 @@
 values, indices [B, k] (int64), W_dec [n, d], b_dec [d], grad_out [B, d]; x_hat [B, d] and
 grad_values [B, k] in values' dtype, float32 accumulation.
 
-Tiles. The forward gives a program BLOCK_B rows and BLOCK_D columns of x_hat; it walks the k
-slots, loading for each the BLOCK_B gathered row segments W_dec[indices[:, j], cols] (skipped
-where the value is zero). grad_values gives a program BLOCK_P flat (row, slot) pairs and walks d
-in BLOCK_D steps, multiplying each pair's gathered W_dec segment with its grad_out segment.
+Tiles. A program owns BLOCK_B rows and BLOCK_D columns and walks the k slots, loading for each
+the BLOCK_B gathered row segments W_dec[indices[:, j], cols] (the forward skips those whose
+value is zero). The forward accumulates x_hat's tile; grad_values loads its grad_out tile once
+and writes, per slot, the tile's part of each dot product to partial [d tiles, B, k] (float32),
+which torch then sums over the tiles. (grad_values as a walk over d for BLOCK_P flat pairs,
+which loaded a grad_out row once per pair, took 0.72 ms on an H100 at B=8192, d=2304,
+n=65536, k=64, against 0.45 ms for the forward's same gathers.)
 
 Cost. Each is 2*B*k*d FLOPs and reads B*k*d weight elements (gathered rows, each segment
 contiguous), plus B*d elements of x_hat written or grad_out read, against the dense decode's
@@ -29,7 +32,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _blocks() -> tuple[int, int]:
-    """(rows or pairs, columns) per program; small under the CPU interpreter."""
+    """(rows, columns) per program; small under the CPU interpreter."""
     return (4, 16) if os.environ.get("TRITON_INTERPRET") == "1" else (32, 128)
 
 
@@ -58,21 +61,21 @@ def _decode_kernel(
 
 @triton.jit
 def _grad_values_kernel(
-    g_ptr, idx_ptr, w_ptr, out_ptr, P, k, d,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr, idx_ptr, w_ptr, partial_ptr, B, k, d,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pair_ok = pairs < P
-    i = tl.load(idx_ptr + pairs, mask=pair_ok, other=0)
-    row = (pairs // k).to(tl.int64)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = pair_ok[:, None] & (cols < d)[None, :]
-        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=mask, other=0.0)
-        g = tl.load(g_ptr + row[:, None] * d + cols[None, :], mask=mask, other=0.0)
-        acc += w.to(tl.float32) * g.to(tl.float32)
-    tl.store(out_ptr + pairs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=pair_ok)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    tile = row_ok[:, None] & (cols < d)[None, :]
+    g = tl.load(g_ptr + rows[:, None].to(tl.int64) * d + cols[None, :], mask=tile,
+                other=0.0).to(tl.float32)
+    out = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
+    for j in range(0, k):
+        slot = rows.to(tl.int64) * k + j
+        i = tl.load(idx_ptr + slot, mask=row_ok, other=0)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0)
+        tl.store(out + slot, tl.sum(w.to(tl.float32) * g, axis=1), mask=row_ok)
 
 
 def _check_code(floats: Tensor, name: str, indices: Tensor, W_dec: Tensor) -> None:
@@ -118,10 +121,11 @@ def sparse_decode_grad_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) 
     d = W_dec.shape[1]
     if grad_out.shape != (B, d):
         raise ValueError(f"grad_out must be [B={B}, d_model={d}], got {list(grad_out.shape)}")
-    out = torch.empty(B, k, dtype=grad_out.dtype, device=grad_out.device)
-    block_p, block_d = _blocks()
-    _grad_values_kernel[(triton.cdiv(B * k, block_p),)](
-        grad_out.contiguous(), indices.contiguous(), W_dec.contiguous(), out, B * k, k, d,
-        BLOCK_P=block_p, BLOCK_D=block_d,
+    block_b, block_d = _blocks()
+    tiles = triton.cdiv(d, block_d)
+    partial = torch.empty(tiles, B, k, dtype=torch.float32, device=grad_out.device)
+    _grad_values_kernel[(triton.cdiv(B, block_b), tiles)](
+        grad_out.contiguous(), indices.contiguous(), W_dec.contiguous(), partial, B, k, d,
+        BLOCK_B=block_b, BLOCK_D=block_d,
     )
-    return out
+    return partial.sum(0).to(grad_out.dtype)

@@ -1,5 +1,6 @@
 // Device helpers shared by the kernels in csrc/cuda/*.cu: conversions between the storage
-// types and their accumulation type, a warp sum, and the list of storage types to instantiate.
+// types and their accumulation type, a warp sum, vector packs, and the list of storage types to
+// instantiate.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,18 @@ __device__ __forceinline__ A warp_sum(A v) {
     v += __shfl_down_sync(kFullMask, v, offset);
   }
   return v;
+}
+
+// V consecutive elements, loaded and stored as one access of V * sizeof(T) bytes (the address
+// must be aligned to that).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Whether p is aligned to `bytes`.
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -41,12 +41,6 @@ constexpr int kLatentTile = 32;
 constexpr int kSegWarps = 8;
 constexpr int kUnroll = 4;
 
-// V consecutive elements, loaded and stored as one access of V * sizeof(T) bytes.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
 template <typename Src, typename Out, bool kTransposed, int V>
 __global__ void __launch_bounds__(kSegWarps * kWarp)
     latent_rows_sum_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ rows,
@@ -168,7 +162,7 @@ cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const A
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
                             Out* coef_sum, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(Src);
-  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 && d % kVec == 0;
+  const bool aligned = aligned_to(src, 16) && d % kVec == 0;
   if (aligned) {
     return launch_latent_rows_sum<Src, Out, kVec>(offsets, rows, coef, src, n, d, transposed,
                                                   out, coef_sum, stream);

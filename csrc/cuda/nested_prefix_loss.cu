@@ -19,17 +19,22 @@
 //                         latent_rows_sum.cu), and each slot's dot W_dec[i] . S_h is reduced
 //                         per column tile into partial_dots [tiles, B, k] (grad_values is minus
 //                         their sum). Keeping r_g for all G groups in shared memory (G <= 16 x
-//                         128 columns) avoids a second, reverse walk.
+//                         128 columns per warp) avoids a second, reverse walk.
 //
-// Strategy: one block per (row, tile of kColTile = 128 columns), one column per thread, so any
-// d works and the residuals stay in registers / shared memory; the row's slots are staged in
-// shared memory 256 at a time in walk order. The walk issues the W_dec loads of 8 slots before
-// it uses the first, and the dot pass those of 4 slots per warp, so that several L2 reads are in
-// flight per thread: with one load at a time both kernels were latency-bound (on an H100 at the
-// size below: forward 1.83 ms, backward 2.62 ms, where the Triton decode makes the same gathers
-// in 0.45 ms). Reductions over columns are warp shuffles, then the 4 warps in order, then the caller sums the column tiles: all in a fixed order. Blocks are
-// numbered row-fastest, so the W_dec rows in flight belong to one column tile (n x 128 columns,
-// 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
+// Strategy: one warp per (row, tile of kColTile = 128 columns), 4 rows of one column tile per
+// block; a lane holds 4 columns of the tile: 4 consecutive ones, read and written with one
+// vector access, when d is a multiple of 4 and the rows are aligned to that, else 4 columns a
+// warp apart (any d). A warp reads its row's slots 32 at a time, one per lane, and broadcasts
+// them with shuffles; the walk issues the W_dec loads of 8 slots before it uses the first, and
+// the dot pass those of 4 slots, so that several L2 reads are in flight per lane. No block-wide
+// barrier: a lane reads back only its own columns from shared memory. The previous layout (one
+// block of 128 threads per row and tile, one column per thread, slots staged in shared memory
+// between barriers) was latency-bound: on an H100 at the size below, forward 1.7-1.8 ms and
+// backward 2.6-2.8 ms, where the Triton decode makes the same gathers in 0.45 ms. Reductions
+// over columns are a lane's 4 columns, then a warp shuffle tree, then the caller's sum over the
+// column tiles: a fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight
+// belong to one column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay
+// in L2.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64, G = 6 (s = bytes per element: 2 bf16, 4 fp32):
 //   forward:  2 B k d x2 = 4.8 GFLOP. DRAM floor: x (B d s), W_dec (n d s), x_hat (B d s),
@@ -43,12 +48,12 @@
 namespace sparsecode::cuda {
 namespace {
 
-constexpr int kSlotChunk = 256;                   // slots staged in shared memory at a time
-constexpr int kWalkWarps = kColTile / kWarp;      // warps per block
-constexpr int kColsPerLane = kColTile / kWarp;    // dot pass: columns per lane
+constexpr int kLaneCols = kColTile / kWarp;  // columns per lane
+constexpr int kRowsPerBlock = 4;             // warps per block, one row each
 constexpr int kPlanThreads = 256;
-constexpr int kWalkUnroll = 8;                    // slots whose loads the walk issues together
-constexpr int kDotUnroll = 4;                     // slots per warp in flight in the dot pass
+constexpr int kWalkUnroll = 8;               // slots whose loads the walk issues together
+constexpr int kDotUnroll = 4;                // slots whose loads the dot pass issues together
+static_assert(kLaneCols == 4, "a lane's columns are one 4-element vector");
 
 __global__ void __launch_bounds__(kPlanThreads)
     prefix_walk_plan_kernel(const int64_t* __restrict__ indices, int64_t B, int64_t k,
@@ -75,15 +80,60 @@ __global__ void __launch_bounds__(kPlanThreads)
   group[p] = g;
 }
 
-// One chunk of a row's slots staged in shared memory, in walk order: the slot, its latent,
-// its value and its group.
-template <typename A>
-struct SlotStage {
-  int slot[kSlotChunk];
-  int64_t index[kSlotChunk];
-  A value[kSlotChunk];
-  int group[kSlotChunk];
-};
+// The v-th column (within the tile) of a lane: with kVector 4 consecutive columns, else
+// columns a warp apart.
+template <bool kVector>
+__device__ __forceinline__ int lane_col(int lane, int v) {
+  return kVector ? lane * kLaneCols + v : lane + v * kWarp;
+}
+
+// out[v] = row[e0 + lane_col(lane, v)] in the accumulation type, zero past d.
+template <bool kVector, typename T>
+__device__ __forceinline__ void load_cols(const T* row, int64_t e0, int64_t d, int lane,
+                                          Acc<T> (&out)[kLaneCols]) {
+  if constexpr (kVector) {
+    const int64_t c = e0 + lane * kLaneCols;
+    Pack<T, kLaneCols> p{};
+    if (c < d) {  // d is a multiple of 4: the lane's columns are all inside or all outside
+      p = *reinterpret_cast<const Pack<T, kLaneCols>*>(row + c);
+    }
+#pragma unroll
+    for (int v = 0; v < kLaneCols; ++v) {
+      out[v] = c < d ? to_acc(p.v[v]) : Acc<T>(0);
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < kLaneCols; ++v) {
+      const int64_t c = e0 + lane_col<false>(lane, v);
+      out[v] = c < d ? to_acc(row[c]) : Acc<T>(0);
+    }
+  }
+}
+
+// row[e0 + lane_col(lane, v)] = in[v] (rounded to T), for the columns inside d.
+template <bool kVector, typename T>
+__device__ __forceinline__ void store_cols(T* row, int64_t e0, int64_t d, int lane,
+                                           const Acc<T> (&in)[kLaneCols]) {
+  if constexpr (kVector) {
+    const int64_t c = e0 + lane * kLaneCols;
+    if (c < d) {
+      Pack<T, kLaneCols> p;
+#pragma unroll
+      for (int v = 0; v < kLaneCols; ++v) {
+        p.v[v] = from_acc<T>(in[v]);
+      }
+      *reinterpret_cast<Pack<T, kLaneCols>*>(row + c) = p;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < kLaneCols; ++v) {
+      const int64_t c = e0 + lane_col<false>(lane, v);
+      if (c < d) {
+        row[c] = from_acc<T>(in[v]);
+      }
+    }
+  }
+}
 
 // One row's code: walk order, latents, values and groups of its k slots.
 template <typename T>
@@ -101,75 +151,74 @@ __device__ __forceinline__ RowCode<T> row_code(const int32_t* order, const int64
   return {order + b * k, indices + b * k, values + b * k, group + b * k};
 }
 
-// Stages the walk positions q0 .. q0 + count - 1 of a row.
-template <typename T>
-__device__ __forceinline__ void stage_slots(const RowCode<T>& row, int64_t q0, int count,
-                                            SlotStage<Acc<T>>& stage) {
-  for (int t = threadIdx.x; t < count; t += blockDim.x) {
-    const int slot = row.order[q0 + t];
-    stage.slot[t] = slot;
-    stage.index[t] = row.index[slot];
-    stage.value[t] = to_acc(row.value[slot]);
-    stage.group[t] = row.group[slot];
-  }
-}
-
-// The walk both kernels share, for this thread's column e of row b: starting from
-// r = x - b_dec, subtracts each slot's values * W_dec[index] in walk order and calls
-// at_boundary(g, r) with the residual of prefix g, once per g in order. Every thread of the
-// block calls it (inactive columns with r = 0), so at_boundary may use warp shuffles. When
-// recon is not null, *recon also accumulates the slots' sum.
-template <typename T, typename AtBoundary>
-__device__ __forceinline__ void walk_row(const T* x, const T* b_dec, const T* W_dec,
-                                         const RowCode<T>& row, int64_t b, int64_t k, int64_t d,
-                                         int64_t e, bool active, int G,
-                                         SlotStage<Acc<T>>& stage, Acc<T>* recon,
+// The walk both kernels share, for one warp's row and column tile (e0): r holds the lane's
+// columns of x - b_dec; the walk subtracts each slot's values * W_dec[index] in walk order
+// and calls at_boundary(g) when r is the residual of prefix g, once per g in order. Every lane
+// of the warp calls it (columns past d hold zeros), so at_boundary may use warp shuffles. With
+// kRecon, recon also accumulates the slots' sum.
+template <bool kVector, bool kRecon, typename T, typename AtBoundary>
+__device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, int64_t k,
+                                         int64_t d, int64_t e0, int lane, int G,
+                                         Acc<T> (&r)[kLaneCols], Acc<T> (&recon)[kLaneCols],
                                          AtBoundary at_boundary) {
   using A = Acc<T>;
-  A r = active ? to_acc(x[b * d + e]) - to_acc(b_dec[e]) : A(0);
   int g = 0;
-  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
-    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
-    __syncthreads();  // every thread is done with the previous chunk
-    stage_slots(row, q0, count, stage);
-    __syncthreads();
-    // kWalkUnroll slots at a time: their W_dec loads are all issued before the first is used,
-    // so that several reads are in flight per thread (the walk is bound by their latency).
-    for (int t0 = 0; t0 < count; t0 += kWalkUnroll) {
-      A w[kWalkUnroll];
+  for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
+    const int count = static_cast<int>(min64(kWarp, k - q0));
+    // Lane t holds the slot at walk position q0 + t.
+    long long lane_index = 0;
+    A lane_value = 0;
+    int lane_group = 0;
+    if (lane < count) {
+      const int slot = row.order[q0 + lane];
+      lane_index = row.index[slot];
+      lane_value = to_acc(row.value[slot]);
+      lane_group = row.group[slot];
+    }
+    for (int u0 = 0; u0 < count; u0 += kWalkUnroll) {
+      A value[kWalkUnroll];
+      int group[kWalkUnroll];
+      A w[kWalkUnroll][kLaneCols];
 #pragma unroll
       for (int u = 0; u < kWalkUnroll; ++u) {
-        const int t = t0 + u;
-        w[u] = (t < count && active && stage.value[t] != A(0))
-                   ? to_acc(W_dec[stage.index[t] * d + e])
-                   : A(0);
+        const int from = (u0 + u) % kWarp;
+        const long long i = __shfl_sync(kFullMask, lane_index, from);
+        value[u] = __shfl_sync(kFullMask, lane_value, from);
+        group[u] = __shfl_sync(kFullMask, lane_group, from);
+        if (u0 + u >= count) {
+          value[u] = 0;
+        }
+        if (value[u] != A(0)) {  // a zero value adds nothing: its row is not read
+          load_cols<kVector>(W_dec + i * d, e0, d, lane, w[u]);
+        }
       }
 #pragma unroll
       for (int u = 0; u < kWalkUnroll; ++u) {
-        const int t = t0 + u;
-        if (t >= count) {
-          break;  // the same for the whole block
+        if (u0 + u >= count) {
+          break;  // the same for the whole warp
         }
-        for (; g < stage.group[t]; ++g) {
-          at_boundary(g, r);
+        for (; g < group[u]; ++g) {
+          at_boundary(g);
         }
-        const A v = stage.value[t];
-        if (active && v != A(0)) {
-          r -= v * w[u];
-          if (recon != nullptr) {
-            *recon += v * w[u];
+        if (value[u] != A(0)) {
+#pragma unroll
+          for (int v = 0; v < kLaneCols; ++v) {
+            r[v] -= value[u] * w[u][v];
+            if constexpr (kRecon) {
+              recon[v] += value[u] * w[u][v];
+            }
           }
         }
       }
     }
   }
   for (; g < G; ++g) {
-    at_boundary(g, r);
+    at_boundary(g);
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kColTile)
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     nested_loss_forward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
                                const T* __restrict__ values, const int64_t* __restrict__ indices,
                                const int32_t* __restrict__ order,
@@ -177,36 +226,38 @@ __global__ void __launch_bounds__(kColTile)
                                int64_t B, int64_t k, int64_t d, int G, T* __restrict__ x_hat,
                                Acc<T>* __restrict__ partial_losses) {
   using A = Acc<T>;
-  __shared__ SlotStage<A> stage;
-  __shared__ A s_loss[kMaxGroups][kWalkWarps];
   const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int64_t b = blockIdx.x;
-  const int64_t e = blockIdx.y * kColTile + threadIdx.x;
-  const bool active = e < d;
-  A recon = active ? to_acc(b_dec[e]) : A(0);
-  walk_row(x, b_dec, W_dec, row_code(order, indices, values, group, b, k), b, k, d, e, active, G,
-           stage, &recon, [&](int g, A r) {
-             const A square = warp_sum(r * r);
-             if (lane == 0) {
-               s_loss[g][warp] = square;
-             }
-           });
-  if (active) {
-    x_hat[b * d + e] = from_acc<T>(recon);
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (b >= B) {
+    return;  // the whole warp
   }
-  __syncthreads();
-  if (static_cast<int>(threadIdx.x) < G) {
-    A sum = 0;
-    for (int w = 0; w < kWalkWarps; ++w) {
-      sum += s_loss[threadIdx.x][w];
-    }
-    partial_losses[(blockIdx.y * B + b) * G + threadIdx.x] = sum;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kColTile;
+  A r[kLaneCols];
+  A recon[kLaneCols];
+  load_cols<kVector>(x + b * d, e0, d, lane, r);
+  load_cols<kVector>(b_dec, e0, d, lane, recon);
+#pragma unroll
+  for (int v = 0; v < kLaneCols; ++v) {
+    r[v] -= recon[v];
   }
+  A* losses = partial_losses + (blockIdx.y * B + b) * G;
+  walk_row<kVector, true>(W_dec, row_code(order, indices, values, group, b, k), k, d, e0, lane,
+                          G, r, recon, [&](int g) {
+                            A square = 0;
+#pragma unroll
+                            for (int v = 0; v < kLaneCols; ++v) {
+                              square += r[v] * r[v];
+                            }
+                            square = warp_sum(square);
+                            if (lane == 0) {
+                              losses[g] = square;
+                            }
+                          });
+  store_cols<kVector>(x_hat + b * d, e0, d, lane, recon);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kColTile)
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     nested_loss_backward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
                                 const T* __restrict__ values,
                                 const int64_t* __restrict__ indices,
@@ -217,76 +268,115 @@ __global__ void __launch_bounds__(kColTile)
                                 int64_t d, int G, T* __restrict__ grad_x, Acc<T>* __restrict__ S,
                                 Acc<T>* __restrict__ partial_dots) {
   using A = Acc<T>;
-  __shared__ SlotStage<A> stage;
-  __shared__ A s_S[kMaxGroups][kColTile];  // r_g, then S_g, of this block's columns
+  // r_g, then S_g, of each warp's columns: [kRowsPerBlock][G][kColTile].
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
-  const int col = threadIdx.x;
-  const int64_t b = blockIdx.x;
-  const int64_t e0 = blockIdx.y * kColTile;
-  const int64_t e = e0 + col;
-  const bool active = e < d;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+  if (b >= B) {
+    return;  // the whole warp
+  }
+  A* s_S = reinterpret_cast<A*>(shared_bytes) + static_cast<int64_t>(warp) * G * kColTile;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kColTile;
   const RowCode<T> row = row_code(order, indices, values, group, b, k);
 
-  // The walk: r_g of this thread's column into s_S[g][col].
-  walk_row(x, b_dec, W_dec, row, b, k, d, e, active, G, stage, static_cast<A*>(nullptr),
-           [&](int g, A r) { s_S[g][col] = r; });
+  // The walk: r_g of this lane's columns into s_S[g].
+  A r[kLaneCols];
+  A bias[kLaneCols];
+  load_cols<kVector>(x + b * d, e0, d, lane, r);
+  load_cols<kVector>(b_dec, e0, d, lane, bias);
+#pragma unroll
+  for (int v = 0; v < kLaneCols; ++v) {
+    r[v] -= bias[v];
+  }
+  walk_row<kVector, false>(W_dec, row, k, d, e0, lane, G, r, bias, [&](int g) {
+#pragma unroll
+    for (int v = 0; v < kLaneCols; ++v) {
+      s_S[g * kColTile + lane_col<kVector>(lane, v)] = r[v];
+    }
+  });
 
   // Suffix sums of the scaled residuals; grad_x is S_0 before x_hat's gradient joins.
-  A suffix = 0;
+  A suffix[kLaneCols] = {};
   for (int h = G - 1; h >= 0; --h) {
-    suffix = static_cast<A>(scale[h]) * s_S[h][col] + suffix;
-    s_S[h][col] = suffix;
-  }
-  if (active) {
-    grad_x[b * d + e] = from_acc<T>(s_S[0][col]);
-  }
-  const A g_hat = (active && grad_x_hat != nullptr) ? to_acc(grad_x_hat[b * d + e]) : A(0);
-  for (int h = 0; h < G; ++h) {
-    s_S[h][col] -= g_hat;
-    if (active) {
-      S[(h * B + b) * d + e] = s_S[h][col];
+    const A c = static_cast<A>(scale[h]);
+#pragma unroll
+    for (int v = 0; v < kLaneCols; ++v) {
+      A& s = s_S[h * kColTile + lane_col<kVector>(lane, v)];
+      suffix[v] = c * s + suffix[v];
+      s = suffix[v];
     }
   }
+  store_cols<kVector>(grad_x + b * d, e0, d, lane, suffix);
+  A g_hat[kLaneCols] = {};
+  if (grad_x_hat != nullptr) {
+    load_cols<kVector>(grad_x_hat + b * d, e0, d, lane, g_hat);
+  }
+  for (int h = 0; h < G; ++h) {
+    A S_h[kLaneCols];
+#pragma unroll
+    for (int v = 0; v < kLaneCols; ++v) {
+      A& s = s_S[h * kColTile + lane_col<kVector>(lane, v)];
+      s -= g_hat[v];
+      S_h[v] = s;
+    }
+    store_cols<kVector>(S + (h * B + b) * d, e0, d, lane, S_h);
+  }
 
-  // Dot products W_dec[i] . S_h over this tile's columns: one warp per slot.
-  for (int64_t q0 = 0; q0 < k; q0 += kSlotChunk) {
-    const int count = static_cast<int>(min64(kSlotChunk, k - q0));
-    __syncthreads();  // s_S is complete; every warp is done with the previous chunk
-    stage_slots(row, q0, count, stage);
-    __syncthreads();
-    // Each warp takes kDotUnroll of its slots at a time, loading all their W_dec segments
-    // before the first reduction.
-    for (int t0 = warp; t0 < count; t0 += kWalkWarps * kDotUnroll) {
+  // Dot products W_dec[i] . S_h over this tile's columns, slot by slot (lane t holds slot
+  // q0 + t), kDotUnroll slots' loads at a time.
+  for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
+    const int count = static_cast<int>(min64(kWarp, k - q0));
+    long long lane_index = 0;
+    int lane_group = 0;
+    if (lane < count) {
+      lane_index = row.index[q0 + lane];
+      lane_group = row.group[q0 + lane];
+    }
+    for (int u0 = 0; u0 < count; u0 += kDotUnroll) {
       A dots[kDotUnroll];
 #pragma unroll
       for (int u = 0; u < kDotUnroll; ++u) {
-        const int t = t0 + u * kWalkWarps;
+        const int from = (u0 + u) % kWarp;
+        const long long i = __shfl_sync(kFullMask, lane_index, from);
+        const int h = __shfl_sync(kFullMask, lane_group, from);
         dots[u] = 0;
-        if (t < count) {
-          const T* w = W_dec + stage.index[t] * d + e0;
-          const A* S_h = s_S[stage.group[t]];
+        if (u0 + u < count) {
+          A w[kLaneCols];
+          load_cols<kVector>(W_dec + i * d, e0, d, lane, w);
 #pragma unroll
-          for (int v = 0; v < kColsPerLane; ++v) {
-            const int c = lane + v * kWarp;
-            if (e0 + c < d) {
-              dots[u] += to_acc(w[c]) * S_h[c];
-            }
+          for (int v = 0; v < kLaneCols; ++v) {
+            dots[u] += w[v] * s_S[h * kColTile + lane_col<kVector>(lane, v)];
           }
         }
       }
 #pragma unroll
       for (int u = 0; u < kDotUnroll; ++u) {
-        const int t = t0 + u * kWalkWarps;
-        if (t < count) {  // the same for the whole warp
-          const A dot = warp_sum(dots[u]);
-          if (lane == 0) {
-            partial_dots[(blockIdx.y * B + b) * k + stage.slot[t]] = dot;
-          }
+        if (u0 + u >= count) {
+          break;  // the same for the whole warp
+        }
+        const A dot = warp_sum(dots[u]);
+        if (lane == 0) {
+          partial_dots[(blockIdx.y * B + b) * k + q0 + u0 + u] = dot;
         }
       }
     }
   }
+}
+
+// Whether the row-major rows of every pointer (rows of d elements of its type) can be read as
+// 4-element vectors.
+template <typename T>
+bool vector_rows(int64_t d, std::initializer_list<const void*> pointers) {
+  if (d % kLaneCols != 0) {
+    return false;
+  }
+  for (const void* p : pointers) {
+    if (p != nullptr && !aligned_to(p, kLaneCols * sizeof(T))) {
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -306,22 +396,42 @@ cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
   return cudaGetLastError();
 }
 
+// The grid of the walking kernels: blocks of kRowsPerBlock rows (fastest) x column tiles.
+// Returns false when there is nothing to do; `status` says whether the problem is invalid.
+bool walk_grid(int64_t B, int64_t d, int G, dim3& grid, cudaError_t& status) {
+  const int64_t tiles = num_col_tiles(d);
+  const int64_t row_blocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+  status = cudaSuccess;
+  if (B == 0 || tiles == 0) {
+    return false;
+  }
+  if (G < 1 || G > kMaxGroups || !grid_fits(row_blocks, tiles)) {
+    status = cudaErrorInvalidValue;
+    return false;
+  }
+  grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(tiles));
+  return true;
+}
+
 template <typename T>
 cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
                                 const int64_t* indices, const int32_t* order,
                                 const int32_t* group, const T* W_dec, int64_t B, int64_t k,
                                 int64_t d, int G, T* x_hat, Acc<T>* partial_losses,
                                 cudaStream_t stream) {
-  const int64_t tiles = num_col_tiles(d);
-  if (B == 0 || tiles == 0) {
-    return cudaSuccess;
+  dim3 grid;
+  cudaError_t status;
+  if (!walk_grid(B, d, G, grid, status)) {
+    return status;
   }
-  if (G < 1 || G > kMaxGroups || !grid_fits(B, tiles)) {
-    return cudaErrorInvalidValue;
+  const int threads = kRowsPerBlock * kWarp;
+  if (vector_rows<T>(d, {x, b_dec, W_dec, x_hat})) {
+    nested_loss_forward_kernel<T, true><<<grid, threads, 0, stream>>>(
+        x, b_dec, values, indices, order, group, W_dec, B, k, d, G, x_hat, partial_losses);
+  } else {
+    nested_loss_forward_kernel<T, false><<<grid, threads, 0, stream>>>(
+        x, b_dec, values, indices, order, group, W_dec, B, k, d, G, x_hat, partial_losses);
   }
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
-  nested_loss_forward_kernel<T><<<grid, kColTile, 0, stream>>>(
-      x, b_dec, values, indices, order, group, W_dec, B, k, d, G, x_hat, partial_losses);
   return cudaGetLastError();
 }
 
@@ -332,17 +442,26 @@ cudaError_t nested_loss_backward(const T* x, const T* b_dec, const T* values,
                                  const double* scale, int64_t B, int64_t k, int64_t d, int G,
                                  T* grad_x, Acc<T>* S, Acc<T>* partial_dots,
                                  cudaStream_t stream) {
-  const int64_t tiles = num_col_tiles(d);
-  if (B == 0 || tiles == 0) {
-    return cudaSuccess;
+  dim3 grid;
+  cudaError_t status;
+  if (!walk_grid(B, d, G, grid, status)) {
+    return status;
   }
-  if (G < 1 || G > kMaxGroups || !grid_fits(B, tiles)) {
-    return cudaErrorInvalidValue;
+  const int threads = kRowsPerBlock * kWarp;
+  const size_t shared = sizeof(Acc<T>) * kRowsPerBlock * G * kColTile;
+  const bool vector = vector_rows<T>(d, {x, b_dec, W_dec, grad_x_hat, grad_x}) &&
+                      vector_rows<Acc<T>>(d, {S});
+  const auto kernel = vector ? nested_loss_backward_kernel<T, true>
+                             : nested_loss_backward_kernel<T, false>;
+  // Over 48 KB (fp64 with G > 12) needs the kernel's consent.
+  const cudaError_t allowed = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+  if (allowed != cudaSuccess) {
+    return allowed;
   }
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
-  nested_loss_backward_kernel<T><<<grid, kColTile, 0, stream>>>(
-      x, b_dec, values, indices, order, group, W_dec, grad_x_hat, scale, B, k, d, G, grad_x, S,
-      partial_dots);
+  kernel<<<grid, threads, shared, stream>>>(x, b_dec, values, indices, order, group, W_dec,
+                                            grad_x_hat, scale, B, k, d, G, grad_x, S,
+                                            partial_dots);
   return cudaGetLastError();
 }
 
