@@ -89,8 +89,9 @@ if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
     "$PYTHON" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider --durations=15 "${collection[@]}" \
     --ignore=tests/test_cuda_errors.py
   tail -n 45 "$OUT/gpu_tests.log"
-  # The argument checks run in a process of their own: a crash there (seen once, see
-  # tests/test_cuda_errors.py) must not take the other tests down.
+  # The argument checks run in a process of their own: a crash there (seen when the extension
+  # carried its own static libstdc++, see tests/test_extension_build.py) must not take the
+  # other tests down.
   run_stage "tests (argument checks)" 60 "$OUT/gpu_errors.log" \
     "$PYTHON" -m pytest tests/test_cuda_errors.py -q -rfEs -p no:cacheprovider
   tail -n 5 "$OUT/gpu_errors.log"

@@ -1,9 +1,9 @@
 """The cuda backend's argument checks: each bad argument raises a RuntimeError naming it.
 
 Kept apart from tests/test_cuda_ops.py, and run by benchmarks/gpu_check.sh as a pytest run of
-its own: built as C++17 against torch 2.11 (on a lent H100, 2026-11-26), these error paths
-crashed the process (SIGSEGV) whenever a message formatted a number or a shape, and a crash
-must not take the other GPU tests down with it.
+its own, so that a crash cannot take the other GPU tests down: on a lent H100 (2026-11-26),
+built by a compiler driver that linked libstdc++ statically, these error paths crashed the
+process (SIGSEGV) whenever a message formatted a number (see tests/test_extension_build.py).
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@
 // G B d 4 = 453 MB at G = 6), out once (n d s = 302 MB bf16), pairs B k 16 (8 MB) and
 // offsets: 0.35 GB bf16 decode / encode: 0.12 ms at 3 TB/s (0.7 GB fp32: 0.23 ms); 0.77 GB
 // for the nested grad_W_dec: 0.26 ms. The B k d src reads (2.4 GB bf16, 4.8 GB for the fp32 S)
-// are served by L2 (1.1 ms per bf16 call on an H100 with 2-byte loads and no unrolling, about
-// 2.2 TB/s of L2 reads: latency-bound). A latent used by very many rows is summed by one warp
+// are served by L2. On an H100 (bf16) a call takes 0.49 ms, 0.68 ms transposed, against 1.10
+// and 1.35 ms with 2-byte loads one pair at a time (about 2.2 TB/s of L2 reads: latency-bound). A latent used by very many rows is summed by one warp
 // per column tile, so a latent active in every row of the batch costs about B sequential steps.
 #include "device_utils.cuh"
 
