@@ -93,7 +93,8 @@ if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
   # carried its own static libstdc++, see tests/test_extension_build.py) must not take the
   # other tests down.
   run_stage "tests (argument checks)" 60 "$OUT/gpu_errors.log" \
-    "$PYTHON" -m pytest tests/test_cuda_errors.py -q -rfEs -p no:cacheprovider
+    "$PYTHON" -m pytest tests/test_cuda_errors.py tests/test_extension_build.py -q -rfEs \
+    -p no:cacheprovider
   tail -n 5 "$OUT/gpu_errors.log"
 fi
 
