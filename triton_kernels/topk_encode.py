@@ -23,10 +23,10 @@ column tile (from L2), W_enc once per row block (from L2; once from HBM when the
 march together), and B*splits*k*8 bytes of candidates, instead of the B*n*4 bytes of a
 pre-activation matrix that the naive mm + topk writes and reads back.
 
-Loads. By default the x' and W_enc tiles are masked pointer loads; EncodeConfig(tma=True) loads
-them through device-side tensor descriptors instead (TMA on Hopper and newer, zero-filled past
-the edges as the masks do), which needs 16-byte aligned data and rows: d and n multiples of
-16 bytes / itemsize.
+Loads. The x' and W_enc tiles are masked pointer loads, or with EncodeConfig(tma=True) loads
+through device-side tensor descriptors (TMA on Hopper and newer, zero-filled past the edges as
+the masks do), which need 16-byte aligned data and rows: d and n multiples of 16 bytes /
+itemsize. The default tiles use them for bfloat16 / float16 on Hopper when the inputs allow.
 """
 
 from __future__ import annotations

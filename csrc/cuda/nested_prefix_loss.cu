@@ -32,9 +32,8 @@
 // previous layout (a block of 128 threads per row and tile, one column per thread, slots staged
 // in shared memory between barriers); the Triton decode makes the forward's gathers in 0.45 ms,
 // so the walk is still latency-bound (96 registers per lane in the forward limit a SM to 20
-// warps). Reductions
-// over columns are a lane's 4 columns, then a warp shuffle tree, then the caller's sum over the
-// column tiles: a fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight
+// warps). Reductions over columns are a lane's 4 columns, then a warp shuffle tree, then the
+// caller's sum over the column tiles: a fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight
 // belong to one column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay
 // in L2.
 //
