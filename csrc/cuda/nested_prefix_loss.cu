@@ -152,6 +152,20 @@ __device__ __forceinline__ RowCode<T> row_code(const int32_t* order, const int64
   return {order + b * k, indices + b * k, values + b * k, group + b * k};
 }
 
+// The start of the walk for one warp's row b and column tile e0: bias = the lane's columns of
+// b_dec, r = those of x[b] - b_dec.
+template <bool kVector, typename T>
+__device__ __forceinline__ void start_walk(const T* x, const T* b_dec, int64_t b, int64_t d,
+                                           int64_t e0, int lane, Acc<T> (&r)[kLaneCols],
+                                           Acc<T> (&bias)[kLaneCols]) {
+  load_cols<kVector>(x + b * d, e0, d, lane, r);
+  load_cols<kVector>(b_dec, e0, d, lane, bias);
+#pragma unroll
+  for (int v = 0; v < kLaneCols; ++v) {
+    r[v] -= bias[v];
+  }
+}
+
 // The walk both kernels share, for one warp's row and column tile (e0): r holds the lane's
 // columns of x - b_dec; the walk subtracts each slot's values * W_dec[index] in walk order
 // and calls at_boundary(g) when r is the residual of prefix g, once per g in order. Every lane
@@ -234,13 +248,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   }
   const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kColTile;
   A r[kLaneCols];
-  A recon[kLaneCols];
-  load_cols<kVector>(x + b * d, e0, d, lane, r);
-  load_cols<kVector>(b_dec, e0, d, lane, recon);
-#pragma unroll
-  for (int v = 0; v < kLaneCols; ++v) {
-    r[v] -= recon[v];
-  }
+  A recon[kLaneCols];  // starts at b_dec
+  start_walk<kVector>(x, b_dec, b, d, e0, lane, r, recon);
   A* losses = partial_losses + (blockIdx.y * B + b) * G;
   walk_row<kVector, true>(W_dec, row_code(order, indices, values, group, b, k), k, d, e0, lane,
                           G, r, recon, [&](int g) {
@@ -284,12 +293,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   // The walk: r_g of this lane's columns into s_S[g].
   A r[kLaneCols];
   A bias[kLaneCols];
-  load_cols<kVector>(x + b * d, e0, d, lane, r);
-  load_cols<kVector>(b_dec, e0, d, lane, bias);
-#pragma unroll
-  for (int v = 0; v < kLaneCols; ++v) {
-    r[v] -= bias[v];
-  }
+  start_walk<kVector>(x, b_dec, b, d, e0, lane, r, bias);
   walk_row<kVector, false>(W_dec, row, k, d, e0, lane, G, r, bias, [&](int g) {
 #pragma unroll
     for (int v = 0; v < kLaneCols; ++v) {
@@ -454,11 +458,14 @@ cudaError_t nested_loss_backward(const T* x, const T* b_dec, const T* values,
                       vector_rows<Acc<T>>(d, {S});
   const auto kernel = vector ? nested_loss_backward_kernel<T, true>
                              : nested_loss_backward_kernel<T, false>;
-  // Over 48 KB (fp64 with G > 12) needs the kernel's consent.
-  const cudaError_t allowed = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  if (allowed != cudaSuccess) {
-    return allowed;
+  // Over the default 48 KB (fp64 with G > 12) needs the kernel's consent.
+  constexpr size_t kDefaultShared = 48 * 1024;
+  if (shared > kDefaultShared) {
+    const cudaError_t allowed = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (allowed != cudaSuccess) {
+      return allowed;
+    }
   }
   kernel<<<grid, threads, shared, stream>>>(x, b_dec, values, indices, order, group, W_dec,
                                             grad_x_hat, scale, B, k, d, G, grad_x, S,
