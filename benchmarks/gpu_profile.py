@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sparsecode
 from sparsecode import ops, reference
+from sparsecode.optim import MasterWeightAdam
 
 BATCH, D_MODEL, D_SAE, K = 8192, 2304, 65536, 64
 PREFIX_SIZES = (2048, 4096, 8192, 16384, 32768, 65536)
@@ -78,16 +79,10 @@ def main() -> None:
     del W_enc, W_dec, b_enc, b_dec, values
     torch.cuda.empty_cache()
 
-    sae = sparsecode.MatryoshkaSAE(D_MODEL, D_SAE, K, list(PREFIX_SIZES), device=dev)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-
-    def step() -> None:
-        opt.zero_grad()
-        half = {name: p.to(DTYPE) for name, p in sae.named_parameters()}
-        torch.func.functional_call(sae, half, (x,)).loss.backward()
-        opt.step()
-
-    breakdown("Matryoshka training step", step)
+    sae = sparsecode.MatryoshkaSAE(D_MODEL, D_SAE, K, list(PREFIX_SIZES), device=dev).to(DTYPE)
+    MasterWeightAdam(sae.parameters(), lr=1e-4, step_in_backward=True)
+    breakdown("Matryoshka training step (Adam inside the backward)",
+              lambda: sae(x).loss.backward())
 
 
 if __name__ == "__main__":

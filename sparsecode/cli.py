@@ -98,7 +98,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help
 
 
 def _add_train_parser(commands) -> None:
-    from sparsecode.train import ARCHS, TrainConfig
+    from sparsecode.train import ARCHS, DTYPES, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser(
@@ -113,6 +113,9 @@ def _add_train_parser(commands) -> None:
         "--prefix-weights", type=_float_list, default=None,
         help="one weight per prefix, comma-separated (default uniform 1/G)",
     )
+    train.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                       help="weight and activation dtype while training (bfloat16 keeps float32 "
+                       "master weights in the optimiser)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
     train.add_argument("--log-every", type=_positive_int, default=defaults.log_every,
@@ -247,7 +250,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         arch=args.arch, d_sae=args.d_sae, k=args.k, activation=args.activation,
         k_max=args.k_max, prefix_sizes=args.prefix_sizes,
         prefix_weights=args.prefix_weights, tokens=args.tokens, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, backend=args.backend, device=device,
+        lr=args.lr, seed=args.seed, backend=args.backend, device=device, dtype=args.dtype,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
     )
     try:

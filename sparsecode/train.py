@@ -17,6 +17,11 @@ norm: before each step the gradient's component along each row is removed, after
 row is renormalised (as in Gao et al. and Bussmann et al.'s Matryoshka code). ``b_dec``
 starts at the mean of a sample of the (scaled) activations.
 
+Precision: ``dtype="float32"`` trains float32 weights with torch's Adam. ``dtype="bfloat16"``
+keeps the SAE's weights, the activations and the gradients in bfloat16 and their float32
+masters in a :class:`sparsecode.optim.MasterWeightAdam` (the decoder rows are renormalised on
+the masters); it halves the memory of the weights the step reads and runs the bfloat16 kernels.
+
 A run folder holds ``metrics.jsonl`` (one JSON line every ``log_every`` steps),
 ``checkpoint.pt`` (written atomically every ``checkpoint_every`` steps and at the end:
 weights, optimiser, schedule, data position, dead-latent counters, RNG) and, at the end,
@@ -44,11 +49,13 @@ from tqdm import tqdm
 
 from sparsecode.cache import ActivationCache
 from sparsecode.files import atomic_write
+from sparsecode.optim import MasterWeightAdam
 from sparsecode.sae import SAE, MatryoshkaSAE, SAEOutput, TopKSAE, _check_activation
 from sparsecode.sparse_decode import sparse_decode
 from sparsecode.topk_encode import topk_encode
 
 ARCHS = ("topk", "matryoshka")
+DTYPES = ("float32", "bfloat16")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -79,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
+    dtype: str = "float32"
     metadata: dict = field(default_factory=dict)
 
     def resolved_prefix_sizes(self) -> list[int]:
@@ -111,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.warmup_steps < 0 or self.aux_coeff < 0:
             raise ValueError("warmup_steps and aux_coeff must be non-negative")
 
@@ -174,7 +184,7 @@ def build_sae(config: TrainConfig, d_model: int) -> SAE:
                 d_model, config.d_sae, config.k, config.resolved_prefix_sizes(),
                 config.prefix_weights, config.backend, **activation,
             )
-    return sae.to(config.device)
+    return sae.to(device=config.device, dtype=getattr(torch, config.dtype))
 
 
 def _all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
@@ -271,7 +281,11 @@ def train(
     wrapped: nn.Module = step_module
     if distributed:
         wrapped = nn.parallel.DistributedDataParallel(step_module)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, fused=config.device == "cpu")
+    if config.dtype == "float32":
+        optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr,
+                                     fused=config.device == "cpu")
+    else:
+        optimizer = MasterWeightAdam(sae.parameters(), lr=config.lr, backend=config.backend)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, steps, config.warmup_steps, config.decay_fraction),
@@ -283,7 +297,7 @@ def train(
         saved = state["config"]
         defaults = asdict(TrainConfig())
         for name in ("arch", "d_sae", "k", "activation", "k_max", "batch_size", "tokens", "seed",
-                     "prefix_sizes", "prefix_weights"):
+                     "prefix_sizes", "prefix_weights", "dtype"):
             if saved.get(name, defaults[name]) != asdict(config)[name]:
                 raise ValueError(
                     f"--resume: the run in {run_dir} has {name}={saved.get(name)!r}, not "
@@ -318,7 +332,7 @@ def train(
     )
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, steps):
-        x = next(batches).to(config.device).mul_(scale)  # batches are fresh copies
+        x = next(batches).to(config.device).mul_(scale).to(sae.W_enc.dtype)  # fresh copies
         dead = since_fired >= config.dead_tokens
         use_aux = config.aux_coeff > 0 and bool(dead.any())
         out, aux = wrapped(x, dead if use_aux else None)
@@ -331,7 +345,9 @@ def train(
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+            W_dec = optimizer.master(sae.W_dec) if config.dtype != "float32" else sae.W_dec
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            sae.W_dec.copy_(W_dec)
             fired = torch.zeros(config.d_sae, dtype=torch.int32, device=config.device)
             fired[out.code.indices[out.code.values > 0]] = 1
             _all_reduce(fired, dist.ReduceOp.MAX)
@@ -393,7 +409,8 @@ def _metrics(
 ) -> dict:
     """The logged numbers of a step, averaged over ranks."""
     with torch.no_grad():
-        residual = (x - out.x_hat).pow(2).sum()
+        x = x.float()
+        residual = (x - out.x_hat.float()).pow(2).sum()
         variance = (x - x.mean(dim=0)).pow(2).sum()
         l0 = (out.code.values > 0).sum(dim=1).float().mean()
         over_cap = getattr(sae, "rows_over_k_max", None)

@@ -100,6 +100,56 @@ def test_training_reconstructs_planted_activations(tmp_path, arch):
     assert (result.sae_dir / "cfg.json").exists() and (result.sae_dir / "sae_weights.safetensors").exists()
 
 
+def test_bfloat16_training_keeps_float32_masters(tmp_path):
+    """dtype="bfloat16": bfloat16 weights that are their float32 masters rounded, unit-norm
+    decoder rows on the masters, and a planted dictionary learned about as well as in float32."""
+    import sparsecode
+
+    cache = _planted_cache(tmp_path / "cache", 16384)
+    config = TrainConfig(d_sae=128, k=8, tokens=256 * 300, batch_size=256, lr=3e-3,
+                         log_every=25, checkpoint_every=100, dead_tokens=5000, dtype="bfloat16")
+    result = train(config, cache, tmp_path / "run", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["prefix_losses"][-1] < 0.5 * lines[0]["prefix_losses"][-1]
+    assert lines[-1]["fvu"] < 0.15
+    assert all(p.dtype == torch.bfloat16 for p in result.sae.parameters())
+    state = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
+    names = [name for name, _ in result.sae.named_parameters()]
+    masters = {names[i]: s["master"] for i, s in state["optimizer"]["state"].items()}
+    assert all(m.dtype == torch.float32 for m in masters.values())
+    for name, param in result.sae.named_parameters():
+        assert torch.equal(param.detach(), masters[name].to(torch.bfloat16)), name
+    norms = masters["W_dec"].norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert sparsecode.load(result.sae_dir).W_enc.dtype == torch.bfloat16
+
+
+def test_bfloat16_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A bfloat16 run stopped right after its first checkpoint and resumed ends with the weights
+    of an uninterrupted run (the float32 masters travel in the checkpoint)."""
+    import sparsecode.train as training
+
+    cache = _planted_cache(tmp_path / "cache", 4096)
+    config = TrainConfig(d_sae=64, k=4, prefix_sizes=[16, 64], tokens=256 * 12, batch_size=256,
+                         checkpoint_every=5, dtype="bfloat16")
+    whole = train(config, cache, tmp_path / "whole", progress=False)
+
+    save = training._atomic_torch_save
+
+    def save_then_stop(obj: dict, path: Path) -> None:
+        save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_atomic_torch_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, cache, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 5
+    resumed = train(config, cache, tmp_path / "cut", resume=True, progress=False)
+    for (name, a), b in zip(whole.sae.named_parameters(), resumed.sae.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_saved_sae_reconstructs_raw_activations(tmp_path):
     import sparsecode
 

@@ -1,6 +1,6 @@
 """Triton kernels of sparsecode, shipped inside the wheel as ``sparsecode.triton_kernels``.
 
-The fused TopK encode and sparse decode kernels for CUDA tensors live here, one file per
-kernel; this package is empty until they land, and ``sparsecode.backends()`` reports the
-``triton`` backend as unavailable.
+One file per kernel, for CUDA tensors: the fused TopK encode (``topk_encode``), the sparse
+decode and its grad_values (``sparse_decode``), and the Adam step with float32 master weights
+(``master_adam``). On CPU tensors they run only interpreted (``TRITON_INTERPRET=1``).
 """
