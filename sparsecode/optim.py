@@ -7,9 +7,10 @@ the module hold its weights in bfloat16 (so the forward and backward run on them
 and the gradients are bfloat16) and keeps a float32 master copy of each weight in the optimiser
 state next to Adam's two moments. A step reads each gradient in its own dtype, updates the
 master and the moments in float32 (the arithmetic of torch's fused Adam) and writes the rounded
-master back into the parameter; no float32 copy of a gradient or a weight is made. On CUDA
-tensors the step is one Triton kernel per parameter (``sparsecode.triton_kernels.master_adam``);
-elsewhere it is torch ops over chunks of the parameter.
+master back into the parameter. On CUDA tensors the step is one Triton kernel per parameter
+(``sparsecode.triton_kernels.master_adam``), which makes no float32 copy of anything;
+elsewhere it is torch ops over chunks of 2^20 elements, whose float32 temporaries are that
+small.
 
 ``step_in_backward=True`` also steps each parameter the moment its gradient has been
 accumulated in the backward and frees that gradient, so that at most one weight's gradient is

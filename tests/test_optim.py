@@ -44,6 +44,13 @@ def run_both(shape, dtype, backend, steps=4, lr=1e-2, device="cpu"):
     return param, opt, torch_opt
 
 
+def close_elementwise(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """Equal to float32 rounding of O(1) terms: |out - ref| <= 1e-6 + 1e-5 |ref| per element (a
+    relative bound alone fails where a moment is a near-cancelling sum, whose two formulas,
+    torch's lerp and b1 m + (1 - b1) g, round differently)."""
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def check_rounded(param, master, interpreted_bf16: bool) -> None:
     """param is master rounded to param's dtype (to one step when the interpreter truncated)."""
     if interpreted_bf16:
@@ -62,8 +69,8 @@ def check_against_torch(shape, dtype, backend, device="cpu"):
     assert state["step"] == 4
     for name in ("exp_avg", "exp_avg_sq"):
         assert state[name].dtype == torch.float32
-        assert_close(state[name], torch_state[name], 1e-6, name)
-    assert_close(opt.master(param), expected, 1e-6, "master")
+        close_elementwise(state[name], torch_state[name], name)
+    close_elementwise(opt.master(param), expected, "master")
     check_rounded(param, opt.master(param),
                   interpreted_bf16=device == "cpu" and backend == "triton"
                   and dtype == torch.bfloat16)
