@@ -250,6 +250,15 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path):
         assert_close(two[name], one[name], 1e-5, name)
 
 
+def test_command_line_trains_in_bfloat16(tmp_path):
+    _planted_cache(tmp_path / "cache", 2048, key=activation_key(**CLI_KEY))
+    argv = _cli(tmp_path / "cache", tmp_path / "run", "--tokens", str(128 * 4), "--dtype",
+                "bfloat16")
+    assert main(argv[2:]) == 0
+    assert json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())["dtype"] == "bfloat16"
+    assert _weights(tmp_path / "run")["W_enc"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -261,6 +270,7 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path):
         (["--resume"], "--resume needs --out"),
         (["--text", "/no/such/file.txt"], "--text"),
         (["--arch", "topk", "--prefix-sizes", "64,256"], "matryoshka"),
+        (["--dtype", "float16"], "--dtype"),
     ],
 )
 def test_bad_arguments_get_one_line_errors(capsys, argv, message):
