@@ -53,7 +53,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help
     """The model, text, cache and SAE flags that train and compare share."""
     from sparsecode.lm import DEFAULT_HOOK, DEFAULT_MODEL
     from sparsecode.sae import ACTIVATIONS
-    from sparsecode.train import TrainConfig
+    from sparsecode.train import DTYPES, TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument("--d-sae", type=_positive_int, default=defaults.d_sae, help="latents")
@@ -76,6 +76,9 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                         help="tokens per optimiser step (all processes together)")
     parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate")
+    parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                        help="SAE weight and activation dtype while training (bfloat16 keeps "
+                        "float32 master weights in the optimiser)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="transformer_lens model name, or a .gguf file (Llama architecture)")
     parser.add_argument("--hook", default=DEFAULT_HOOK, help="transformer_lens hook name")
@@ -98,7 +101,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help
 
 
 def _add_train_parser(commands) -> None:
-    from sparsecode.train import ARCHS, DTYPES, TrainConfig
+    from sparsecode.train import ARCHS, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser(
@@ -113,9 +116,6 @@ def _add_train_parser(commands) -> None:
         "--prefix-weights", type=_float_list, default=None,
         help="one weight per prefix, comma-separated (default uniform 1/G)",
     )
-    train.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
-                       help="weight and activation dtype while training (bfloat16 keeps float32 "
-                       "master weights in the optimiser)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
     train.add_argument("--log-every", type=_positive_int, default=defaults.log_every,
@@ -323,7 +323,7 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         d_sae=args.d_sae, k=args.k, activation=args.activation, k_max=args.k_max,
         prefix_sizes=args.prefix_sizes, tokens=args.tokens,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, backend=args.backend,
-        device=device, topk_path=args.topk, matryoshka_path=args.matryoshka,
+        device=device, dtype=args.dtype, topk_path=args.topk, matryoshka_path=args.matryoshka,
         eval_tokens=args.eval_tokens, ce_contexts=args.ce_contexts,
     )
     try:

@@ -63,6 +63,7 @@ class CompareConfig:
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
+    dtype: str = "float32"
     topk_path: str | None = None
     matryoshka_path: str | None = None
     importance_tokens: int = 65_536
@@ -79,7 +80,7 @@ class CompareConfig:
             arch=arch, d_sae=self.d_sae, k=self.k, activation=self.activation, k_max=self.k_max,
             prefix_sizes=self.prefix_sizes if arch == "matryoshka" else None,
             tokens=self.tokens, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-            backend=self.backend, device=self.device,
+            backend=self.backend, device=self.device, dtype=self.dtype,
         )
 
 
@@ -100,7 +101,9 @@ def _train_or_load(
         if not (run / "sae" / "cfg.json").exists():
             train(config.train_config(arch), cache, run, resume=resume, progress=progress)
         sae_dir, metrics = run / "sae", run / METRICS
-    sae = load(sae_dir, backend=config.backend, device=config.device)
+    # Evaluated in float32 whatever the SAE was trained or stored in (SAELens folders may hold
+    # bfloat16 weights): the evaluation activations are float32.
+    sae = load(sae_dir, backend=config.backend, device=config.device, dtype=torch.float32)
     step = None
     if metrics.is_file():
         lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from sparsecode.cli import main
 
@@ -15,14 +16,19 @@ TINY = ["--hook", "blocks.2.hook_resid_post", "--context-length", "32", "--d-sae
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+    """The activation cache that the module's compare runs share."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sparsecode.compare.CompareConfig.importance_tokens", 4096)
         patch.setattr("sparsecode.compare.CompareConfig.interp_contexts", 16)
         patch.setattr("sparsecode.compare.CompareConfig.interp_latents", 4)
-        assert main(["compare", *TINY, "--out", str(out),
-                     "--cache", str(tmp_path_factory.mktemp("cache"))]) == 0
+        assert main(["compare", *TINY, "--out", str(out), "--cache", str(cache_dir)]) == 0
     return out
 
 
@@ -67,6 +73,27 @@ def test_compare_loads_saved_saes(compared, tmp_path, monkeypatch):
     again = json.loads((tmp_path / "again" / "results.json").read_text())["reconstruction"]
     assert again == first
     assert not (tmp_path / "again" / "topk").exists()
+
+
+def test_compare_trains_in_bfloat16(compared, cache_dir, tmp_path, monkeypatch):
+    """--dtype bfloat16 trains both SAEs in bfloat16 (saved so) and evaluates them in float32,
+    reconstructing about as well as the float32 run."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("sparsecode.compare.CompareConfig.importance_tokens", 4096)
+    monkeypatch.setattr("sparsecode.compare.CompareConfig.interp_contexts", 16)
+    monkeypatch.setattr("sparsecode.compare.CompareConfig.interp_latents", 4)
+    out = tmp_path / "bf16"
+    assert main(["compare", *TINY, "--out", str(out), "--cache", str(cache_dir),
+                 "--dtype", "bfloat16"]) == 0
+    for arch in ("topk", "matryoshka"):
+        weights = load_file(out / arch / "sae" / "sae_weights.safetensors")
+        assert weights["W_enc"].dtype == torch.bfloat16
+    full = {path: json.loads((path / "results.json").read_text())["reconstruction"]
+            for path in (compared, out)}
+    for variant in ("nested", "unsorted"):
+        fvu = [full[path][variant]["truncate"]["96"]["fvu"] for path in (compared, out)]
+        assert fvu[1] == pytest.approx(fvu[0], abs=0.02)
 
 
 @pytest.mark.parametrize(
