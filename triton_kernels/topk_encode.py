@@ -77,10 +77,16 @@ def default_config(x: Tensor, W_enc: Tensor) -> EncodeConfig:
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _INTERPRETED
-    if x.dtype == torch.float32:
-        return EncodeConfig(block_b=128, block_n=128, block_d=32, num_warps=8, num_stages=3)
     hopper = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-    if hopper and _tma_problem(x, W_enc) is None:
+    return default_tiles(x.dtype, hopper and _tma_problem(x, W_enc) is None)
+
+
+def default_tiles(dtype: torch.dtype, tma: bool) -> EncodeConfig:
+    """The compiled kernel's tiles for dtype; tma: whether 16-bit inputs may use tensor
+    descriptors (Hopper or newer, aligned inputs)."""
+    if dtype == torch.float32:
+        return EncodeConfig(block_b=128, block_n=128, block_d=32, num_warps=8, num_stages=3)
+    if tma:
         return EncodeConfig(block_b=128, block_n=256, block_d=64, num_warps=8, num_stages=3,
                             tma=True)
     return EncodeConfig(block_b=128, block_n=128, block_d=64, num_warps=8, num_stages=3)

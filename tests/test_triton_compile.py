@@ -1,0 +1,110 @@
+"""Every Triton kernel compiles for sm_80 and sm_90, without a GPU.
+
+triton.compile with an explicit target lowers a kernel to PTX and runs Triton's own ptxas, so
+a kernel that would fail to compile on a GPU fails here. Each kernel is compiled with the tiles
+its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode with k padded
+to 1 and 64 slots (and 256, the largest k, in bfloat16) and, for sm_90, also with its
+tensor-descriptor (TMA) loads. The two architectures compile in parallel child processes.
+
+The CPU test session runs Triton interpreted (TRITON_INTERPRET=1, which makes every
+@triton.jit an interpreter object), so the compiles run in a child process without it:
+``python tests/test_triton_compile.py ARCH``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("triton", reason="the triton package is not installed (pip install triton)")
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURES = [80, 90]
+TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
+    """(label, kernel, signature, constexprs, options) of every kernel compile for sm_<arch>."""
+    import torch
+
+    from sparsecode.triton_kernels import master_adam, sparse_decode, topk_encode
+
+    found = []
+    block_b, block_d = sparse_decode._blocks()
+    for name, t in TRITON_DTYPES.items():
+        dtype = getattr(torch, name)
+        for tma in (False, True) if arch >= 90 and name != "float32" else (False,):
+            tiles = topk_encode.default_tiles(dtype, tma)
+            for k_pad in (1, 64, 256) if name == "bfloat16" else (1, 64):
+                found.append((
+                    f"topk_encode {name} tma={tma} K_PAD={k_pad}", topk_encode._encode_kernel,
+                    {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
+                     "cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "B": "i32", "d": "i32",
+                     "n": "i32", "k": "i32", "tiles_per_split": "i32"},
+                    {"BLOCK_B": tiles.block_b, "BLOCK_N": tiles.block_n,
+                     "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
+                     "TMA": tma},
+                    {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
+                ))
+        found.append((
+            f"sparse_decode {name}", sparse_decode._decode_kernel,
+            {"val_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "bias_ptr": f"*{t}",
+             "out_ptr": f"*{t}", "B": "i32", "k": "i32", "d": "i32"},
+            {"BLOCK_B": block_b, "BLOCK_D": block_d}, {},
+        ))
+        found.append((
+            f"sparse_decode grad_values {name}", sparse_decode._grad_values_kernel,
+            {"g_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "partial_ptr": "*fp32",
+             "B": "i32", "k": "i32", "d": "i32"},
+            {"BLOCK_B": block_b, "BLOCK_D": block_d}, {},
+        ))
+        found.append((
+            f"master_adam {name}", master_adam._master_adam_kernel,
+            {"param_ptr": f"*{t}", "grad_ptr": f"*{t}", "master_ptr": "*fp32", "m_ptr": "*fp32",
+             "v_ptr": "*fp32", "n": "i32", "step_size": "fp32", "beta1": "fp32",
+             "beta2": "fp32", "eps": "fp32", "bc2_sqrt": "fp32"},
+            {"HAS_MASTER": name != "float32", "BLOCK": master_adam._block()}, {},
+        ))
+    return found
+
+
+def compile_all(arch: int) -> list[str]:
+    """Compiles every case for sm_<arch>; returns a line per failure."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    failures = []
+    for label, kernel, signature, constexprs, options in cases(arch):
+        types = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        source = ASTSource(fn=kernel, signature=types, constexprs=constexprs)
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            assert compiled.asm.get("cubin"), "no cubin"
+        except Exception as error:  # noqa: BLE001 - every failure is reported, then the test fails
+            failures.append(f"{label}: {type(error).__name__}: {str(error)[:2000]}")
+    return failures
+
+
+def test_every_triton_kernel_compiles() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    children = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], cwd=ROOT, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for arch in ARCHITECTURES}
+    failures = []
+    for arch, child in children.items():
+        out, err = child.communicate(timeout=600)
+        if child.returncode != 0:
+            failures.append(f"sm_{arch} (exit {child.returncode}):\n{out}\n{err[-4000:]}")
+    assert not failures, "Triton compiles failed:\n" + "\n".join(failures)
+
+
+if __name__ == "__main__":
+    problems = compile_all(int(sys.argv[1]))
+    print("\n".join(problems) or "all compiled")
+    sys.exit(1 if problems else 0)
