@@ -7,6 +7,11 @@
 //           elements is alive (and reused across calls), never the whole [B, n] matrix.
 //           The GEMM writes (x - b_dec) @ W_enc alone; b_enc is added as the selection reads
 //           each entry, which saves addmm's broadcast copy of b_enc into the buffer.
+//           bfloat16/float16 inputs are multiplied in float32 (x - b_dec is rounded to the
+//           input dtype first, as the reference does): torch's 16-bit CPU GEMM is a scalar
+//           loop on CPUs without native 16-bit arithmetic (0.3 GFLOP/s in bfloat16 on this
+//           project's AVX2 CI machine). The selection then reads float32 pre-activations, as
+//           the CUDA paths do; the float32 copy of W_enc is d*n*4 bytes for the call.
 //           Cost: the GEMM (2*B*d*n flops) plus one read of each pre row, keeping the
 //           entries above a running k-th-best threshold (O(n + k log k + k log(n/k)) per row).
 // Backward: dpre = grad_values * [values > 0] on the B*k active pairs only, then
@@ -24,6 +29,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,8 +55,8 @@ inline int64_t candidate_slots(int64_t k) { return 2 * k + 64; }
 // the k best and the threshold becomes the k-th best value. Appending is cheaper than a heap
 // update per new entry, and a full buffer is compacted only every k + 64 appends. A NaN
 // pre-activation counts as -inf, so every comparison below is a strict weak order.
-template <typename scalar_t, typename acc_t>
-void select_topk_row(const scalar_t* pre, const scalar_t* bias, int64_t n, int64_t k,
+template <typename pre_t, typename scalar_t, typename acc_t>
+void select_topk_row(const pre_t* pre, const scalar_t* bias, int64_t n, int64_t k,
                      std::vector<std::pair<acc_t, int64_t>>& buf, scalar_t* values,
                      int64_t* indices) {
   auto at = [&](int64_t i) { return static_cast<acc_t>(pre[i]) + static_cast<acc_t>(bias[i]); };
@@ -122,28 +128,33 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
   const int64_t B = x.size(0);
   const int64_t n = W_enc.size(1);
 
-  const at::Tensor xc = (x - b_dec).contiguous();
-  const at::Tensor W = W_enc.contiguous();
   const at::Tensor bias = b_enc.contiguous();
   at::Tensor values = at::empty({B, k}, x.options());
   at::Tensor indices = at::empty({B, k}, x.options().dtype(at::kLong));
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / n));
-  at::Tensor pre = scratch(ScratchSlot::kPreActivations, {chunk, n}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // The GEMM's dtype: float32 for 16-bit inputs (see the header).
+    using pre_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16> ||
+                                         std::is_same_v<scalar_t, at::Half>,
+                                     float, scalar_t>;
+    const auto gemm_options = x.options().dtype(c10::CppTypeToScalarType<pre_t>::value);
+    const at::Tensor xc = (x - b_dec).to(gemm_options).contiguous();
+    const at::Tensor W = W_enc.to(gemm_options).contiguous();
+    at::Tensor pre = scratch(ScratchSlot::kPreActivations, {chunk, n}, gemm_options);
     for (int64_t r0 = 0; r0 < B; r0 += chunk) {
       const int64_t rows = std::min(chunk, B - r0);
       at::Tensor pre_rows = pre.narrow(0, 0, rows);
       at::mm_out(pre_rows, xc.narrow(0, r0, rows), W);
-      const scalar_t* pre_ptr = pre_rows.const_data_ptr<scalar_t>();
+      const pre_t* pre_ptr = pre_rows.const_data_ptr<pre_t>();
       scalar_t* val_ptr = values.mutable_data_ptr<scalar_t>() + r0 * k;
       int64_t* idx_ptr = indices.mutable_data_ptr<int64_t>() + r0 * k;
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         std::vector<std::pair<acc_t, int64_t>> buf(candidate_slots(k));
         for (int64_t r = begin; r < end; ++r) {
-          select_topk_row<scalar_t, acc_t>(pre_ptr + r * n, bias.const_data_ptr<scalar_t>(), n,
-                                           k, buf, val_ptr + r * k, idx_ptr + r * k);
+          select_topk_row<pre_t, scalar_t, acc_t>(pre_ptr + r * n, bias.const_data_ptr<scalar_t>(),
+                                                  n, k, buf, val_ptr + r * k, idx_ptr + r * k);
         }
       });
     }

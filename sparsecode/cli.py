@@ -78,8 +78,8 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, tokens: int, out_help
     parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate")
     parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
                         help="SAE weight and activation dtype while training (bfloat16 keeps "
-                        "float32 master weights in the optimiser; it is meant for GPUs, and "
-                        "runs slower than float32 on CPUs without native bfloat16)")
+                        "float32 master weights in the optimiser; it pays on GPUs, while on a "
+                        "CPU a step takes about as long as in float32)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="transformer_lens model name, or a .gguf file (Llama architecture)")
     parser.add_argument("--hook", default=DEFAULT_HOOK, help="transformer_lens hook name")
