@@ -156,15 +156,14 @@ def _torch_step(
     step_size: float, beta1: float, beta2: float, eps: float, bc2_sqrt: float,
 ) -> None:
     """master_adam_step's arithmetic in torch ops, _CHUNK elements at a time (so the float32
-    temporaries stay small)."""
-    flat = [t.view(-1) if t is not None else None
-            for t in (param, grad, master, exp_avg, exp_avg_sq)]
+    temporaries stay small), then the updated master rounded into param."""
+    target = param if master is None else master
+    g_all, m_all, v_all, t_all = (t.view(-1) for t in (grad, exp_avg, exp_avg_sq, target))
     for start in range(0, param.numel(), _CHUNK):
-        p, g, mst, m, v = (t[start:start + _CHUNK] if t is not None else None for t in flat)
-        g = g.float()
+        chunk = slice(start, start + _CHUNK)
+        g, m, v = g_all[chunk].float(), m_all[chunk], v_all[chunk]
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        target = p if mst is None else mst
-        target.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
-        if mst is not None:
-            p.copy_(mst)
+        t_all[chunk].addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
+    if master is not None:
+        param.copy_(master)
