@@ -67,27 +67,25 @@ DECODE_AUTO = "decode fwd+bwd: auto"
 # The encode tiles tried by the sweep: fields of sparsecode.triton_kernels.topk_encode.EncodeConfig
 # (the best masked-pointer tiles of a wider sweep recorded in benchmarks/RESULTS.md).
 SWEEP = [
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 1, "num_warps": 8, "num_stages": 3},
     {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3},
     {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
+     "select_halves": True},
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
 ]
 # The same kernel loading the x' and W_enc tiles through tensor descriptors (TMA) instead of
-# masked pointers; swept last (test_encode_tma_sweep), so that a fault there cannot spoil the
-# other measurements of the run.
+# masked pointers, its tiles folded into the top k whole or by column halves (the default since
+# 2026-11-27, unmeasured when made: fewer selection instructions in the SASS); swept last
+# (test_encode_tma_sweep), so that a fault there cannot spoil the other measurements of the run.
 TMA_SWEEP = [
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "tma": True},
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
-     "tma": True},
+     "tma": True, "select_halves": False},
+    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
+     "tma": True, "select_halves": True},
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "tma": True},
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 1, "num_warps": 8, "num_stages": 3,
-     "tma": True},
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 4, "num_warps": 8, "num_stages": 3,
-     "tma": True},
-    {"block_b": 64, "block_n": 256, "block_d": 64, "splits": 4, "num_warps": 4, "num_stages": 4,
-     "tma": True},
+     "tma": True, "select_halves": True},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
+     "tma": True, "select_halves": True},
 ]
 
 

@@ -3,8 +3,9 @@
 triton.compile with an explicit target lowers a kernel to PTX and runs Triton's own ptxas, so
 a kernel that would fail to compile on a GPU fails here. Each kernel is compiled with the tiles
 its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode with k padded
-to 1 and 64 slots (and 256, the largest k, in bfloat16) and, for sm_90, also with its
-tensor-descriptor (TMA) loads. The two architectures compile in parallel child processes.
+to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
+tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
+halves (as the GPU benchmark's sweep runs them). The two architectures compile in parallel child processes.
 
 The CPU test session runs Triton interpreted (TRITON_INTERPRET=1, which makes every
 @triton.jit an interpreter object), so the compiles run in a child process without it:
@@ -13,6 +14,7 @@ The CPU test session runs Triton interpreted (TRITON_INTERPRET=1, which makes ev
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -38,17 +40,22 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     block_b, block_d = sparse_decode._blocks()
     for name, t in TRITON_DTYPES.items():
         dtype = getattr(torch, name)
-        for tma in (False, True) if arch >= 90 and name != "float32" else (False,):
-            tiles = topk_encode.default_tiles(dtype, tma)
+        variants = [topk_encode.default_tiles(dtype, tma)
+                    for tma in ((False, True) if arch >= 90 and name != "float32" else (False,))]
+        if name == "bfloat16":  # the benchmark's sweep also folds the pointer tiles by halves
+            variants.append(dataclasses.replace(variants[0], select_halves=True))
+        for tiles in variants:
+            tma = tiles.tma
             for k_pad in (1, 64, 256) if name == "bfloat16" else (1, 64):
                 found.append((
-                    f"topk_encode {name} tma={tma} K_PAD={k_pad}", topk_encode._encode_kernel,
+                    f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
+                    f"K_PAD={k_pad}", topk_encode._encode_kernel,
                     {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "B": "i32", "d": "i32",
                      "n": "i32", "k": "i32", "tiles_per_split": "i32"},
                     {"BLOCK_B": tiles.block_b, "BLOCK_N": tiles.block_n,
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
-                     "TMA": tma},
+                     "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         found.append((
