@@ -7,9 +7,10 @@ W_dec [n, d], b_dec [d] -> loss [], prefix_losses [G]. All G losses come from on
 each row's sorted slots and the backward uses suffix sums of the weighted residuals
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
-module's forward needs no separate decode. There is no Triton kernel for it: the ``triton``
-backend runs the extension's kernels for the tensors' device, or the reference where there
-are none. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
+module's forward needs no separate decode. The ``triton`` backend runs the forward as a Triton
+walk of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_prefix_loss.py)
+and the backward with the extension's kernels for the tensors' device; where the extension has
+none, the whole op runs as the reference. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import Tensor
 
 from sparsecode import reference
 from sparsecode.backends import compiled_kernels, kernels, resolve_backend
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op("sparsecode::nested_prefix_loss", mutates_args=())
@@ -34,6 +37,11 @@ def _nested_prefix_loss(
     prefix_weights: Sequence[float],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton" and x.dtype in _TRITON_DTYPES:
+        from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_forward
+
+        return nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, prefix_sizes,
+                                          prefix_weights)
     return tuple(
         kernels(backend, x.device).nested_prefix_loss_forward(
             x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights

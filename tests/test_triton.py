@@ -17,9 +17,11 @@ triton = pytest.importorskip("triton",
                              reason="the triton package is not installed (pip install triton)")
 
 from sparsecode import ops, reference, sparse_grad  # noqa: E402
+from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode  # noqa: E402
 from sparsecode.backends import BackendUnavailableError, resolve_backend  # noqa: E402
 from sparsecode.triton_kernels.topk_encode import EncodeConfig, topk_encode_forward  # noqa: E402
 from tests.conftest import TOLERANCE, assert_close  # noqa: E402
+from tests.test_nested_prefix_loss import make_problem as make_nested_problem  # noqa: E402
 from tests.test_topk_encode import check_topk_selection, make_inputs, reference_at  # noqa: E402
 
 if torch.cuda.is_available():
@@ -182,6 +184,56 @@ def test_decode_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
     ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
     for name, g, r in zip(["values", "W_dec", "b_dec"], grads, ref_grads):
         assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])  # no tl.dot: bf16 runs interpreted
+@pytest.mark.parametrize("B,d,n,k", SHAPES)
+def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):
+    """The Triton forward walk (loss, prefix losses, x_hat) and the op's gradients, on rows
+    whose slots are not in index order, with a zero value, a one-latent group and a prefix
+    smaller than k."""
+    x, values, indices, W_dec, b_dec, sizes, weights = make_nested_problem(B, d, n, k, dtype)
+    values[0, 0] = 0.0
+    shuffle = torch.rand(B, k).argsort(dim=1)
+    values, indices = values.gather(1, shuffle), indices.gather(1, shuffle)
+    leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2], leaves[3],
+                                            sizes, weights, backend="triton")
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref_loss, ref_prefix = reference.nested_prefix_loss(leaves64[0], leaves64[1], indices,
+                                                        leaves64[2], leaves64[3], sizes, weights)
+    ref_outputs = (ref_loss, ref_prefix,
+                   reference.sparse_decode(leaves64[1], indices, leaves64[2], leaves64[3]))
+    for name, out, ref in zip(["loss", "prefix_losses", "x_hat"], outputs, ref_outputs):
+        assert out.dtype == dtype
+        assert_close(out, ref, TOLERANCE[dtype], name)
+
+    upstream = [torch.randn((), dtype=dtype), torch.randn(len(sizes), dtype=dtype),
+                torch.randn(B, d, dtype=dtype)]
+    grads = torch.autograd.grad(outputs, leaves, upstream)
+    ref_grads = torch.autograd.grad(ref_outputs, leaves64, [u.double() for u in upstream])
+    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
+        assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
+
+
+def test_nested_loss_rejects_what_it_cannot_run(seed):
+    x, values, indices, W_dec, b_dec, _, _ = make_nested_problem(3, 7, 40, 3, torch.float32)
+
+    def run(sizes: list[int], weights: list[float]) -> None:
+        nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
+                                      backend="triton")
+
+    with pytest.raises(ValueError, match="strictly increasing"):
+        run([5, 5, 40], [1.0] * 3)
+    with pytest.raises(ValueError, match="last prefix size must equal d_sae = 40"):
+        run([5, 39], [1.0] * 2)
+    with pytest.raises(ValueError, match="one prefix weight per prefix size"):
+        run([5, 40], [1.0])
+    with pytest.raises(ValueError, match="at most 16 prefix sizes"):
+        run(list(range(24, 41)), [1.0] * 17)
+    with pytest.raises(ValueError, match="values and indices must be"):
+        nested_prefix_loss_and_decode(x, values[:, :2], indices, W_dec, b_dec, [40], [1.0],
+                                      backend="triton")
 
 
 def test_matryoshka_step_compiles_without_graph_breaks(seed):

@@ -34,7 +34,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     """(label, kernel, signature, constexprs, options) of every kernel compile for sm_<arch>."""
     import torch
 
-    from sparsecode.triton_kernels import master_adam, sparse_decode, topk_encode
+    from sparsecode.triton_kernels import (master_adam, nested_prefix_loss, sparse_decode,
+                                           topk_encode)
 
     found = []
     block_b, block_d = sparse_decode._blocks()
@@ -71,11 +72,26 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             {"BLOCK_B": block_b, "BLOCK_D": block_d}, {},
         ))
         found.append((
+            f"nested_prefix_loss forward {name}", nested_prefix_loss._forward_kernel,
+            {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
+             "order_ptr": "*i32", "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
+             "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+            {"BLOCK_B": block_b, "BLOCK_D": block_d, "G_PAD": 8},
+            {"num_warps": nested_prefix_loss._WARPS},
+        ))
+        found.append((
             f"master_adam {name}", master_adam._master_adam_kernel,
             {"param_ptr": f"*{t}", "grad_ptr": f"*{t}", "master_ptr": "*fp32", "m_ptr": "*fp32",
              "v_ptr": "*fp32", "n": "i32", "step_size": "fp32", "beta1": "fp32",
              "beta2": "fp32", "eps": "fp32", "bc2_sqrt": "fp32"},
             {"HAS_MASTER": name != "float32", "BLOCK": master_adam._block()}, {},
+        ))
+    for k_pad in (1, 64, 256):
+        found.append((
+            f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
+            {"idx_ptr": "*i64", "sizes_ptr": "*i64", "order_ptr": "*i32", "group_ptr": "*i32",
+             "B": "i32", "k": "i32", "G": "i32"},
+            {"BLOCK_P": nested_prefix_loss._plan_rows(k_pad), "K_PAD": k_pad}, {},
         ))
     return found
 

@@ -2,7 +2,8 @@
 
 Real sizes (B=8192; d_model, d_sae and k each take every value of the Triton issue's lists) in
 float32, bfloat16 and float16; tiny awkward shapes and exact ties in bfloat16, which the CPU
-interpreter cannot run; and a torch.compile'd Matryoshka training step against the eager one.
+interpreter cannot run; the nested-prefix loss (its Triton forward walk) at the benchmarks' size
+and the tiny shapes; and a torch.compile'd Matryoshka training step against the eager one.
 Marked ``gpu`` and skipped where torch sees no CUDA device.
 
 Each shape and dtype compiles kernels, so the file checks a covering subset of the size grid
@@ -22,7 +23,9 @@ import torch
 from torch import Tensor
 
 from sparsecode import MatryoshkaSAE, ops, reference
+from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close
+from tests.test_nested_prefix_loss import prefixes_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,6 +38,7 @@ REAL_BATCH = 8192
 # (d_model, d_sae, k): every value of each of d_model ∈ {768, 2304}, d_sae ∈ {16384, 65536},
 # k ∈ {32, 64, 128} appears; the benchmarks' size (2304, 65536, 64) is one of them.
 REAL_SIZES = [(768, 16384, 32), (2304, 65536, 64), (768, 65536, 128), (2304, 16384, 64)]
+ISSUE_SIZE = (2304, 65536, 64)  # the benchmarks' size, where the nested loss is checked too
 # (B, d_model, d_sae, k): every value of each of B ∈ {1, 5}, d_model ∈ {7, 32},
 # d_sae ∈ {33, 130}, k ∈ {1, 3, 8} appears.
 TINY_SIZES = [(1, 7, 33, 1), (5, 32, 130, 3), (5, 7, 130, 8), (1, 32, 33, 8), (5, 32, 33, 1)]
@@ -161,6 +165,35 @@ def check_decode(
         assert_close(g, r, tol, f"decode grad {name}")
 
 
+def check_nested(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+                 sizes: list[int], poison_backward: bool) -> None:
+    """ops' nested-prefix loss with its reconstruction (triton: the Triton forward walk, the
+    extension's backward) and the gradients of x, values, W_dec and b_dec through all three
+    outputs, against the float64 reference's autograd."""
+    dtype = x.dtype
+    weights = [1.0 + 0.5 * g for g in range(len(sizes))]
+    leaves = [t.clone().requires_grad_() for t in (x, values, W_dec, b_dec)]
+    with poisoned_memory():
+        outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
+                                                leaves[3], sizes, weights, backend="triton")
+    inputs64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref_loss, ref_prefix = reference.nested_prefix_loss(inputs64[0], inputs64[1], indices,
+                                                        inputs64[2], inputs64[3], sizes, weights)
+    ref_outputs = (ref_loss, ref_prefix,
+                   reference.sparse_decode(inputs64[1], indices, inputs64[2], inputs64[3]))
+    for name, out, ref in zip(["loss", "prefix_losses", "x_hat"], outputs, ref_outputs):
+        assert_close(out, ref, TOLERANCE[dtype], f"nested {name}")
+
+    upstream = [torch.randn((), device=DEVICE), torch.randn(len(sizes), device=DEVICE),
+                torch.randn_like(x, dtype=torch.float32)]
+    upstream = [u.to(dtype) for u in upstream]
+    with poisoned_memory(poison_backward):
+        grads = torch.autograd.grad(outputs, leaves, upstream)
+    ref_grads = torch.autograd.grad(ref_outputs, inputs64, [u.double() for u in upstream])
+    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
+        assert_close(g, r, TOLERANCE[dtype], f"nested grad {name}")
+
+
 @pytest.fixture(autouse=True)
 def release_gpu_memory() -> Iterator[None]:
     """Hands the cached blocks of a test's large float64 references back between tests."""
@@ -173,16 +206,26 @@ def release_gpu_memory() -> Iterator[None]:
 def test_real_sizes(d: int, n: int, k: int, dtype: torch.dtype, seed: int) -> None:
     """Encode and decode, forward and backward, at B=8192 (backward not poisoned: the fast,
     default-mode backward is the one checked here)."""
-    values, indices = check_encode(make_encoder(REAL_BATCH, d, n, dtype), k, poison_backward=False)
+    x = make_encoder(REAL_BATCH, d, n, dtype)
+    values, indices = check_encode(x, k, poison_backward=False)
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=False)
+    if (d, n, k) == ISSUE_SIZE:
+        sizes = [n // 32, n // 16, n // 8, n // 4, n // 2, n]
+        check_nested(x[0], values, indices, *make_decoder(n, d, dtype), sizes,
+                     poison_backward=False)
 
 
 @pytest.mark.parametrize("B,d,n,k", TINY_SIZES)
 def test_tiny_shapes_bf16(B: int, d: int, n: int, k: int, seed: int) -> None:
     """Sizes that are not multiples of any block, every output poisoned, in bfloat16."""
     dtype = torch.bfloat16
-    values, indices = check_encode(make_encoder(B, d, n, dtype), k, poison_backward=True)
+    x = make_encoder(B, d, n, dtype)
+    values, indices = check_encode(x, k, poison_backward=True)
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
+    # Slots out of index order, as the nested loss's walk plan must sort them.
+    shuffle = torch.rand(B, k, device=DEVICE).argsort(dim=1)
+    check_nested(x[0], values.gather(1, shuffle), indices.gather(1, shuffle),
+                 *make_decoder(n, d, dtype), prefixes_for(n, k), poison_backward=True)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])

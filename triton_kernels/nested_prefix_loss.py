@@ -1,0 +1,188 @@
+"""Nested-prefix (Matryoshka) loss forward (DESIGN.md §3.4): every prefix's squared residual
+and the full reconstruction from one walk of gathered decoder rows per row, as the decode does.
+
+    group[b, j]      = the first g with indices[b, j] < prefix_sizes[g]
+    r_g[b]           = x[b] - b_dec - sum of values[b, j] * W_dec[indices[b, j]] over the slots
+                       of groups <= g
+    partial[t, b, g] = sum of r_g[b, c]^2 over the columns c of column tile t   (float32)
+    x_hat[b]         = b_dec + sum of values[b, j] * W_dec[indices[b, j]] over all slots
+
+x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 prefix sizes;
+x_hat in x's dtype, float32 accumulation. The caller sums partial over the tiles and rows.
+
+Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
+group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives order [B, k] (the slot at each
+walk position) and the group at each walk position [B, k]. Reads and writes B*k*12 bytes.
+
+Walk (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse decode's
+forward does, and walks the k positions: before the slot of group h it records the residual's
+squared norm for each group from the row's last recorded one up to h - 1 (no slot of those
+groups is left, so the residual is theirs), then subtracts the slot's values * W_dec row; after
+the last position the norm goes to the remaining groups. The norms are tile reductions over the
+row's columns, made at every position because some row of the tile nearly always crosses a
+boundary there (each row crosses up to G - 1 of them in k positions).
+
+Cost. 2*B*k*d FLOPs for the gathers plus 2*B*k*d for the norms; reads B*k*d gathered weight
+elements (each row segment contiguous) and x, writes x_hat (B*d each) and partial
+(B*G*tiles*4 bytes), against the G decodes of a loss that decodes each prefix on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sparsecode.triton_kernels.sparse_decode import _blocks
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_GROUPS = 16
+# The walk holds the residual and the reconstruction tiles: with the decode's 32 x 128 tiles
+# over 8 warps (16 elements of each per thread) ptxas gives 80 registers for sm_90 bfloat16,
+# against 168 over 4 warps (d, k and B multiples of 16, as Triton specialises them).
+_WARPS = 8
+
+
+def _plan_rows(k_pad: int) -> int:
+    """Rows per plan program: about 4096 keys (fewer under the CPU interpreter)."""
+    cap = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+    return max(1, cap // k_pad)
+
+
+@triton.jit
+def _plan_kernel(idx_ptr, sizes_ptr, order_ptr, group_ptr, B, k, G,
+                 BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    slot = tl.arange(0, K_PAD)
+    live = (rows < B)[:, None] & (slot < k)[None, :]
+    at = rows[:, None].to(tl.int64) * k + slot[None, :]
+    index = tl.load(idx_ptr + at, mask=live, other=0)
+    group = tl.zeros([BLOCK_P, K_PAD], tl.int32)
+    for g in range(0, G - 1):
+        group += (index >= tl.load(sizes_ptr + g)).to(tl.int32)
+    key = tl.where(live, group, G) * K_PAD + slot[None, :]  # padding sorts last
+    key = tl.sort(key, 1)
+    tl.store(order_ptr + at, key % K_PAD, mask=live)
+    tl.store(group_ptr + at, key // K_PAD, mask=live)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, xhat_ptr, partial_ptr,
+    B, k, d, G,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    col_ok = cols < d
+    tile = row_ok[:, None] & col_ok[None, :]
+    at = rows[:, None].to(tl.int64) * d + cols[None, :]
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
+    r = tl.where(tile, r, 0.0)
+    recon = tl.zeros([BLOCK_B, BLOCK_D], tl.float32) + bias[None, :]
+    gcol = tl.arange(0, G_PAD)
+    losses = tl.zeros([BLOCK_B, G_PAD], tl.float32)
+    recorded = tl.zeros([BLOCK_B], tl.int32)  # groups below this one have their norm
+    for q in range(0, k):
+        walk = rows.to(tl.int64) * k + q
+        slot = tl.load(order_ptr + walk, mask=row_ok, other=0)
+        group = tl.load(group_ptr + walk, mask=row_ok, other=0)
+        src = rows.to(tl.int64) * k + slot
+        v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
+        i = tl.load(idx_ptr + src, mask=row_ok, other=0)
+        norm = tl.sum(r * r, axis=1)
+        due = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < group[:, None])
+        losses += tl.where(due, norm[:, None], 0.0)
+        recorded = tl.maximum(recorded, group)
+        live = row_ok & (v != 0.0)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        r -= v[:, None] * w
+        recon += v[:, None] * w
+    norm = tl.sum(r * r, axis=1)
+    losses += tl.where((gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < G), norm[:, None], 0.0)
+    tl.store(xhat_ptr + at, recon.to(xhat_ptr.dtype.element_ty), mask=tile)
+    out = (tl.program_id(1).to(tl.int64) * B + rows[:, None]) * G + gcol[None, :]
+    tl.store(partial_ptr + out, losses, mask=row_ok[:, None] & (gcol < G)[None, :])
+
+
+def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+           prefix_sizes: Sequence[int], prefix_weights: Sequence[float]) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"the triton backend takes float32, bfloat16 or float16 tensors, got x of {x.dtype}; "
+            "use backend='cuda' or 'reference' for other dtypes"
+        )
+    for name, t, dim in (("x", x, 2), ("values", values, 2), ("W_dec", W_dec, 2),
+                         ("b_dec", b_dec, 1)):
+        if t.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} must match x's dtype {x.dtype} and device {x.device}, got "
+                            f"{t.dtype} on {t.device}")
+    if indices.dtype != torch.int64 or indices.device != x.device:
+        raise TypeError(f"indices must be int64 on {x.device}, got {indices.dtype} on "
+                        f"{indices.device}")
+    B, d = x.shape
+    if values.shape[0] != B or indices.shape != values.shape:
+        raise ValueError(f"values and indices must be [B, k] with B = {B}, got "
+                         f"{list(values.shape)} and {list(indices.shape)}")
+    if W_dec.shape[1] != d or b_dec.shape[0] != d:
+        raise ValueError(f"W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = {d}, "
+                         f"got {list(W_dec.shape)} and {list(b_dec.shape)}")
+    G = len(prefix_sizes)
+    if G < 1 or len(prefix_weights) != G:
+        raise ValueError(f"need one prefix weight per prefix size, got {len(prefix_weights)} "
+                         f"weights for {G} sizes")
+    if any(m < 1 for m in prefix_sizes) or any(b <= a for a, b in zip(prefix_sizes, prefix_sizes[1:])):
+        raise ValueError(f"prefix_sizes must be strictly increasing positive ints, got "
+                         f"{list(prefix_sizes)}")
+    if prefix_sizes[-1] != W_dec.shape[0]:
+        raise ValueError(f"the last prefix size must equal d_sae = {W_dec.shape[0]}, got "
+                         f"{list(prefix_sizes)}")
+    if G > MAX_GROUPS:
+        raise ValueError(f"the triton backend supports at most {MAX_GROUPS} prefix sizes, got {G}; "
+                         "merge prefixes or use the cpp backend")
+    torch._assert_async(((indices >= 0) & (indices < W_dec.shape[0])).all(),
+                        "indices must lie in [0, d_sae)")
+
+
+def nested_prefix_loss_forward(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+    prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype.
+
+    Forward only: the op's backward is the extension's (sparsecode.nested_prefix_loss).
+    """
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    B, d = x.shape
+    k = values.shape[1]
+    G = len(prefix_sizes)
+    device = x.device
+    idx = indices.contiguous()
+    order = torch.empty(B, k, dtype=torch.int32, device=device)
+    group = torch.empty(B, k, dtype=torch.int32, device=device)
+    sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=device)
+    k_pad = triton.next_power_of_2(max(k, 1))
+    block_p = _plan_rows(k_pad)
+    _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, G,
+                                             BLOCK_P=block_p, K_PAD=k_pad)
+    block_b, block_d = _blocks()
+    tiles = triton.cdiv(d, block_d)
+    x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
+    partial = torch.empty(tiles, B, G, dtype=torch.float32, device=device)
+    _forward_kernel[(triton.cdiv(B, block_b), tiles)](
+        x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
+        W_dec.contiguous(), x_hat, partial, B, k, d, G,
+        BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G), num_warps=_WARPS,
+    )
+    means = partial.double().sum(0).sum(0) / B
+    weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
+    return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat
