@@ -477,8 +477,9 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
 
     report.time(NESTED, nested("auto"))
     report.time(DECODE_AUTO, decode)
-    # The triton backend's forward is a Triton walk (since 2026-11-27), the cuda one the
-    # extension's kernel; both take the extension's backward.
+    # Since 2026-11-27 the triton backend's nested loss is Triton walks (forward and backward,
+    # with the extension's per-latent sum for grad_W_dec); the cuda backend's is the
+    # extension's kernels.
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))

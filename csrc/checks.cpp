@@ -164,15 +164,23 @@ void check_nested_grads(const at::Tensor& grad_loss, const at::Tensor& grad_pref
 }
 
 void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
-                         const at::Tensor& src, int64_t d_sae, const at::Device& device) {
+                         const at::Tensor& src, int64_t d_sae,
+                         const std::optional<at::Tensor>& src_rows, const at::Device& device) {
   check_float(coef, "coef", 2, device);
   check_float(src, "src", 2, device);
   check_index_tensor(indices, device);
   TORCH_CHECK(indices.sizes() == coef.sizes(),
               "indices and coef must have the same shape [B, k], got ", indices.sizes(), " and ",
               coef.sizes());
-  TORCH_CHECK(src.size(0) == coef.size(0), "src must be [B, d] with B = ", coef.size(0),
-              " (coef's rows), got ", src.sizes());
+  if (src_rows.has_value()) {
+    TORCH_CHECK(src_rows->device() == device && src_rows->scalar_type() == at::kLong &&
+                    src_rows->sizes() == indices.sizes(),
+                "src_rows must be an int64 [B, k] tensor like indices on ", device, ", got ",
+                src_rows->scalar_type(), " ", src_rows->sizes(), " on ", src_rows->device());
+  } else {
+    TORCH_CHECK(src.size(0) == coef.size(0), "src must be [B, d] with B = ", coef.size(0),
+                " (coef's rows), got ", src.sizes(), "; or pass src_rows");
+  }
   TORCH_CHECK(d_sae >= 0, "d_sae must be non-negative, got ", d_sae);
 }
 

@@ -22,7 +22,8 @@ TORCH_LIBRARY(sparsecode_C, m) {
         " Tensor? grad_x_hat, Tensor x,"
         " Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec, int[] prefix_sizes,"
         " float[] prefix_weights) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("latent_rows_sum(Tensor coef, Tensor indices, Tensor src, int d_sae) -> Tensor");
+  m.def("latent_rows_sum(Tensor coef, Tensor indices, Tensor src, int d_sae,"
+        " Tensor? src_rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsecode_C, CPU, m) {

@@ -41,7 +41,8 @@ void check_nested_grads(const at::Tensor& grad_loss, const at::Tensor& grad_pref
                         const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x,
                         int64_t G, const at::Device& device);
 void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
-                         const at::Tensor& src, int64_t d_sae, const at::Device& device);
+                         const at::Tensor& src, int64_t d_sae,
+                         const std::optional<at::Tensor>& src_rows, const at::Device& device);
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
@@ -76,10 +77,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights);
 
 // out [d_sae, d] (src's dtype): out[i] = sum over (b, j) with indices[b, j] == i of
-// coef[b, j] * src[b], in float32 (float64 for float64 src), summed in a fixed order; zero rows
-// for latents no pair uses. coef [B, k] floating, indices [B, k] int64, src [B, d].
-// sparse_decode_backward's grad_W_dec alone.
+// coef[b, j] * src[row], row = src_rows[b, j] if given else b, in float32 (float64 for float64
+// src), summed in a fixed order; zero rows for latents no pair uses. coef [B, k] floating,
+// indices [B, k] int64, src [rows, d], src_rows [B, k] int64. sparse_decode_backward's
+// grad_W_dec alone, and (src_rows into the [G * B, d] suffix sums of the residuals) the
+// nested loss's grad_W_dec.
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
-                           int64_t d_sae);
+                           int64_t d_sae, const std::optional<at::Tensor>& src_rows);
 
 }  // namespace sparsecode

@@ -7,10 +7,10 @@ W_dec [n, d], b_dec [d] -> loss [], prefix_losses [G]. All G losses come from on
 each row's sorted slots and the backward uses suffix sums of the weighted residuals
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
-module's forward needs no separate decode. The ``triton`` backend runs the forward as a Triton
-walk of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_prefix_loss.py)
-and the backward with the extension's kernels for the tensors' device; where the extension has
-none, the whole op runs as the reference. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
+module's forward needs no separate decode. The ``triton`` backend runs the forward and the
+backward as Triton walks of gathered decoder rows (float32, bfloat16 and float16;
+triton_kernels/nested_prefix_loss.py), with the extension's per-latent sum for grad_W_dec; where
+the extension has no kernels for the device, the whole op runs as the reference. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def _nested_prefix_loss_backward(
     prefix_weights: Sequence[float],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton" and x.dtype in _TRITON_DTYPES:
+        from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_backward
+
+        return nested_prefix_loss_backward(grad_loss, grad_prefix_losses, grad_x_hat, x, values,
+                                           indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     return tuple(
         kernels(backend, x.device).nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,

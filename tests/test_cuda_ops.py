@@ -22,6 +22,7 @@ import torch
 from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close
+from tests.test_latent_rows_sum import grouped_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -158,6 +159,14 @@ def check_decode(B: int, d: int, n: int, k: int, dtype: torch.dtype, cpp: bool) 
     ref_rows = reference.dense_code(coef.double(), indices, n).T @ grad.double()
     assert_close(rows, ref_rows, tol, "latent_rows_sum")
     del ref_rows
+    if B * k * d <= 1 << 22:  # the src rows that src_rows names
+        src = torch.randn(3 * B, d, device="cuda", dtype=dtype)
+        src_rows = torch.randint(0, 3 * B, (B, k), device="cuda")
+        with poisoned():
+            grouped = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n, src_rows)
+        assert grouped.dtype == dtype
+        assert_close(grouped, grouped_reference(coef, indices, src, src_rows, n), tol,
+                     "latent_rows_sum with src_rows")
 
     if not cpp:
         return

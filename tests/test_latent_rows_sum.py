@@ -62,6 +62,28 @@ def test_deterministic(seed):
     assert torch.equal(first, torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 16))
 
 
+def grouped_reference(coef: torch.Tensor, indices: torch.Tensor, src: torch.Tensor,
+                      src_rows: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """out[i] = sum over (b, j) with indices[b, j] == i of coef[b, j] * src[src_rows[b, j]]."""
+    terms = coef.reshape(-1, 1).double() * src.double()[src_rows.reshape(-1)]
+    return torch.zeros(d_sae, src.shape[1], dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,d,n,k,G", [(1, 1, 1, 1, 1), (5, 100, 33, 3, 4), (33, 7, 1000, 32, 6)])
+def test_src_rows(B, d, n, k, G, dtype, seed, poisoned):
+    """Pairs read the src rows that src_rows names, as the nested loss's [G * B, d] suffix sums
+    of the residuals are read."""
+    coef = torch.randn(B, k)
+    indices = random_indices(B, n, k)
+    src = torch.randn(G * B, d, dtype=dtype)
+    src_rows = torch.randint(0, G * B, (B, k))
+    out = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n, src_rows)
+    assert out.dtype == dtype
+    assert_close(out, grouped_reference(coef, indices, src, src_rows, n), TOLERANCE[dtype])
+
+
 def test_bad_arguments_are_named():
     coef, indices, src = torch.randn(2, 3), random_indices(2, 10, 3), torch.randn(2, 4)
     bad = indices.clone()
@@ -72,3 +94,9 @@ def test_bad_arguments_are_named():
         torch.ops.sparsecode_C.latent_rows_sum(coef, indices[:, :2], src, 10)
     with pytest.raises(RuntimeError, match="src must be"):
         torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src[:1], 10)
+    rows = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"src_rows must lie in \[0, src's rows=2\)"):
+        torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 10, rows + 2)
+    with pytest.raises(RuntimeError, match="src_rows must be an int64 \\[B, k\\] tensor"):
+        torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 10, rows[:, :2])
+

@@ -79,6 +79,17 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             {"BLOCK_B": block_b, "BLOCK_D": block_d, "G_PAD": 8},
             {"num_warps": nested_prefix_loss._WARPS},
         ))
+        for has_gxh in (False, True):
+            found.append((
+                f"nested_prefix_loss backward {name} HAS_GXH={has_gxh}",
+                nested_prefix_loss._backward_kernel,
+                {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
+                 "order_ptr": "*i32", "group_ptr": "*i32", "w_ptr": f"*{t}", "gxh_ptr": f"*{t}",
+                 "scale_ptr": "*fp32", "gx_ptr": f"*{t}", "s_ptr": f"*{t}",
+                 "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+                {"HAS_GXH": has_gxh, "BLOCK_B": block_b, "BLOCK_D": block_d, "G_PAD": 8},
+                {"num_warps": nested_prefix_loss._WARPS},
+            ))
         found.append((
             f"master_adam {name}", master_adam._master_adam_kernel,
             {"param_ptr": f"*{t}", "grad_ptr": f"*{t}", "master_ptr": "*fp32", "m_ptr": "*fp32",

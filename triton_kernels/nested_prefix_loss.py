@@ -1,30 +1,47 @@
-"""Nested-prefix (Matryoshka) loss forward (DESIGN.md §3.4): every prefix's squared residual
-and the full reconstruction from one walk of gathered decoder rows per row, as the decode does.
+"""Nested-prefix (Matryoshka) loss forward and backward (DESIGN.md §3.4): every prefix's
+squared residual and the full reconstruction, then every gradient, from walks of gathered
+decoder rows per row, as the sparse decode makes.
 
     group[b, j]      = the first g with indices[b, j] < prefix_sizes[g]
     r_g[b]           = x[b] - b_dec - sum of values[b, j] * W_dec[indices[b, j]] over the slots
                        of groups <= g
     partial[t, b, g] = sum of r_g[b, c]^2 over the columns c of column tile t   (float32)
     x_hat[b]         = b_dec + sum of values[b, j] * W_dec[indices[b, j]] over all slots
+    backward, with scale_g = 2 (grad_loss w_g + grad_prefix_losses[g]) / B and the upstream
+    grad_x_hat (zero when absent):
+    S_h[b]           = sum over g >= h of scale_g r_g[b] - grad_x_hat[b]
+    grad_values[b,j] = -W_dec[indices[b, j]] . S_{group[b, j]}[b]
+    grad_W_dec[i]    = -sum over the pairs (b, j) of latent i of values[b, j] S_{group[b, j]}[b]
+    grad_x           = S_0 + grad_x_hat,   grad_b_dec = sum over b of grad_x_hat - grad_x
 
 x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 prefix sizes;
-x_hat in x's dtype, float32 accumulation. The caller sums partial over the tiles and rows.
+outputs in x's dtype, float32 accumulation.
 
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
 group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives order [B, k] (the slot at each
 walk position) and the group at each walk position [B, k]. Reads and writes B*k*12 bytes.
 
-Walk (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse decode's
-forward does, and walks the k positions: before the slot of group h it records the residual's
-squared norm for each group from the row's last recorded one up to h - 1 (no slot of those
-groups is left, so the residual is theirs), then subtracts the slot's values * W_dec row; after
-the last position the norm goes to the remaining groups. The norms are tile reductions over the
-row's columns, made at every position because some row of the tile nearly always crosses a
-boundary there (each row crosses up to G - 1 of them in k positions).
+Forward (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse
+decode's forward does, and walks the k positions: before the slot of group h it records the
+residual's squared norm for each group from the row's last recorded one up to h - 1 (no slot of
+those groups is left, so the residual is theirs), then subtracts the slot's values * W_dec row;
+after the last position the norm goes to the remaining groups. The norms are tile reductions
+over the row's columns, made at every position because some row of the tile nearly always
+crosses a boundary there (each row crosses up to G - 1 of them in k positions).
 
-Cost. 2*B*k*d FLOPs for the gathers plus 2*B*k*d for the norms; reads B*k*d gathered weight
-elements (each row segment contiguous) and x, writes x_hat (B*d each) and partial
+Backward (_backward_kernel). The same tiles: a forward walk leaves r as the residual of all
+slots, then a walk back over the positions adds each slot back: entering a group (going down)
+it adds scale_g r for the groups it passes, since r is their residual, writes the row's S of
+that group to S [G * B, d] (x's dtype) for grad_W_dec, and stores the tile's part of each
+slot's dot with S to partial [tiles, B, k]. grad_W_dec is the extension's latent_rows_sum over
+the pairs with src_rows = group * B + b. S in float32 would be stored through a layout
+conversion at every position (4 floats per thread against the tile's 8 16-bit elements).
+
+Cost. Forward: 2*B*k*d FLOPs for the gathers plus 2*B*k*d for the norms; reads B*k*d gathered
+weight elements (each row segment contiguous) and x, writes x_hat (B*d each) and partial
 (B*G*tiles*4 bytes), against the G decodes of a loss that decodes each prefix on its own.
+Backward: the gathers twice (4*B*k*d FLOPs with the dots), x and grad_x, S written once and
+read once by latent_rows_sum (at most G*B*d elements each way), and grad_W_dec (n*d).
 """
 
 from __future__ import annotations
@@ -106,10 +123,69 @@ def _forward_kernel(
         r -= v[:, None] * w
         recon += v[:, None] * w
     norm = tl.sum(r * r, axis=1)
-    losses += tl.where((gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < G), norm[:, None], 0.0)
+    rest = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < G)
+    losses += tl.where(rest, norm[:, None], 0.0)
     tl.store(xhat_ptr + at, recon.to(xhat_ptr.dtype.element_ty), mask=tile)
     out = (tl.program_id(1).to(tl.int64) * B + rows[:, None]) * G + gcol[None, :]
     tl.store(partial_ptr + out, losses, mask=row_ok[:, None] & (gcol < G)[None, :])
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, scale_ptr,
+    gx_ptr, s_ptr, partial_ptr, B, k, d, G,
+    HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    col_ok = cols < d
+    tile = row_ok[:, None] & col_ok[None, :]
+    at = rows[:, None].to(tl.int64) * d + cols[None, :]
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
+    r = tl.where(tile, r, 0.0)
+    for q in range(0, k):  # forward: r becomes the residual of all slots
+        slot = tl.load(order_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
+        src = rows.to(tl.int64) * k + slot
+        v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
+        i = tl.load(idx_ptr + src, mask=row_ok, other=0)
+        live = row_ok & (v != 0.0)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        r -= v[:, None] * w
+
+    gcol = tl.arange(0, G_PAD)
+    scale = tl.load(scale_ptr + gcol, mask=gcol < G, other=0.0)
+    # D = S - grad_x_hat, S the suffix sum of scale_g r_g over the groups the walk has passed.
+    if HAS_GXH:
+        D = -tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    else:
+        D = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in D
+    partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
+    for q in range(0, k):  # backward: slots in reverse walk order
+        walk = rows.to(tl.int64) * k + (k - 1 - q)
+        slot = tl.load(order_ptr + walk, mask=row_ok, other=0)
+        group = tl.load(group_ptr + walk, mask=row_ok, other=G)
+        src = rows.to(tl.int64) * k + slot
+        v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
+        i = tl.load(idx_ptr + src, mask=row_ok, other=0)
+        # r is the residual of every group from this slot's up to the last one passed.
+        entering = (gcol[None, :] >= group[:, None]) & (gcol[None, :] < passed[:, None])
+        D += tl.sum(tl.where(entering, scale[None, :], 0.0), axis=1)[:, None] * r
+        first = row_ok & (group < passed)  # the row's first slot of this group: D is its S
+        s_at = (group[:, None].to(tl.int64) * B + rows[:, None]) * d + cols[None, :]
+        tl.store(s_ptr + s_at, D.to(s_ptr.dtype.element_ty),
+                 mask=first[:, None] & col_ok[None, :])
+        passed = tl.minimum(passed, group)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+        tl.store(partial + src, tl.sum(w * D, axis=1), mask=row_ok)
+        r += v[:, None] * w
+    D += tl.sum(tl.where(gcol[None, :] < passed[:, None], scale[None, :], 0.0), axis=1)[:, None] * r
+    if HAS_GXH:
+        D += tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    tl.store(gx_ptr + at, D.to(gx_ptr.dtype.element_ty), mask=tile)
 
 
 def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
@@ -140,7 +216,8 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
     if G < 1 or len(prefix_weights) != G:
         raise ValueError(f"need one prefix weight per prefix size, got {len(prefix_weights)} "
                          f"weights for {G} sizes")
-    if any(m < 1 for m in prefix_sizes) or any(b <= a for a, b in zip(prefix_sizes, prefix_sizes[1:])):
+    increasing = all(b > a for a, b in zip(prefix_sizes, prefix_sizes[1:]))
+    if any(m < 1 for m in prefix_sizes) or not increasing:
         raise ValueError(f"prefix_sizes must be strictly increasing positive ints, got "
                          f"{list(prefix_sizes)}")
     if prefix_sizes[-1] != W_dec.shape[0]:
@@ -153,13 +230,25 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
                         "indices must lie in [0, d_sae)")
 
 
+def _walk_plan(idx: Tensor, sizes: Tensor, B: int, k: int, G: int) -> tuple[Tensor, Tensor]:
+    """order, group [B, k] int32: the slot at each walk position of each row (slots sorted by
+    group, then slot) and its group; idx [B, k] int64 contiguous, sizes [G] int64."""
+    order = torch.empty(B, k, dtype=torch.int32, device=idx.device)
+    group = torch.empty(B, k, dtype=torch.int32, device=idx.device)
+    k_pad = triton.next_power_of_2(max(k, 1))
+    block_p = _plan_rows(k_pad)
+    _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, G,
+                                             BLOCK_P=block_p, K_PAD=k_pad)
+    return order, group
+
+
 def nested_prefix_loss_forward(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype.
 
-    Forward only: the op's backward is the extension's (sparsecode.nested_prefix_loss).
+    Forward only: nested_prefix_loss_backward is its backward.
     """
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     B, d = x.shape
@@ -167,13 +256,8 @@ def nested_prefix_loss_forward(
     G = len(prefix_sizes)
     device = x.device
     idx = indices.contiguous()
-    order = torch.empty(B, k, dtype=torch.int32, device=device)
-    group = torch.empty(B, k, dtype=torch.int32, device=device)
     sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=device)
-    k_pad = triton.next_power_of_2(max(k, 1))
-    block_p = _plan_rows(k_pad)
-    _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, G,
-                                             BLOCK_P=block_p, K_PAD=k_pad)
+    order, group = _walk_plan(idx, sizes, B, k, G)
     block_b, block_d = _blocks()
     tiles = triton.cdiv(d, block_d)
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
@@ -186,3 +270,46 @@ def nested_prefix_loss_forward(
     means = partial.double().sum(0).sum(0) / B
     weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat
+
+
+def nested_prefix_loss_backward(
+    grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, x: Tensor,
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+    prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of
+    nested_prefix_loss_forward's three outputs, given the upstream grad_loss [],
+    grad_prefix_losses [G] and grad_x_hat [B, d] (or None). The walk runs here; grad_W_dec
+    sums -values * S over each latent's pairs with the extension's latent_rows_sum."""
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    B, d = x.shape
+    n, k = W_dec.shape[0], values.shape[1]
+    G = len(prefix_sizes)
+    device = x.device
+    if grad_x_hat is not None and grad_x_hat.shape != x.shape:
+        raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
+    idx = indices.contiguous()
+    sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=device)
+    order, group = _walk_plan(idx, sizes, B, k, G)
+    weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
+    scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
+             * (2.0 / B)).float()
+    block_b, block_d = _blocks()
+    tiles = triton.cdiv(d, block_d)
+    grad_x = torch.empty(B, d, dtype=x.dtype, device=device)
+    S = torch.empty(G * B, d, dtype=x.dtype, device=device)
+    partial = torch.empty(tiles, B, k, dtype=torch.float32, device=device)
+    gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
+    _backward_kernel[(triton.cdiv(B, block_b), tiles)](
+        x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
+        W_dec.contiguous(), gxh, scale, grad_x, S, partial, B, k, d, G,
+        HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d,
+        G_PAD=triton.next_power_of_2(G), num_warps=_WARPS,
+    )
+    grad_values = (-partial.sum(0)).to(x.dtype)
+    # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
+    slot_group = torch.bucketize(idx, sizes[:-1], right=True)
+    src_rows = slot_group * B + torch.arange(B, device=device)[:, None]
+    grad_W_dec = torch.ops.sparsecode_C.latent_rows_sum(-values, idx, S, n, src_rows)
+    grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
+    return grad_x, grad_values, grad_W_dec, grad_b_dec

@@ -93,8 +93,10 @@ at::Device op_device(std::initializer_list<at::Tensor> tensors) {
 }
 
 // Throws unless every index lies in [0, n): an out-of-range id would read or write outside
-// the weight matrices. One small device-to-host copy (a synchronisation).
-void check_index_range(const at::Tensor& indices, int64_t n) {
+// the weight matrices. One small device-to-host copy (a synchronisation). `name` and `bound`
+// name the tensor and n in the message.
+void check_index_range(const at::Tensor& indices, int64_t n, const char* name = "indices",
+                       const char* bound = "d_sae") {
   if (indices.numel() == 0) {
     return;
   }
@@ -105,7 +107,7 @@ void check_index_range(const at::Tensor& indices, int64_t n) {
   if (lowest < 0 || highest >= n) {
     const int64_t bad = lowest < 0 ? lowest : highest;
     const int64_t position = (indices.reshape(-1) == bad).nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, "indices must lie in [0, d_sae=", n, "), found ", bad,
+    TORCH_CHECK(false, name, " must lie in [0, ", bound, "=", n, "), found ", bad,
                 " at flat position ", position);
   }
 }
@@ -296,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
 }
 
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
-                           int64_t d_sae) {
-  check_rows_sum_args(coef, indices, src, d_sae, op_device({src, coef}));
+                           int64_t d_sae, const std::optional<at::Tensor>& src_rows) {
+  check_rows_sum_args(coef, indices, src, d_sae, src_rows, op_device({src, coef}));
   const int64_t B = coef.size(0);
   const int64_t k = coef.size(1);
   const int64_t d = src.size(1);
@@ -307,12 +309,19 @@ at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, co
   const at::Tensor s = src.contiguous();
   const at::Tensor c = coef.to(acc_dtype(src.scalar_type())).contiguous();
   check_index_range(idx, d_sae);
+  at::Tensor rows;
+  if (src_rows.has_value()) {
+    rows = src_rows->contiguous().reshape(-1);
+    check_index_range(rows, s.size(0), "src_rows", "src's rows");
+  } else {
+    rows = pair_rows(B, k, idx.options());
+  }
   at::Tensor result = at::empty({d_sae, d}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_rows_sum_cuda", [&] {
     using T = cuda_t<scalar_t>;
     const LatentCsr csr = group_by_latent(idx.reshape(-1), d_sae);
-    sum_rows_by_latent<T, T>(csr, c.reshape(-1), pair_rows(B, k, idx.options()), s, d_sae, d,
-                             /*transposed=*/false, result, nullptr);
+    sum_rows_by_latent<T, T>(csr, c.reshape(-1), rows, s, d_sae, d, /*transposed=*/false, result,
+                             nullptr);
   });
   return result;
 }
