@@ -90,6 +90,22 @@ def test_encode_result_does_not_depend_on_the_column_split(splits, select_halves
     assert_close(values, ref_values, TOLERANCE[torch.float32], "values")
 
 
+def test_encode_merge_of_wide_candidate_lists_matches(monkeypatch, seed):
+    """Candidate lists wider than MERGE_WIDTH merge with torch ops instead of _merge_kernel:
+    the same values and indices, exact ties among the candidates included."""
+    from sparsecode.triton_kernels import topk_encode as module
+
+    x = torch.randint(-3, 4, (5, 16)).float()
+    W_enc = torch.randint(-2, 3, (16, 130)).float()
+    b_enc, b_dec = torch.zeros(130), torch.zeros(16)
+    config = EncodeConfig(block_b=16, block_n=16, block_d=16, splits=8, num_warps=1)
+    in_kernel = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
+    monkeypatch.setattr(module, "MERGE_WIDTH", 32)  # 8 ranges x 8 candidates: 64 > 32
+    with_torch = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
+    assert torch.equal(in_kernel[1], with_torch[1])
+    assert torch.equal(in_kernel[0], with_torch[0])
+
+
 # EncodeConfig(tma=True) under the interpreter: triton's interpreter runs tensor descriptors as
 # masked loads (zero past the edges), and checks their 16-byte alignment as the GPU needs.
 _TMA_TILES = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, num_stages=1)

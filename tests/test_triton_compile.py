@@ -34,8 +34,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     """(label, kernel, signature, constexprs, options) of every kernel compile for sm_<arch>."""
     import torch
 
-    from sparsecode.triton_kernels import (master_adam, nested_prefix_loss, sparse_decode,
-                                           topk_encode)
+    from sparsecode.triton_kernels import (master_adam, nested_prefix_loss, sort_rows,
+                                           sparse_decode, topk_encode)
 
     found = []
     block_b, block_d = sparse_decode._blocks()
@@ -97,12 +97,20 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
              "beta2": "fp32", "eps": "fp32", "bc2_sqrt": "fp32"},
             {"HAS_MASTER": name != "float32", "BLOCK": master_adam._block()}, {},
         ))
+    for w_pad in (1, 128, topk_encode.MERGE_WIDTH):
+        for name, t in TRITON_DTYPES.items():
+            found.append((
+                f"topk_encode merge {name} W_PAD={w_pad}", topk_encode._merge_kernel,
+                {"cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "val_ptr": f"*{t}",
+                 "idx_ptr": "*i64", "k": "i32", "width": "i32"},
+                {"W_PAD": w_pad}, {"num_warps": topk_encode._merge_warps(w_pad)},
+            ))
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
             {"idx_ptr": "*i64", "sizes_ptr": "*i64", "order_ptr": "*i32", "group_ptr": "*i32",
              "B": "i32", "k": "i32", "G": "i32"},
-            {"BLOCK_P": nested_prefix_loss._plan_rows(k_pad), "K_PAD": k_pad}, {},
+            {"BLOCK_P": sort_rows(k_pad), "K_PAD": k_pad}, {},
         ))
     return found
 

@@ -46,7 +46,6 @@ read once by latent_rows_sum (at most G*B*d elements each way), and grad_W_dec (
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sparsecode.triton_kernels import sort_rows
 from sparsecode.triton_kernels.sparse_decode import _blocks
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,12 +62,6 @@ MAX_GROUPS = 16
 # over 8 warps (16 elements of each per thread) ptxas gives 80 registers for sm_90 bfloat16,
 # against 168 over 4 warps (d, k and B multiples of 16, as Triton specialises them).
 _WARPS = 8
-
-
-def _plan_rows(k_pad: int) -> int:
-    """Rows per plan program: about 4096 keys (fewer under the CPU interpreter)."""
-    cap = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-    return max(1, cap // k_pad)
 
 
 @triton.jit
@@ -236,7 +230,7 @@ def _walk_plan(idx: Tensor, sizes: Tensor, B: int, k: int, G: int) -> tuple[Tens
     order = torch.empty(B, k, dtype=torch.int32, device=idx.device)
     group = torch.empty(B, k, dtype=torch.int32, device=idx.device)
     k_pad = triton.next_power_of_2(max(k, 1))
-    block_p = _plan_rows(k_pad)
+    block_p = sort_rows(k_pad)
     _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, G,
                                              BLOCK_P=block_p, K_PAD=k_pad)
     return order, group

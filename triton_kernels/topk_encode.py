@@ -19,9 +19,15 @@ each with its own loop: a step scans half the columns, and the halves' slowest r
 cost fewer scanned columns than the whole tile's (simulated on random rows at k = 64 over
 32768-column ranges: 1162 steps of 128 columns against 832 of 256). Under the Hopper MMA layout
 the halves are a reshape of the accumulator that leaves every element in its thread; under the
-Ampere and float32 layouts it would move data, so those tiles fold whole. Each program writes its range's top k as candidates [B, splits, k]; a short
-torch merge keeps each row's k best of the splits*k candidates (the lower id among equal values,
-so the result does not depend on `splits`) and sorts them by id.
+Ampere and float32 layouts it would move data, so those tiles fold whole.
+
+Merge. Each program writes its range's top k as candidates [B, splits, k]; _merge_kernel keeps
+each row's k best of the splits*k candidates (the lower id among equal values, so the result
+does not depend on `splits`) and sorts them by id: one program per row counts, for each
+candidate, the candidates that rank above it (chosen when fewer than k) and the chosen ones with
+lower ids (its output slot), width^2 comparisons each. Lists wider than MERGE_WIDTH (many
+ranges for a small batch) merge with torch ops, which took about 0.3 ms of the 6.2 ms encode
+in the stop-13 H100 profile (B=8192, 2 ranges, k=64).
 
 Cost. FLOPs: 2*B*d*n for the GEMM, plus O(B*n) compares and, per row and range, about
 k*(1 + ln(range/k)) insertions of O(BLOCK_N + K_PAD) work. Bytes from memory: x' once per
@@ -182,6 +188,25 @@ def _encode_kernel(
     tl.store(cand_i_ptr + out, top_i, mask=keep)
 
 
+@triton.jit
+def _merge_kernel(cand_v_ptr, cand_i_ptr, val_ptr, idx_ptr, k, width, W_PAD: tl.constexpr):
+    """One row: the k best of its `width` candidates (ties to the lower id), sorted by id."""
+    row = tl.program_id(0).to(tl.int64)
+    pos = tl.arange(0, W_PAD)
+    live = pos < width
+    v = tl.load(cand_v_ptr + row * width + pos, mask=live, other=float("-inf"))
+    i = tl.load(cand_i_ptr + row * width + pos, mask=live, other=0)
+    # beats[a, b]: candidate a ranks above candidate b (padding ranks above none).
+    beats = live[:, None] & ((v[:, None] > v[None, :])
+                             | ((v[:, None] == v[None, :]) & (i[:, None] < i[None, :])))
+    chosen = live & (tl.sum(beats.to(tl.int32), axis=0) < k)
+    # A chosen candidate's place in id order: the chosen candidates with lower ids.
+    slot = tl.sum((chosen[:, None] & (i[:, None] < i[None, :])).to(tl.int32), axis=0)
+    tl.store(idx_ptr + row * k + slot, i.to(tl.int64), mask=chosen)
+    tl.store(val_ptr + row * k + slot, tl.where(v < 0.0, 0.0, v).to(val_ptr.dtype.element_ty),
+             mask=chosen)
+
+
 def _check(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> None:
     if x.dtype not in _DTYPES:
         raise TypeError(
@@ -239,6 +264,18 @@ def _split_columns(n: int, rows_blocks: int, config: EncodeConfig, device: torch
     return triton.cdiv(tiles, splits) * config.block_n
 
 
+# The widest candidate list (splits * k, padded to a power of two) that _merge_kernel ranks in
+# registers, width^2 comparisons per row (B=8192 at k=64 has 2 x 64 candidates); wider lists
+# (k > 64, or many ranges for a small batch) merge with torch ops. At 256, 8 warps, ptxas for
+# sm_90 spilled 160 bytes (2.7 KB for sm_80); at 128, 4 warps, 168 registers and no spills.
+MERGE_WIDTH = 128
+
+
+def _merge_warps(w_pad: int) -> int:
+    """Warps of a merge program: about 128 of its w_pad^2 comparisons per thread."""
+    return max(1, min(4, w_pad * w_pad // (128 * 32)))
+
+
 def _ordered_keys(values: Tensor, ids: Tensor) -> Tensor:
     """int64 keys ordered like (value, -id): float32 bits made monotone, id in the low word."""
     bits = values.view(torch.int32)
@@ -281,9 +318,15 @@ def topk_encode_forward(
         TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1:
+    width = splits * k
+    w_pad = triton.next_power_of_2(width)
+    if w_pad > MERGE_WIDTH:
         best = torch.topk(_ordered_keys(cand_v, cand_i), k, dim=1, sorted=False).indices
         cand_v, cand_i = cand_v.gather(1, best), cand_i.gather(1, best)
-    indices, order = torch.sort(cand_i.to(torch.int64), dim=1)
-    values = torch.relu(cand_v.gather(1, order)).to(x.dtype)
+        indices, order = torch.sort(cand_i.to(torch.int64), dim=1)
+        return torch.relu(cand_v.gather(1, order)).to(x.dtype), indices
+    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
+    _merge_kernel[(B,)](cand_v, cand_i, values, indices, k, width, W_PAD=w_pad,
+                        num_warps=_merge_warps(w_pad))
     return values, indices
