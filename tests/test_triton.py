@@ -232,6 +232,22 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):
         assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
 
 
+def test_nested_loss_of_an_empty_batch_matches_cpp(seed):
+    """B = 0: the same outputs and gradients as the extension (a nan loss, zero gradients)."""
+    x, values, indices, W_dec, b_dec, sizes, weights = make_nested_problem(1, 7, 40, 3,
+                                                                           torch.float32)
+    results = {}
+    for backend in ("cpp", "triton"):
+        leaves = [t[:0].clone().requires_grad_() for t in (x, values)]
+        leaves += [t.clone().requires_grad_() for t in (W_dec, b_dec)]
+        outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices[:0], leaves[2],
+                                                leaves[3], sizes, weights, backend=backend)
+        results[backend] = list(outputs) + list(torch.autograd.grad(outputs[0], leaves))
+    for got, want in zip(results["triton"], results["cpp"]):
+        assert got.shape == want.shape
+        assert torch.equal(got, want) or (got.isnan().all() and want.isnan().all())
+
+
 def test_nested_loss_rejects_what_it_cannot_run(seed):
     x, values, indices, W_dec, b_dec, _, _ = make_nested_problem(3, 7, 40, 3, torch.float32)
 

@@ -126,9 +126,9 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, scale_ptr,
+    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, cum_ptr,
     gx_ptr, s_ptr, partial_ptr, B, k, d, G,
-    HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
+    HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -149,8 +149,6 @@ def _backward_kernel(
                     other=0.0).to(tl.float32)
         r -= v[:, None] * w
 
-    gcol = tl.arange(0, G_PAD)
-    scale = tl.load(scale_ptr + gcol, mask=gcol < G, other=0.0)
     # D = S - grad_x_hat, S the suffix sum of scale_g r_g over the groups the walk has passed.
     if HAS_GXH:
         D = -tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
@@ -165,9 +163,10 @@ def _backward_kernel(
         src = rows.to(tl.int64) * k + slot
         v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
         i = tl.load(idx_ptr + src, mask=row_ok, other=0)
-        # r is the residual of every group from this slot's up to the last one passed.
-        entering = (gcol[None, :] >= group[:, None]) & (gcol[None, :] < passed[:, None])
-        D += tl.sum(tl.where(entering, scale[None, :], 0.0), axis=1)[:, None] * r
+        # r is the residual of every group from this slot's up to the last one passed: their
+        # scales sum to cum[passed] - cum[group] (zero within a group).
+        entering = tl.load(cum_ptr + passed) - tl.load(cum_ptr + group)
+        D += entering[:, None] * r
         first = row_ok & (group < passed)  # the row's first slot of this group: D is its S
         s_at = (group[:, None].to(tl.int64) * B + rows[:, None]) * d + cols[None, :]
         tl.store(s_ptr + s_at, D.to(s_ptr.dtype.element_ty),
@@ -176,7 +175,7 @@ def _backward_kernel(
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
         tl.store(partial + src, tl.sum(w * D, axis=1), mask=row_ok)
         r += v[:, None] * w
-    D += tl.sum(tl.where(gcol[None, :] < passed[:, None], scale[None, :], 0.0), axis=1)[:, None] * r
+    D += tl.load(cum_ptr + passed)[:, None] * r
     if HAS_GXH:
         D += tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
     tl.store(gx_ptr + at, D.to(gx_ptr.dtype.element_ty), mask=tile)
@@ -287,7 +286,8 @@ def nested_prefix_loss_backward(
     order, group = _walk_plan(idx, sizes, B, k, G)
     weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
     scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
-             * (2.0 / B)).float()
+             * (2.0 / max(B, 1)))  # no rows, no terms: B = 0 scales nothing
+    cum = torch.cat([scale.new_zeros(1), scale.cumsum(0)]).float()  # cum[g] = sum of scale_<g
     block_b, block_d = _blocks()
     tiles = triton.cdiv(d, block_d)
     grad_x = torch.empty(B, d, dtype=x.dtype, device=device)
@@ -296,9 +296,8 @@ def nested_prefix_loss_backward(
     gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
     _backward_kernel[(triton.cdiv(B, block_b), tiles)](
         x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
-        W_dec.contiguous(), gxh, scale, grad_x, S, partial, B, k, d, G,
-        HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d,
-        G_PAD=triton.next_power_of_2(G), num_warps=_WARPS,
+        W_dec.contiguous(), gxh, cum, grad_x, S, partial, B, k, d, G,
+        HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_WARPS,
     )
     grad_values = (-partial.sum(0)).to(x.dtype)
     # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
