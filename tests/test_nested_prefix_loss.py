@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Callable
+from typing import ContextManager
 
 import pytest
 import torch
@@ -35,34 +38,43 @@ def make_problem(B, d, n, k, dtype):
     return x, values, indices, W_dec, b_dec, sizes, weights
 
 
+def check_against_reference(
+    outputs: tuple[torch.Tensor, ...], leaves: list[torch.Tensor], indices: torch.Tensor,
+    sizes: list[int], weights: list[float], tol: float,
+    backward: Callable[[], ContextManager] = contextlib.nullcontext, label: str = "",
+) -> None:
+    """outputs = (loss, prefix_losses, x_hat) of the leaves (x, values, W_dec, b_dec) and their
+    gradients through all three outputs (computed inside backward()) against the float64
+    reference's autograd."""
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x, values, W_dec, b_dec = leaves64
+    ref_loss, ref_prefix = reference.nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes,
+                                                        weights)
+    ref_outputs = (ref_loss, ref_prefix, reference.sparse_decode(values, indices, W_dec, b_dec))
+    for name, out, ref in zip(["loss", "prefix_losses", "x_hat"], outputs, ref_outputs):
+        assert out.dtype == leaves[0].dtype
+        assert_close(out, ref, tol, label + name)
+
+    # Upstream gradients on all three outputs, as when a caller also uses x_hat; they pull
+    # against the loss's own gradient, so residuals nearly cancel in places.
+    # They are drawn in the inputs' dtype so both sides get exactly the same values.
+    shapes = [(), (len(sizes),), tuple(leaves[0].shape)]
+    upstream = [torch.randn(s, device=x.device).to(leaves[0].dtype) for s in shapes]
+    with backward():
+        grads = torch.autograd.grad(outputs, leaves, upstream)
+    ref_grads = torch.autograd.grad(ref_outputs, leaves64, [u.double() for u in upstream])
+    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
+        assert_close(g, r, tol, f"{label}grad {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("B,d,n,k", SHAPES)
 def test_matches_reference(B, d, n, k, dtype, seed, poisoned):
     x, values, indices, W_dec, b_dec, sizes, weights = make_problem(B, d, n, k, dtype)
     inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
-    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-
-    def run(x_, v_, W_, b_):
-        return nested_prefix_loss_and_decode(x_, v_, indices, W_, b_, sizes, weights, backend="cpp")
-
-    def reference_outputs(x_, v_, W_, b_):
-        loss_, prefix_ = reference.nested_prefix_loss(x_, v_, indices, W_, b_, sizes, weights)
-        return loss_, prefix_, reference.sparse_decode(v_, indices, W_, b_)
-
-    outputs = run(*inputs)
-    ref_outputs = reference_outputs(*inputs64)
-    for name, out, ref in zip(["loss", "prefix_losses", "x_hat"], outputs, ref_outputs):
-        assert_close(out, ref, TOLERANCE[dtype], name)
-
-    # Upstream gradients on all three outputs, as when a caller also uses x_hat; they pull
-    # against the loss's own gradient, so residuals nearly cancel in places.
-    # They are drawn in the inputs' dtype so both sides get exactly the same values.
-    upstream = [torch.randn((), dtype=dtype), torch.randn(len(sizes), dtype=dtype),
-                torch.randn(B, d, dtype=dtype)]
-    grads = torch.autograd.grad(outputs, inputs, upstream)
-    ref_grads = torch.autograd.grad(ref_outputs, inputs64, [u.double() for u in upstream])
-    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
-        assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
+    outputs = nested_prefix_loss_and_decode(inputs[0], inputs[1], indices, inputs[2], inputs[3],
+                                            sizes, weights, backend="cpp")
+    check_against_reference(outputs, inputs, indices, sizes, weights, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("B,d,n,k", [(7, 5, 17, 3), (33, 64, 256, 32)])

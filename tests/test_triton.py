@@ -21,7 +21,7 @@ from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode  # noqa:
 from sparsecode.backends import BackendUnavailableError, resolve_backend  # noqa: E402
 from sparsecode.triton_kernels.topk_encode import EncodeConfig, topk_encode_forward  # noqa: E402
 from tests.conftest import TOLERANCE, assert_close  # noqa: E402
-from tests.test_nested_prefix_loss import make_problem as make_nested_problem  # noqa: E402
+from tests import test_nested_prefix_loss as nested_tests  # noqa: E402
 from tests.test_topk_encode import check_topk_selection, make_inputs, reference_at  # noqa: E402
 
 if torch.cuda.is_available():
@@ -208,34 +208,21 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):
     """The Triton forward walk (loss, prefix losses, x_hat) and the op's gradients, on rows
     whose slots are not in index order, with a zero value, a one-latent group and a prefix
     smaller than k."""
-    x, values, indices, W_dec, b_dec, sizes, weights = make_nested_problem(B, d, n, k, dtype)
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(B, d, n, k, dtype)
     values[0, 0] = 0.0
     shuffle = torch.rand(B, k).argsort(dim=1)
     values, indices = values.gather(1, shuffle), indices.gather(1, shuffle)
     leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
     outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2], leaves[3],
                                             sizes, weights, backend="triton")
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref_loss, ref_prefix = reference.nested_prefix_loss(leaves64[0], leaves64[1], indices,
-                                                        leaves64[2], leaves64[3], sizes, weights)
-    ref_outputs = (ref_loss, ref_prefix,
-                   reference.sparse_decode(leaves64[1], indices, leaves64[2], leaves64[3]))
-    for name, out, ref in zip(["loss", "prefix_losses", "x_hat"], outputs, ref_outputs):
-        assert out.dtype == dtype
-        assert_close(out, ref, TOLERANCE[dtype], name)
-
-    upstream = [torch.randn((), dtype=dtype), torch.randn(len(sizes), dtype=dtype),
-                torch.randn(B, d, dtype=dtype)]
-    grads = torch.autograd.grad(outputs, leaves, upstream)
-    ref_grads = torch.autograd.grad(ref_outputs, leaves64, [u.double() for u in upstream])
-    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
-        assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
+    nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights,
+                                         TOLERANCE[dtype])
 
 
 def test_nested_loss_of_an_empty_batch_matches_cpp(seed):
     """B = 0: the same outputs and gradients as the extension (a nan loss, zero gradients)."""
-    x, values, indices, W_dec, b_dec, sizes, weights = make_nested_problem(1, 7, 40, 3,
-                                                                           torch.float32)
+    problem = nested_tests.make_problem(1, 7, 40, 3, torch.float32)
+    x, values, indices, W_dec, b_dec, sizes, weights = problem
     results = {}
     for backend in ("cpp", "triton"):
         leaves = [t[:0].clone().requires_grad_() for t in (x, values)]
@@ -249,7 +236,7 @@ def test_nested_loss_of_an_empty_batch_matches_cpp(seed):
 
 
 def test_nested_loss_rejects_what_it_cannot_run(seed):
-    x, values, indices, W_dec, b_dec, _, _ = make_nested_problem(3, 7, 40, 3, torch.float32)
+    x, values, indices, W_dec, b_dec, _, _ = nested_tests.make_problem(3, 7, 40, 3, torch.float32)
 
     def run(sizes: list[int], weights: list[float]) -> None:
         nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,

@@ -25,7 +25,7 @@ from torch import Tensor
 from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close
-from tests.test_nested_prefix_loss import prefixes_for
+from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -167,31 +167,16 @@ def check_decode(
 
 def check_nested(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
                  sizes: list[int], poison_backward: bool) -> None:
-    """ops' nested-prefix loss with its reconstruction (triton: the Triton forward walk, the
-    extension's backward) and the gradients of x, values, W_dec and b_dec through all three
-    outputs, against the float64 reference's autograd."""
-    dtype = x.dtype
+    """ops' nested-prefix loss with its reconstruction (triton: the Triton walks, the
+    extension's per-latent sum) and the gradients of x, values, W_dec and b_dec through all
+    three outputs, against the float64 reference's autograd."""
     weights = [1.0 + 0.5 * g for g in range(len(sizes))]
     leaves = [t.clone().requires_grad_() for t in (x, values, W_dec, b_dec)]
     with poisoned_memory():
         outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
                                                 leaves[3], sizes, weights, backend="triton")
-    inputs64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref_loss, ref_prefix = reference.nested_prefix_loss(inputs64[0], inputs64[1], indices,
-                                                        inputs64[2], inputs64[3], sizes, weights)
-    ref_outputs = (ref_loss, ref_prefix,
-                   reference.sparse_decode(inputs64[1], indices, inputs64[2], inputs64[3]))
-    for name, out, ref in zip(["loss", "prefix_losses", "x_hat"], outputs, ref_outputs):
-        assert_close(out, ref, TOLERANCE[dtype], f"nested {name}")
-
-    upstream = [torch.randn((), device=DEVICE), torch.randn(len(sizes), device=DEVICE),
-                torch.randn_like(x, dtype=torch.float32)]
-    upstream = [u.to(dtype) for u in upstream]
-    with poisoned_memory(poison_backward):
-        grads = torch.autograd.grad(outputs, leaves, upstream)
-    ref_grads = torch.autograd.grad(ref_outputs, inputs64, [u.double() for u in upstream])
-    for name, g, r in zip(["x", "values", "W_dec", "b_dec"], grads, ref_grads):
-        assert_close(g, r, TOLERANCE[dtype], f"nested grad {name}")
+    check_against_reference(outputs, leaves, indices, sizes, weights, TOLERANCE[x.dtype],
+                            backward=lambda: poisoned_memory(poison_backward), label="nested ")
 
 
 @pytest.fixture(autouse=True)

@@ -82,11 +82,9 @@ def _plan_kernel(idx_ptr, sizes_ptr, order_ptr, group_ptr, B, k, G,
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, xhat_ptr, partial_ptr,
-    B, k, d, G,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
-):
+def _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's rows and columns: rows [BLOCK_B], row_ok, col_ok, the tile's offsets in
+    [B, d] and mask, b_dec's columns (float32) and r = x - b_dec on the tile (zero outside)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
@@ -95,18 +93,34 @@ def _forward_kernel(
     at = rows[:, None].to(tl.int64) * d + cols[None, :]
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
-    r = tl.where(tile, r, 0.0)
+    return rows, cols, row_ok, col_ok, tile, at, bias, tl.where(tile, r, 0.0)
+
+
+@triton.jit
+def _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q):
+    """The slot at walk position q of each row: its flat offset in [B, k], value (float32) and
+    latent."""
+    slot = tl.load(order_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
+    src = rows.to(tl.int64) * k + slot
+    v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
+    return src, v, tl.load(idx_ptr + src, mask=row_ok, other=0)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, xhat_ptr, partial_ptr,
+    B, k, d, G,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
+):
+    rows, cols, row_ok, col_ok, tile, at, bias, r = _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B,
+                                                                BLOCK_D)
     recon = tl.zeros([BLOCK_B, BLOCK_D], tl.float32) + bias[None, :]
     gcol = tl.arange(0, G_PAD)
     losses = tl.zeros([BLOCK_B, G_PAD], tl.float32)
     recorded = tl.zeros([BLOCK_B], tl.int32)  # groups below this one have their norm
     for q in range(0, k):
-        walk = rows.to(tl.int64) * k + q
-        slot = tl.load(order_ptr + walk, mask=row_ok, other=0)
-        group = tl.load(group_ptr + walk, mask=row_ok, other=0)
-        src = rows.to(tl.int64) * k + slot
-        v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
-        i = tl.load(idx_ptr + src, mask=row_ok, other=0)
+        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q)
+        group = tl.load(group_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
         norm = tl.sum(r * r, axis=1)
         due = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < group[:, None])
         losses += tl.where(due, norm[:, None], 0.0)
@@ -130,20 +144,10 @@ def _backward_kernel(
     gx_ptr, s_ptr, partial_ptr, B, k, d, G,
     HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < B
-    col_ok = cols < d
-    tile = row_ok[:, None] & col_ok[None, :]
-    at = rows[:, None].to(tl.int64) * d + cols[None, :]
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
-    r = tl.where(tile, r, 0.0)
+    rows, cols, row_ok, col_ok, tile, at, bias, r = _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B,
+                                                                BLOCK_D)
     for q in range(0, k):  # forward: r becomes the residual of all slots
-        slot = tl.load(order_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
-        src = rows.to(tl.int64) * k + slot
-        v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
-        i = tl.load(idx_ptr + src, mask=row_ok, other=0)
+        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q)
         live = row_ok & (v != 0.0)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
@@ -157,12 +161,8 @@ def _backward_kernel(
     passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in D
     partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
     for q in range(0, k):  # backward: slots in reverse walk order
-        walk = rows.to(tl.int64) * k + (k - 1 - q)
-        slot = tl.load(order_ptr + walk, mask=row_ok, other=0)
-        group = tl.load(group_ptr + walk, mask=row_ok, other=G)
-        src = rows.to(tl.int64) * k + slot
-        v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
-        i = tl.load(idx_ptr + src, mask=row_ok, other=0)
+        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
+        group = tl.load(group_ptr + rows.to(tl.int64) * k + (k - 1 - q), mask=row_ok, other=G)
         # r is the residual of every group from this slot's up to the last one passed: their
         # scales sum to cum[passed] - cum[group] (zero within a group).
         entering = tl.load(cum_ptr + passed) - tl.load(cum_ptr + group)
