@@ -359,6 +359,18 @@ def test_encode_config_sweep(report: Report, problem: Problem) -> None:
     versus_mm = f", {ms / mm:.2f}× mm" if mm else ""
     report.add("encode default tiles, k=1 (its GEMM and tile walk, selection nearly free)",
                f"{ms:.3f} ms{versus_mm}")
+    # The default encode with its ranges merged by torch ops instead of _merge_kernel.
+    full = lambda: module.topk_encode_forward(p.x, p.W_enc, p.b_enc, p.b_dec, K)  # noqa: E731
+    merge_width = module.MERGE_WIDTH
+    module.MERGE_WIDTH = 0
+    try:
+        with torch.no_grad():
+            full()
+            ms = time_ms(full)
+    finally:
+        module.MERGE_WIDTH = merge_width
+    report.add("encode default tiles, ranges merged by torch ops (not _merge_kernel)",
+               f"{ms:.3f} ms")
 
 
 def test_sparse_decode(report: Report, problem: Problem) -> None:
