@@ -183,6 +183,7 @@ def _backward_kernel(
 
 def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
            prefix_sizes: Sequence[int], prefix_weights: Sequence[float]) -> None:
+    """Raises, naming the argument and the fix, unless the Triton walks can run these inputs."""
     if x.dtype not in _DTYPES:
         raise TypeError(
             f"the triton backend takes float32, bfloat16 or float16 tensors, got x of {x.dtype}; "
