@@ -10,7 +10,8 @@ also returns the full reconstruction x_hat [B, d], which the walk computes on th
 module's forward needs no separate decode. The ``triton`` backend runs the forward and the
 backward as Triton walks of gathered decoder rows (float32, bfloat16 and float16;
 triton_kernels/nested_prefix_loss.py), with the extension's per-latent sum for grad_W_dec; where
-the extension has no kernels for the device, the whole op runs as the reference. Reference: :func:`sparsecode.reference.nested_prefix_loss`.
+the extension has no kernels for the device, the whole op runs as the reference.
+Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
 from __future__ import annotations

@@ -90,17 +90,19 @@ def test_encode_result_does_not_depend_on_the_column_split(splits, select_halves
     assert_close(values, ref_values, TOLERANCE[torch.float32], "values")
 
 
-def test_encode_merge_of_wide_candidate_lists_matches(monkeypatch, seed):
-    """Candidate lists wider than MERGE_WIDTH merge with torch ops instead of _merge_kernel:
-    the same values and indices, exact ties among the candidates included."""
+@pytest.mark.parametrize("splits", [1, 8])
+def test_encode_merge_of_wide_candidate_lists_matches(splits, monkeypatch, seed):
+    """Candidate lists wider than MERGE_WIDTH merge with torch ops instead of _merge_kernel
+    (one range only sorts by id): the same values and indices, exact ties among the candidates
+    included."""
     from sparsecode.triton_kernels import topk_encode as module
 
     x = torch.randint(-3, 4, (5, 16)).float()
     W_enc = torch.randint(-2, 3, (16, 130)).float()
     b_enc, b_dec = torch.zeros(130), torch.zeros(16)
-    config = EncodeConfig(block_b=16, block_n=16, block_d=16, splits=8, num_warps=1)
+    config = EncodeConfig(block_b=16, block_n=16, block_d=16, splits=splits, num_warps=1)
     in_kernel = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
-    monkeypatch.setattr(module, "MERGE_WIDTH", 32)  # 8 ranges x 8 candidates: 64 > 32
+    monkeypatch.setattr(module, "MERGE_WIDTH", 4)  # splits x 8 candidates > 4
     with_torch = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
     assert torch.equal(in_kernel[1], with_torch[1])
     assert torch.equal(in_kernel[0], with_torch[0])

@@ -5,7 +5,9 @@ a kernel that would fail to compile on a GPU fails here. Each kernel is compiled
 its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode with k padded
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
 tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
-halves (as the GPU benchmark's sweep runs them). The two architectures compile in parallel child processes.
+halves (as the GPU benchmark's sweep runs them); its range merge at the widths it takes; the
+nested loss's plan, forward and backward. The two architectures compile in parallel child
+processes.
 
 The CPU test session runs Triton interpreted (TRITON_INTERPRET=1, which makes every
 @triton.jit an interpreter object), so the compiles run in a child process without it:
@@ -34,8 +36,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     """(label, kernel, signature, constexprs, options) of every kernel compile for sm_<arch>."""
     import torch
 
-    from sparsecode.triton_kernels import (master_adam, nested_prefix_loss, sort_rows,
-                                           sparse_decode, topk_encode)
+    from sparsecode.triton_kernels import (master_adam, nested_prefix_loss, sparse_decode,
+                                           topk_encode)
 
     found = []
     block_b, block_d = sparse_decode._blocks()
@@ -97,7 +99,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
              "beta2": "fp32", "eps": "fp32", "bc2_sqrt": "fp32"},
             {"HAS_MASTER": name != "float32", "BLOCK": master_adam._block()}, {},
         ))
-    for w_pad in (1, 128, topk_encode.MERGE_WIDTH):
+    for w_pad in (1, topk_encode.MERGE_WIDTH):
         for name, t in TRITON_DTYPES.items():
             found.append((
                 f"topk_encode merge {name} W_PAD={w_pad}", topk_encode._merge_kernel,
@@ -110,7 +112,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
             {"idx_ptr": "*i64", "sizes_ptr": "*i64", "order_ptr": "*i32", "group_ptr": "*i32",
              "B": "i32", "k": "i32", "G": "i32"},
-            {"BLOCK_P": sort_rows(k_pad), "K_PAD": k_pad}, {},
+            {"BLOCK_P": nested_prefix_loss._plan_rows(k_pad), "K_PAD": k_pad}, {},
         ))
     return found
 

@@ -46,6 +46,7 @@ read once by latent_rows_sum (at most G*B*d elements each way), and grad_W_dec (
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -53,7 +54,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsecode.triton_kernels import sort_rows
 from sparsecode.triton_kernels.sparse_decode import _blocks
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,6 +62,13 @@ MAX_GROUPS = 16
 # over 8 warps (16 elements of each per thread) ptxas gives 80 registers for sm_90 bfloat16,
 # against 168 over 4 warps (d, k and B multiples of 16, as Triton specialises them).
 _WARPS = 8
+
+
+def _plan_rows(k_pad: int) -> int:
+    """Rows per plan program: about 4096 keys, or 64 under the CPU interpreter, whose tl.sort
+    is a Python sorting network."""
+    cap = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+    return max(1, cap // k_pad)
 
 
 @triton.jit
@@ -224,16 +231,24 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
                         "indices must lie in [0, d_sae)")
 
 
-def _walk_plan(idx: Tensor, sizes: Tensor, B: int, k: int, G: int) -> tuple[Tensor, Tensor]:
-    """order, group [B, k] int32: the slot at each walk position of each row (slots sorted by
-    group, then slot) and its group; idx [B, k] int64 contiguous, sizes [G] int64."""
-    order = torch.empty(B, k, dtype=torch.int32, device=idx.device)
-    group = torch.empty(B, k, dtype=torch.int32, device=idx.device)
+def _checked_plan(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+    prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checks the inputs, then (idx, sizes, order, group): indices contiguous, the prefix sizes
+    as an int64 [G] tensor, and [B, k] int32 the slot at each walk position of each row (slots
+    sorted by group, then slot) and its group."""
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    B, k = indices.shape
+    idx = indices.contiguous()
+    sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=x.device)
+    order = torch.empty(B, k, dtype=torch.int32, device=x.device)
+    group = torch.empty(B, k, dtype=torch.int32, device=x.device)
     k_pad = triton.next_power_of_2(max(k, 1))
-    block_p = sort_rows(k_pad)
-    _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, G,
+    block_p = _plan_rows(k_pad)
+    _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, len(prefix_sizes),
                                              BLOCK_P=block_p, K_PAD=k_pad)
-    return order, group
+    return idx, sizes, order, group
 
 
 def nested_prefix_loss_forward(
@@ -244,14 +259,12 @@ def nested_prefix_loss_forward(
 
     Forward only: nested_prefix_loss_backward is its backward.
     """
-    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    idx, _, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
+                                         prefix_weights)
     B, d = x.shape
     k = values.shape[1]
     G = len(prefix_sizes)
     device = x.device
-    idx = indices.contiguous()
-    sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=device)
-    order, group = _walk_plan(idx, sizes, B, k, G)
     block_b, block_d = _blocks()
     tiles = triton.cdiv(d, block_d)
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
@@ -275,16 +288,14 @@ def nested_prefix_loss_backward(
     nested_prefix_loss_forward's three outputs, given the upstream grad_loss [],
     grad_prefix_losses [G] and grad_x_hat [B, d] (or None). The walk runs here; grad_W_dec
     sums -values * S over each latent's pairs with the extension's latent_rows_sum."""
-    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    if grad_x_hat is not None and grad_x_hat.shape != x.shape:
+        raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
+    idx, sizes, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
+                                             prefix_weights)
     B, d = x.shape
     n, k = W_dec.shape[0], values.shape[1]
     G = len(prefix_sizes)
     device = x.device
-    if grad_x_hat is not None and grad_x_hat.shape != x.shape:
-        raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
-    idx = indices.contiguous()
-    sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=device)
-    order, group = _walk_plan(idx, sizes, B, k, G)
     weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
     scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
              * (2.0 / max(B, 1)))  # no rows, no terms: B = 0 scales nothing

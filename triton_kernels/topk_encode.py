@@ -321,8 +321,9 @@ def topk_encode_forward(
     width = splits * k
     w_pad = triton.next_power_of_2(width)
     if w_pad > MERGE_WIDTH:
-        best = torch.topk(_ordered_keys(cand_v, cand_i), k, dim=1, sorted=False).indices
-        cand_v, cand_i = cand_v.gather(1, best), cand_i.gather(1, best)
+        if splits > 1:
+            best = torch.topk(_ordered_keys(cand_v, cand_i), k, dim=1, sorted=False).indices
+            cand_v, cand_i = cand_v.gather(1, best), cand_i.gather(1, best)
         indices, order = torch.sort(cand_i.to(torch.int64), dim=1)
         return torch.relu(cand_v.gather(1, order)).to(x.dtype), indices
     values = torch.empty(B, k, dtype=x.dtype, device=x.device)
