@@ -389,6 +389,18 @@ def test_sparse_decode(report: Report, problem: Problem) -> None:
         lambda: reference.sparse_decode(values, p.indices, W_dec, b_dec)))
     report.check("issue 6: dense / sparse decode, fwd+bwd",
                  report.ratio(DECODE_DENSE, DECODE_SPARSE), 5.0, at_least=True)
+
+    # The decode backward's two pair walks (grad_values, then grad_W_dec) against the one
+    # fused walk that the backends now use.
+    from sparsecode.triton_kernels.sparse_decode import sparse_decode_grad_values
+
+    C = torch.ops.sparsecode_C
+    g, W = p.grad_x_hat.contiguous(), W_dec.detach()
+    report.time("decode backward: Triton grad_values + latent_rows_sum (two walks)",
+                lambda: (sparse_decode_grad_values(g, p.indices, W),
+                         C.latent_rows_sum(p.values, p.indices, g, W.shape[0])))
+    report.time("decode backward: latent_rows_sum_dots (one walk)",
+                lambda: C.latent_rows_sum_dots(p.values, p.indices, g, W))
     report.fail_on_errors_since(errors)
 
 

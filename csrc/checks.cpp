@@ -184,4 +184,14 @@ void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
   TORCH_CHECK(d_sae >= 0, "d_sae must be non-negative, got ", d_sae);
 }
 
+void check_rows_sum_dots_args(const at::Tensor& coef, const at::Tensor& indices,
+                              const at::Tensor& src, const at::Tensor& weights,
+                              const std::optional<at::Tensor>& src_rows, const at::Device& device) {
+  check_float(weights, "weights", 2, device);
+  check_rows_sum_args(coef, indices, src, weights.size(0), src_rows, device);
+  check_same_dtype(src, "src", weights, "weights");
+  TORCH_CHECK(weights.size(1) == src.size(1), "weights must be [d_sae, d] with src's d = ",
+              src.size(1), ", got ", weights.sizes());
+}
+
 }  // namespace sparsecode

@@ -24,6 +24,8 @@ TORCH_LIBRARY(sparsecode_C, m) {
         " float[] prefix_weights) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("latent_rows_sum(Tensor coef, Tensor indices, Tensor src, int d_sae,"
         " Tensor? src_rows=None) -> Tensor");
+  m.def("latent_rows_sum_dots(Tensor coef, Tensor indices, Tensor src, Tensor weights,"
+        " Tensor? src_rows=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparsecode_C, CPU, m) {
@@ -34,6 +36,7 @@ TORCH_LIBRARY_IMPL(sparsecode_C, CPU, m) {
   m.impl("nested_prefix_loss_forward", &sparsecode::nested_prefix_loss_forward);
   m.impl("nested_prefix_loss_backward", &sparsecode::nested_prefix_loss_backward);
   m.impl("latent_rows_sum", &sparsecode::latent_rows_sum);
+  m.impl("latent_rows_sum_dots", &sparsecode::latent_rows_sum_dots);
 }
 
 extern "C" PyObject* PyInit__C(void) {

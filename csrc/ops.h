@@ -43,6 +43,10 @@ void check_nested_grads(const at::Tensor& grad_loss, const at::Tensor& grad_pref
 void check_rows_sum_args(const at::Tensor& coef, const at::Tensor& indices,
                          const at::Tensor& src, int64_t d_sae,
                          const std::optional<at::Tensor>& src_rows, const at::Device& device);
+// check_rows_sum_args with d_sae = weights.size(0), and weights [d_sae, d] like src.
+void check_rows_sum_dots_args(const at::Tensor& coef, const at::Tensor& indices,
+                              const at::Tensor& src, const at::Tensor& weights,
+                              const std::optional<at::Tensor>& src_rows, const at::Device& device);
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
@@ -84,5 +88,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
 // nested loss's grad_W_dec.
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
                            int64_t d_sae, const std::optional<at::Tensor>& src_rows);
+
+// latent_rows_sum with d_sae = weights.size(0), and the dot product of every pair's src row
+// with its latent's row of weights [d_sae, d] (src's dtype):
+//   dots[b, j] = src[row] . weights[indices[b, j]]   [B, k], float32 (float64 for float64 src)
+// Returns (out, dots). With src = grad_out and weights = W_dec these are the decode backward's
+// grad_W_dec and grad_values (coef = values); with src the nested loss's suffix sums S they
+// are its grad_W_dec and minus its grad_values (coef = -values).
+std::tuple<at::Tensor, at::Tensor> latent_rows_sum_dots(const at::Tensor& coef,
+                                                        const at::Tensor& indices,
+                                                        const at::Tensor& src,
+                                                        const at::Tensor& weights,
+                                                        const std::optional<at::Tensor>& src_rows);
 
 }  // namespace sparsecode

@@ -5,8 +5,9 @@
 values [B, k], indices [B, k] int64, W_dec [n, d], b_dec [d] -> x_hat [B, d]. Registered as
 ``torch.ops.sparsecode.sparse_decode``; its backward (``sparse_decode_backward``) computes
 k dot products per row for grad_values and a per-latent segmented sum for grad_W_dec
-(DESIGN.md §3.2-3.3). The ``triton`` backend runs the Triton gather kernels for the forward
-and grad_values, and the extension's per-latent sum for grad_W_dec.
+(DESIGN.md §3.2-3.3). The ``triton`` backend runs the Triton gather kernel for the forward,
+and the extension's per-latent sum for grad_W_dec, which makes grad_values on the same pass
+(:func:`sparsecode.sparse_grad.sparse_decode_grads`).
 Reference: :func:`sparsecode.reference.sparse_decode`.
 """
 
@@ -40,11 +41,8 @@ def _sparse_decode_backward(
     grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
-        from sparsecode.triton_kernels.sparse_decode import sparse_decode_grad_values
-
         g = grad_out.to(values.dtype).contiguous()
-        grad_values = sparse_decode_grad_values(g, indices, W_dec)
-        grad_W_dec = sparse_grad.latent_rows_sum(values, indices, g, W_dec.shape[0])
+        grad_values, grad_W_dec = sparse_grad.sparse_decode_grads(g, values, indices, W_dec)
         return grad_values, grad_W_dec, g.sum(0)
     return tuple(
         kernels(backend, values.device).sparse_decode_backward(grad_out, values, indices, W_dec)

@@ -1,11 +1,13 @@
-"""Sparse weight gradients for the triton backend (DESIGN.md §3.3).
+"""Sparse gradients for the triton backend (DESIGN.md §3.3).
 
-The Triton kernels cover the encode and decode forwards and the decode's grad_values; the
-gradients that sum over the B*k active (row, latent) pairs by latent come from the compiled
-extension (``torch.ops.sparsecode_C``) when it has kernels for the tensors' device. Where it
-has none (Triton installed, extension built without CUDA) the same sums run as plain torch ops
+The Triton kernels cover the encode and decode forwards; the gradients that sum over the B*k
+active (row, latent) pairs by latent come from the compiled extension
+(``torch.ops.sparsecode_C``) when it has kernels for the tensors' device, the decode's
+grad_values from the same pass over the pairs. Where it has none (Triton installed, extension
+built without CUDA) grad_values is the Triton gather kernel and the sums run as plain torch ops
 over chunks of rows, so no tensor larger than about ``_CHUNK_ELEMENTS`` is made and no dense
-``[B, d_sae]`` matrix ever is. Shapes: x [B, d], W_enc [d, n], values/indices [B, k].
+``[B, d_sae]`` matrix ever is. Shapes: x [B, d], W_enc [d, n], W_dec [n, d],
+values/indices [B, k].
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ def latent_rows_sum(coef: Tensor, indices: Tensor, src: Tensor, d_sae: int) -> T
         contrib = coef[rows, :, None].float() * src[rows, None, :].float()
         out.index_add_(0, indices[rows].reshape(-1), contrib.reshape(-1, d))
     return out.to(src.dtype)
+
+
+def sparse_decode_grads(g: Tensor, values: Tensor, indices: Tensor,
+                        W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_values [B, k], grad_W_dec [n, d]) of the sparse decode, given g = grad_out [B, d]
+    in values' dtype: grad_values[b, j] = g[b] . W_dec[indices[b, j]] and the per-latent sum
+    of values * g, from one pass over the pairs where the extension has kernels."""
+    found = compiled_kernels(g.device)
+    if found is not None:
+        grad_W_dec, dots = found.latent_rows_sum_dots(values, indices, g, W_dec)
+        return dots.to(g.dtype), grad_W_dec
+    from sparsecode.triton_kernels.sparse_decode import sparse_decode_grad_values
+
+    grad_values = sparse_decode_grad_values(g, indices, W_dec)
+    return grad_values, latent_rows_sum(values, indices, g, W_dec.shape[0])
 
 
 def topk_encode_backward(

@@ -8,6 +8,9 @@ process (SIGSEGV) whenever a message formatted a number (see tests/test_extensio
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -43,3 +46,22 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match="at most 16 prefix sizes"):
         C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, list(range(21, 41)),
                                      [1.0] * 20)
+
+
+def test_backward_ops_assert_the_index_range_on_the_device():
+    """The backward ops and the latent sums check the index range without waiting for the host:
+    a bad index fails a device-side assertion, which ends the process's CUDA work (so this runs
+    in a child process) instead of reading outside the weights."""
+    code = (
+        "import torch, sparsecode\n"
+        "C = torch.ops.sparsecode_C\n"
+        "coef, src = torch.randn(2, 3, device='cuda'), torch.randn(2, 4, device='cuda')\n"
+        "bad = torch.tensor([[0, 1, 2], [3, 4, 10]], device='cuda')\n"
+        "out = C.latent_rows_sum_dots(coef, bad, src, torch.randn(10, 4, device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+        "print('no error')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "no error" not in result.stdout, result.stdout
+    assert "device-side assert" in result.stderr, result.stderr[-2000:]

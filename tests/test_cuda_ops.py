@@ -167,6 +167,19 @@ def check_decode(B: int, d: int, n: int, k: int, dtype: torch.dtype, cpp: bool) 
         assert grouped.dtype == dtype
         assert_close(grouped, grouped_reference(coef, indices, src, src_rows, n), tol,
                      "latent_rows_sum with src_rows")
+        # The fused sums and dots, with zero coefficients (their dots are still made).
+        coef[:, ::3] = 0.0
+        with poisoned():
+            summed, dots = torch.ops.sparsecode_C.latent_rows_sum_dots(coef, indices, src,
+                                                                       inputs[1], src_rows)
+        assert_close(summed, grouped_reference(coef, indices, src, src_rows, n), tol,
+                     "latent_rows_sum_dots sums")
+        ref_dots = (src.double()[src_rows] * inputs[1].detach().double()[indices]).sum(-1)
+        assert_close(dots, ref_dots, tol, "latent_rows_sum_dots dots")
+        cpu_summed, cpu_dots = torch.ops.sparsecode_C.latent_rows_sum_dots(
+            coef.cpu(), indices.cpu(), src.cpu(), inputs[1].detach().cpu(), src_rows.cpu())
+        assert_close(summed, cpu_summed.cuda(), tol, "latent_rows_sum_dots sums vs cpp")
+        assert_close(dots, cpu_dots.cuda(), tol, "latent_rows_sum_dots dots vs cpp")
 
     if not cpp:
         return
@@ -326,6 +339,7 @@ def test_deterministic(dtype, seed):
                 C.sparse_decode_forward(values, indices, W_dec, b_dec),
                 *C.sparse_decode_backward(grad_out, values, indices, W_dec),
                 C.latent_rows_sum(coef, indices, grad_out, n),
+                *C.latent_rows_sum_dots(coef, indices, grad_out, W_dec),
                 *C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes, weights),
                 *C.nested_prefix_loss_backward(grad_loss, grad_prefix, grad_out, x, values,
                                                indices, W_dec, b_dec, sizes, weights),

@@ -1,4 +1,4 @@
-"""torch.ops.sparsecode_C.latent_rows_sum (CPU) against a dense reference."""
+"""torch.ops.sparsecode_C.latent_rows_sum and latent_rows_sum_dots (CPU) against dense sums."""
 
 from __future__ import annotations
 
@@ -100,3 +100,40 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match="src_rows must be an int64 \\[B, k\\] tensor"):
         torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, 10, rows[:, :2])
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,d,n,k,G", [(1, 1, 1, 1, 1), (5, 100, 33, 3, 4), (33, 7, 1000, 32, 2),
+                                       (0, 5, 9, 3, 1)])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_dots(B, d, n, k, G, dtype, with_rows, seed, poisoned):
+    """latent_rows_sum_dots: the same sums as latent_rows_sum, and every pair's src row dotted
+    with its latent's weights row, zero coefficients included."""
+    coef = torch.randn(B, k)
+    coef[coef < -0.5] = 0.0
+    indices = torch.randint(0, n, (B, k))
+    src = torch.randn(G * B if with_rows else B, d, dtype=dtype)
+    weights = torch.randn(n, d, dtype=dtype)
+    src_rows = torch.randint(0, max(G * B, 1), (B, k)) if with_rows else None
+    out, dots = torch.ops.sparsecode_C.latent_rows_sum_dots(coef, indices, src, weights, src_rows)
+    assert torch.equal(out, torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n, src_rows))
+    assert dots.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert dots.shape == (B, k)
+    read = src_rows if with_rows else torch.arange(B)[:, None].expand(B, k)
+    ref = (src.double()[read] * weights.double()[indices]).sum(-1)
+    assert_close(dots, ref, TOLERANCE[dtype])
+
+
+def test_dots_bad_arguments_are_named():
+    coef, indices, src = torch.randn(2, 3), random_indices(2, 10, 3), torch.randn(2, 4)
+    weights = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match=r"weights must be \[d_sae, d\] with src's d = 4"):
+        torch.ops.sparsecode_C.latent_rows_sum_dots(coef, indices, src, weights[:, :3])
+    with pytest.raises(RuntimeError, match="src and weights must have the same dtype"):
+        torch.ops.sparsecode_C.latent_rows_sum_dots(coef, indices, src, weights.double())
+    bad = indices.clone()
+    bad[0, 0] = 9
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, d_sae=9\)"):
+        torch.ops.sparsecode_C.latent_rows_sum_dots(coef, bad, src, weights[:9])
+    with pytest.raises(RuntimeError, match="weights must have 2 dimensions"):
+        torch.ops.sparsecode_C.latent_rows_sum_dots(coef, indices, src, weights[0])

@@ -10,7 +10,7 @@ decoder rows per row, as the sparse decode makes.
     backward, with scale_g = 2 (grad_loss w_g + grad_prefix_losses[g]) / B and the upstream
     grad_x_hat (zero when absent):
     S_h[b]           = sum over g >= h of scale_g r_g[b] - grad_x_hat[b]
-    grad_values[b,j] = -W_dec[indices[b, j]] . S_{group[b, j]}[b]
+    grad_values[b,j] = -W_dec[indices[b, j]] . S_{group[b, j]}[b]   (S rounded to x's dtype)
     grad_W_dec[i]    = -sum over the pairs (b, j) of latent i of values[b, j] S_{group[b, j]}[b]
     grad_x           = S_0 + grad_x_hat,   grad_b_dec = sum over b of grad_x_hat - grad_x
 
@@ -31,17 +31,19 @@ crosses a boundary there (each row crosses up to G - 1 of them in k positions).
 
 Backward (_backward_kernel). The same tiles: a forward walk leaves r as the residual of all
 slots, then a walk back over the positions adds each slot back: entering a group (going down)
-it adds scale_g r for the groups it passes, since r is their residual, writes the row's S of
-that group to S [G * B, d] (x's dtype) for grad_W_dec, and stores the tile's part of each
-slot's dot with S to partial [tiles, B, k]. grad_W_dec is the extension's latent_rows_sum over
-the pairs with src_rows = group * B + b. S in float32 would be stored through a layout
-conversion at every position (4 floats per thread against the tile's 8 16-bit elements).
+it adds scale_g r for the groups it passes, since r is their residual, and writes the row's S
+of that group to S [G * B, d] (x's dtype). grad_W_dec and grad_values both come from the
+extension's latent_rows_sum_dots over the pairs with src_rows = group * B + b, which reads each
+pair's row of S once for the sum and the dot (a dot inside the walk cost a tile reduction, two
+barriers, per position). S in float32 would be stored through a layout conversion at every
+position (4 floats per thread against the tile's 8 16-bit elements).
 
 Cost. Forward: 2*B*k*d FLOPs for the gathers plus 2*B*k*d for the norms; reads B*k*d gathered
 weight elements (each row segment contiguous) and x, writes x_hat (B*d each) and partial
 (B*G*tiles*4 bytes), against the G decodes of a loss that decodes each prefix on its own.
-Backward: the gathers twice (4*B*k*d FLOPs with the dots), x and grad_x, S written once and
-read once by latent_rows_sum (at most G*B*d elements each way), and grad_W_dec (n*d).
+Backward: the gathers twice (4*B*k*d FLOPs), x and grad_x, S written once (at most G*B*d
+elements); then latent_rows_sum_dots gathers B*k rows of S (from L2) and writes grad_W_dec
+(n*d) and the dots.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, cum_ptr,
-    gx_ptr, s_ptr, partial_ptr, B, k, d, G,
+    gx_ptr, s_ptr, B, k, d, G,
     HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at, bias, r = _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B,
@@ -166,9 +168,8 @@ def _backward_kernel(
     else:
         D = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in D
-    partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
     for q in range(0, k):  # backward: slots in reverse walk order
-        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
+        _, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
         group = tl.load(group_ptr + rows.to(tl.int64) * k + (k - 1 - q), mask=row_ok, other=G)
         # r is the residual of every group from this slot's up to the last one passed: their
         # scales sum to cum[passed] - cum[group] (zero within a group).
@@ -179,8 +180,9 @@ def _backward_kernel(
         tl.store(s_ptr + s_at, D.to(s_ptr.dtype.element_ty),
                  mask=first[:, None] & col_ok[None, :])
         passed = tl.minimum(passed, group)
-        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        tl.store(partial + src, tl.sum(w * D, axis=1), mask=row_ok)
+        live = row_ok & (v != 0.0)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
         r += v[:, None] * w
     D += tl.load(cum_ptr + passed)[:, None] * r
     if HAS_GXH:
@@ -287,13 +289,13 @@ def nested_prefix_loss_backward(
     """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of
     nested_prefix_loss_forward's three outputs, given the upstream grad_loss [],
     grad_prefix_losses [G] and grad_x_hat [B, d] (or None). The walk runs here; grad_W_dec
-    sums -values * S over each latent's pairs with the extension's latent_rows_sum."""
+    and grad_values come from the extension's latent_rows_sum_dots over S."""
     if grad_x_hat is not None and grad_x_hat.shape != x.shape:
         raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
     idx, sizes, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
                                              prefix_weights)
     B, d = x.shape
-    n, k = W_dec.shape[0], values.shape[1]
+    k = values.shape[1]
     G = len(prefix_sizes)
     device = x.device
     weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
@@ -301,20 +303,19 @@ def nested_prefix_loss_backward(
              * (2.0 / max(B, 1)))  # no rows, no terms: B = 0 scales nothing
     cum = torch.cat([scale.new_zeros(1), scale.cumsum(0)]).float()  # cum[g] = sum of scale_<g
     block_b, block_d = _blocks()
-    tiles = triton.cdiv(d, block_d)
     grad_x = torch.empty(B, d, dtype=x.dtype, device=device)
     S = torch.empty(G * B, d, dtype=x.dtype, device=device)
-    partial = torch.empty(tiles, B, k, dtype=torch.float32, device=device)
     gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
-    _backward_kernel[(triton.cdiv(B, block_b), tiles)](
+    _backward_kernel[(triton.cdiv(B, block_b), triton.cdiv(d, block_d))](
         x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
-        W_dec.contiguous(), gxh, cum, grad_x, S, partial, B, k, d, G,
+        W_dec.contiguous(), gxh, cum, grad_x, S, B, k, d, G,
         HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_WARPS,
     )
-    grad_values = (-partial.sum(0)).to(x.dtype)
     # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
     slot_group = torch.bucketize(idx, sizes[:-1], right=True)
     src_rows = slot_group * B + torch.arange(B, device=device)[:, None]
-    grad_W_dec = torch.ops.sparsecode_C.latent_rows_sum(-values, idx, S, n, src_rows)
+    grad_W_dec, dots = torch.ops.sparsecode_C.latent_rows_sum_dots(-values, idx, S, W_dec,
+                                                                  src_rows)
+    grad_values = (-dots).to(x.dtype)
     grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
     return grad_x, grad_values, grad_W_dec, grad_b_dec

@@ -1,11 +1,9 @@
-// Row gathers of a sparse code: the decode forward, the encoder's grad_x, and the decode
-// backward's grad_values; plus the tiled transpose that gives the encoder's gather its rows.
+// Row gathers of a sparse code: the decode forward and the encoder's grad_x; plus the tiled
+// transpose that gives the encoder's gather its rows.
 //
 //   gather_rows_sum:   out[b] = bias + sum_j coef[b, j] * rows[indices[b, j]]     [B, d]
 //                      sparse_decode_forward (rows = W_dec) and topk_encode_backward's
 //                      grad_x (rows = W_enc^T, coef = grad_pre).
-//   row_dots_partial:  partial[t, b, j] = a[b] . rows[indices[b, j]] over column tile t
-//                      sparse_decode_backward's grad_values (a = grad_out, rows = W_dec).
 //   transpose:         W_enc [d, n] -> W_enc^T [n, d], through 32x32 shared-memory tiles so
 //                      that both the reads and the writes are coalesced.
 //
@@ -15,15 +13,13 @@
 // row-fastest, so the blocks in flight share one column tile and the gathered rows' slab
 // (n x 128 columns: 17 MB in bf16, 34 MB in fp32 at n = 65536) stays in the 50 MB L2 of an
 // H100: a latent's row segment is read from DRAM about once, however many rows use it.
-// row_dots_partial gives each warp whole slots: 4 columns per lane, a shuffle reduction, one
-// partial per (tile, b, j) that the caller sums over tiles. Sums run in a fixed order.
+// Sums run in a fixed order.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64 (s = bytes per element: 2 bf16, 4 fp32):
 //   gather_rows_sum   2 B k d = 2.4 GFLOP. Gathered: B k d s = 2.4 GB (bf16) from L2; DRAM
 //                     floor: rows n d s (302 MB) + out B d s (38 MB) + pairs B k 12 (6 MB)
 //                     = 0.35 GB bf16 (0.7 GB fp32): 0.12 ms (0.23 ms) at 3 TB/s; 0.8 ms if the
 //                     L2 gave no reuse.
-//   row_dots_partial  the same reads, plus a [18, B, k] fp32 partial (38 MB): 0.13 ms bf16.
 //   transpose         reads and writes n d s once: 604 MB bf16 (1.2 GB fp32): 0.2 ms (0.4 ms).
 #include "device_utils.cuh"
 
@@ -31,8 +27,6 @@ namespace sparsecode::cuda {
 namespace {
 
 constexpr int kSlotChunk = 256;                   // (coef, index) pairs staged at a time
-constexpr int kColsPerLane = kColTile / kWarp;    // row_dots_partial: columns per lane
-constexpr int kWarpsPerBlock = kColTile / kWarp;  // warps in a kColTile-thread block
 constexpr int kTransposeTile = 32;
 constexpr int kTransposeRows = 8;                 // thread rows per transpose block
 
@@ -68,37 +62,6 @@ __global__ void __launch_bounds__(kColTile)
   }
   if (active) {
     out[b * d + e] = from_acc<T>(acc);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kColTile)
-    row_dots_partial_kernel(const T* __restrict__ a, const int64_t* __restrict__ indices,
-                            const T* __restrict__ rows, int64_t B, int64_t k, int64_t d,
-                            Acc<T>* __restrict__ partial) {
-  using A = Acc<T>;
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int64_t b = blockIdx.x;
-  const int64_t e0 = blockIdx.y * kColTile;
-  A a_cols[kColsPerLane];
-  for (int u = 0; u < kColsPerLane; ++u) {
-    const int64_t e = e0 + lane + u * kWarp;
-    a_cols[u] = e < d ? to_acc(a[b * d + e]) : A(0);
-  }
-  for (int64_t j = warp; j < k; j += kWarpsPerBlock) {
-    const T* row = rows + indices[b * k + j] * d;
-    A sum = 0;
-    for (int u = 0; u < kColsPerLane; ++u) {
-      const int64_t e = e0 + lane + u * kWarp;
-      if (e < d) {
-        sum += a_cols[u] * to_acc(row[e]);
-      }
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      partial[(blockIdx.y * B + b) * k + j] = sum;
-    }
   }
 }
 
@@ -145,21 +108,6 @@ cudaError_t gather_rows_sum(const Acc<T>* coef, const int64_t* indices, const T*
 }
 
 template <typename T>
-cudaError_t row_dots_partial(const T* a, const int64_t* indices, const T* rows, int64_t B,
-                             int64_t k, int64_t d, Acc<T>* partial, cudaStream_t stream) {
-  const int64_t tiles = num_col_tiles(d);
-  if (B == 0 || k == 0 || tiles == 0) {
-    return cudaSuccess;
-  }
-  if (!grid_fits(B, tiles)) {
-    return cudaErrorInvalidConfiguration;
-  }
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
-  row_dots_partial_kernel<T><<<grid, kColTile, 0, stream>>>(a, indices, rows, B, k, d, partial);
-  return cudaGetLastError();
-}
-
-template <typename T>
 cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStream_t stream) {
   const int64_t row_tiles = (rows + kTransposeTile - 1) / kTransposeTile;
   const int64_t col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
@@ -178,8 +126,6 @@ cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStrea
 #define SPARSECODE_INSTANTIATE(T)                                                           \
   template cudaError_t gather_rows_sum<T>(const Acc<T>*, const int64_t*, const T*, const T*, \
                                           int64_t, int64_t, int64_t, bool, T*, cudaStream_t); \
-  template cudaError_t row_dots_partial<T>(const T*, const int64_t*, const T*, int64_t,      \
-                                           int64_t, int64_t, Acc<T>*, cudaStream_t);         \
   template cudaError_t transpose<T>(const T*, int64_t, int64_t, T*, cudaStream_t);
 SPARSECODE_FOR_EACH_TYPE(SPARSECODE_INSTANTIATE)
 #undef SPARSECODE_INSTANTIATE

@@ -49,12 +49,6 @@ cudaError_t gather_rows_sum(const Acc<T>* coef, const int64_t* indices, const T*
                             const T* bias, int64_t B, int64_t k, int64_t d, bool skip_zero,
                             T* out, cudaStream_t stream);
 
-// partial[t, b, j] = sum over the columns e of tile t of a[b, e] * rows[indices[b, j], e]
-// a [B, d]; indices [B, k]; rows [*, d]; partial [num_col_tiles(d), B, k].   (gather_rows.cu)
-template <typename T>
-cudaError_t row_dots_partial(const T* a, const int64_t* indices, const T* rows, int64_t B,
-                             int64_t k, int64_t d, Acc<T>* partial, cudaStream_t stream);
-
 // out [cols, rows] = in [rows, cols] transposed.   (gather_rows.cu)
 template <typename T>
 cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStream_t stream);
@@ -68,6 +62,37 @@ template <typename Src, typename Out>
 cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
                             Out* coef_sum, cudaStream_t stream);
+
+// latent_rows_sum_dots's vector width: the elements of 16 bytes of T when src and weights are
+// 16-byte aligned and d is a multiple of that, else 1. A block covers 32 * width columns.
+template <typename T>
+inline int rows_sum_vector_width(const T* src, const T* weights, int64_t d) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(weights) % 16 == 0 && d % kVec == 0;
+  return aligned ? kVec : 1;
+}
+
+// The column tiles of latent_rows_sum_dots's partial_dots: [rows_sum_dot_tiles(...), P].
+template <typename T>
+inline int64_t rows_sum_dot_tiles(const T* src, const T* weights, int64_t d) {
+  const int64_t cols = 32 * rows_sum_vector_width(src, weights, d);
+  return (d + cols - 1) / cols;
+}
+
+// latent_rows_sum (not transposed, without coef_sum) fused with the dot products that the
+// same pairs need: with P pairs, pair_ids [P] the flat id of each sorted pair and weights
+// [n, d], also
+//   partial_dots[t, pair_ids[q]] = sum over the columns e of tile t of
+//                                  src[rows[q], e] * weights[i, e]   (q a pair of latent i)
+// for every pair, zero coefficients included. One read of each pair's src row serves both:
+// the decode backward (src = grad_out, weights = W_dec: grad_W_dec and grad_values) and the
+// nested loss backward (src = S: grad_W_dec and minus grad_values).
+template <typename T>
+cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
+                                 const int64_t* pair_ids, const Acc<T>* coef, const T* src,
+                                 const T* weights, int64_t n, int64_t d, int64_t num_pairs,
+                                 T* out, Acc<T>* partial_dots, cudaStream_t stream);
 
 // The walk plan of the nested loss (nested_prefix_loss.cu), from indices [B, k]:
 //   order [B, k]: order[b, q] is the slot at position q of row b sorted by (index, slot);

@@ -1,6 +1,9 @@
-// Segmented sum of rows by latent: every weight gradient of the sparse backward.
+// Segmented sum of rows by latent: every weight gradient of the sparse backward; fused with
+// the pairs' dot products where the backward needs those too.
 //
 //   out[i] = sum over the pairs q of latent i, in ascending order, of coef[q] * src[rows[q]]
+//   dots (latent_rows_sum_dots): partial[t, pair_ids[q]] = src[rows[q]] . weights[i] over
+//            column tile t, for every pair q of latent i
 //
 // offsets [n + 1], rows / coef [P] (the B*k pairs sorted by latent, stable, so each latent's
 // pairs keep their order), src [*, d] -> out [n, d], or [d, n] (transposed, the W_enc layout),
@@ -8,6 +11,7 @@
 //   grad_W_dec (decode):   coef = values,     src = grad_out  [B, d],     rows = b
 //   grad_W_enc (encode):   coef = grad_pre,   src = x - b_dec [B, d],     rows = b, transposed
 //   grad_W_dec (nested):   coef = -values,    src = S         [G * B, d], rows = g * B + b
+//   with dots, weights = W_dec: the decode's grad_values, and minus the nested loss's.
 // No atomics: each output element is summed by one lane in a fixed order, so the result is
 // bit-identical run to run, and latents without pairs get zero rows. Pairs whose coefficient
 // is zero are skipped, as on the CPU (accumulate_by_latent).
@@ -30,8 +34,12 @@
 // offsets: 0.35 GB bf16 decode / encode: 0.12 ms at 3 TB/s (0.7 GB fp32: 0.23 ms); 0.77 GB
 // for the nested grad_W_dec: 0.26 ms. The B k d src reads (2.4 GB bf16, 4.8 GB for the fp32 S)
 // are served by L2. On an H100 (bf16) a call takes 0.49 ms, 0.68 ms transposed, against 1.10
-// and 1.35 ms with 2-byte loads one pair at a time (about 2.2 TB/s of L2 reads: latency-bound). A latent used by very many rows is summed by one warp
-// per column tile, so a latent active in every row of the batch costs about B sequential steps.
+// and 1.35 ms with 2-byte loads one pair at a time (about 2.2 TB/s of L2 reads: latency-bound).
+// A latent used by very many rows is summed by one warp per column tile, so a latent active in every row of the batch costs about B sequential steps.
+// The dots add, per pair, V multiply-adds per lane with the latent's weights (read once per
+// latent and column tile: n d s, 302 MB bf16), 1.5 shuffles and one 4-byte store per column
+// tile ([tiles, P] fp32, 19 MB bf16), in place of a second gather of the same B k d elements
+// (the Triton grad_values kernel took 0.55 ms on an H100, the sum 0.49 ms).
 #include "device_utils.cuh"
 
 namespace sparsecode::cuda {
@@ -41,12 +49,42 @@ constexpr int kLatentTile = 32;
 constexpr int kSegWarps = 8;
 constexpr int kUnroll = 4;
 
-template <typename Src, typename Out, bool kTransposed, int V>
-__global__ void __launch_bounds__(kSegWarps * kWarp)
+// The dot products of kUnroll = 4 pairs: part[u] is this lane's share of pair u's. Two
+// exchanges halve the values a lane holds (lanes l and l ^ 16 swap pairs {0, 1} / {2, 3},
+// then l and l ^ 8 swap one of the two), and three more sum the rest: 6 shuffles for 4 dots
+// instead of 20. Returns the full dot of pair kept_pair(lane) in every lane; fixed order.
+__device__ __forceinline__ int kept_pair(int lane) { return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1); }
+
+template <typename A>
+__device__ __forceinline__ A warp_dots4(const A (&part)[kUnroll], int lane) {
+  static_assert(kUnroll == 4, "warp_dots4 reduces 4 pairs at a time");
+  const bool high16 = (lane & 16) != 0;
+  A keep0 = high16 ? part[2] : part[0];
+  A keep1 = high16 ? part[3] : part[1];
+  keep0 += __shfl_xor_sync(kFullMask, high16 ? part[0] : part[2], 16);
+  keep1 += __shfl_xor_sync(kFullMask, high16 ? part[1] : part[3], 16);
+  const bool high8 = (lane & 8) != 0;
+  A keep = high8 ? keep1 : keep0;
+  keep += __shfl_xor_sync(kFullMask, high8 ? keep0 : keep1, 8);
+  for (int offset = 4; offset > 0; offset /= 2) {
+    keep += __shfl_xor_sync(kFullMask, keep, offset);
+  }
+  return keep;
+}
+
+// kDots: also partial_dots[blockIdx.y * num_pairs + pair_ids[q]] = src[rows[q]] . weights[i]
+// over the block's columns, for every pair q of latent i (zero coefficients included).
+// At most 64 registers, so that 4 blocks (32 warps) fit on an SM: the pair loads are L2
+// latency-bound. The sums alone need no more; with the dots ptxas would take 80 (3 blocks) and
+// at 64 keeps two words of the pair-chunk loop's state in local memory (sm_90, bf16).
+template <typename Src, typename Out, bool kTransposed, bool kDots, int V>
+__global__ void __launch_bounds__(kSegWarps * kWarp, 4)
     latent_rows_sum_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ rows,
                            const Acc<Out>* __restrict__ coef, const Src* __restrict__ src,
                            int64_t n, int64_t d, Out* __restrict__ out,
-                           Out* __restrict__ coef_sum) {
+                           Out* __restrict__ coef_sum, const Src* __restrict__ weights,
+                           const int64_t* __restrict__ pair_ids, int64_t num_pairs,
+                           Acc<Out>* __restrict__ partial_dots) {
   using A = Acc<Out>;
   constexpr int kCols = kWarp * V;  // columns per block
   __shared__ A tile[kTransposed ? kLatentTile : 1][kCols + 1];
@@ -62,6 +100,16 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
     A acc[V] = {};
     A total = 0;
     if (i < n) {
+      A weight[V] = {};
+      if constexpr (kDots) {
+        if (active) {
+          const Pack<Src, V> row = *reinterpret_cast<const Pack<Src, V>*>(weights + i * d + c);
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            weight[v] = to_acc(row.v[v]);
+          }
+        }
+      }
       const int64_t end = offsets[i + 1];
       for (int64_t q0 = offsets[i]; q0 < end; q0 += kWarp) {
         const int count = static_cast<int>(min64(kWarp, end - q0));
@@ -78,12 +126,13 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
           for (int u = 0; u < kUnroll; ++u) {
             const long long r = __shfl_sync(kFullMask, lane_row, (u0 + u) % kWarp);
             cs[u] = __shfl_sync(kFullMask, lane_coef, (u0 + u) % kWarp);
-            // A zero coefficient adds nothing and its row is not read (the same for the whole
-            // warp): BatchTopK codes carry many.
-            if (u0 + u >= count) {
+            const bool pair = u0 + u < count;
+            if (!pair) {
               cs[u] = 0;
             }
-            if (active && cs[u] != A(0)) {
+            // A zero coefficient adds nothing and its row is not read (the same for the whole
+            // warp): BatchTopK codes carry many. The dots need every pair's row.
+            if (active && (kDots ? pair : cs[u] != A(0))) {
               w[u] = *reinterpret_cast<const Pack<Src, V>*>(src + r * d + c);
             }
           }
@@ -95,6 +144,23 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
                 acc[v] += cs[u] * to_acc(w[u].v[v]);
               }
               total += cs[u];
+            }
+          }
+          if constexpr (kDots) {
+            A part[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              part[u] = 0;
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                part[u] += to_acc(w[u].v[v]) * weight[v];
+              }
+            }
+            const A dot = warp_dots4(part, lane);
+            const int u = kept_pair(lane);
+            if (lane % 8 == 0 && u0 + u < count) {
+              partial_dots[static_cast<int64_t>(blockIdx.y) * num_pairs +
+                           pair_ids[q0 + u0 + u]] = dot;
             }
           }
         }
@@ -129,29 +195,56 @@ __global__ void __launch_bounds__(kSegWarps * kWarp)
   }
 }
 
+// The grid: latent tiles x column tiles (at least one, so that coef_sum is written even when
+// d = 0); false when it is too large for CUDA.
+bool segment_grid(int64_t n, int64_t d, int V, dim3* grid) {
+  const int64_t latent_tiles = (n + kLatentTile - 1) / kLatentTile;
+  const int64_t col_tiles = d > 0 ? (d + kWarp * V - 1) / (kWarp * V) : 1;
+  if (!grid_fits(latent_tiles, col_tiles)) {
+    return false;
+  }
+  *grid = dim3(static_cast<unsigned>(latent_tiles), static_cast<unsigned>(col_tiles));
+  return true;
+}
+
 template <typename Src, typename Out, int V>
 cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
                                    const Acc<Out>* coef, const Src* src, int64_t n, int64_t d,
                                    bool transposed, Out* out, Out* coef_sum,
                                    cudaStream_t stream) {
-  const int64_t latent_tiles = (n + kLatentTile - 1) / kLatentTile;
-  // At least one column tile, so that coef_sum is written even when d = 0.
-  const int64_t col_tiles = d > 0 ? (d + kWarp * V - 1) / (kWarp * V) : 1;
-  if (latent_tiles == 0) {
+  dim3 grid;
+  if (n == 0) {
     return cudaSuccess;
   }
-  if (!grid_fits(latent_tiles, col_tiles)) {
+  if (!segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  const dim3 grid(static_cast<unsigned>(latent_tiles), static_cast<unsigned>(col_tiles));
   const int threads = kSegWarps * kWarp;
   if (transposed) {
-    latent_rows_sum_kernel<Src, Out, true, V>
-        <<<grid, threads, 0, stream>>>(offsets, rows, coef, src, n, d, out, coef_sum);
+    latent_rows_sum_kernel<Src, Out, true, false, V><<<grid, threads, 0, stream>>>(
+        offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
   } else {
-    latent_rows_sum_kernel<Src, Out, false, V>
-        <<<grid, threads, 0, stream>>>(offsets, rows, coef, src, n, d, out, coef_sum);
+    latent_rows_sum_kernel<Src, Out, false, false, V><<<grid, threads, 0, stream>>>(
+        offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
   }
+  return cudaGetLastError();
+}
+
+template <typename T, int V>
+cudaError_t launch_latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
+                                        const int64_t* pair_ids, const Acc<T>* coef,
+                                        const T* src, const T* weights, int64_t n, int64_t d,
+                                        int64_t num_pairs, T* out, Acc<T>* partial_dots,
+                                        cudaStream_t stream) {
+  dim3 grid;
+  if (n == 0 || d == 0) {
+    return cudaSuccess;
+  }
+  if (!segment_grid(n, d, V, &grid)) {
+    return cudaErrorInvalidConfiguration;
+  }
+  latent_rows_sum_kernel<T, T, false, true, V><<<grid, kSegWarps * kWarp, 0, stream>>>(
+      offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs, partial_dots);
   return cudaGetLastError();
 }
 
@@ -162,13 +255,26 @@ cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const A
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
                             Out* coef_sum, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(Src);
-  const bool aligned = aligned_to(src, 16) && d % kVec == 0;
-  if (aligned) {
+  if (aligned_to(src, 16) && d % kVec == 0) {
     return launch_latent_rows_sum<Src, Out, kVec>(offsets, rows, coef, src, n, d, transposed,
                                                   out, coef_sum, stream);
   }
   return launch_latent_rows_sum<Src, Out, 1>(offsets, rows, coef, src, n, d, transposed, out,
                                              coef_sum, stream);
+}
+
+template <typename T>
+cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
+                                 const int64_t* pair_ids, const Acc<T>* coef, const T* src,
+                                 const T* weights, int64_t n, int64_t d, int64_t num_pairs,
+                                 T* out, Acc<T>* partial_dots, cudaStream_t stream) {
+  if (rows_sum_vector_width(src, weights, d) > 1) {
+    return launch_latent_rows_sum_dots<T, 16 / sizeof(T)>(offsets, rows, pair_ids, coef, src,
+                                                          weights, n, d, num_pairs, out,
+                                                          partial_dots, stream);
+  }
+  return launch_latent_rows_sum_dots<T, 1>(offsets, rows, pair_ids, coef, src, weights, n, d,
+                                           num_pairs, out, partial_dots, stream);
 }
 
 // src in the storage type, and in the accumulation type (the nested loss's fp32 S).
@@ -182,6 +288,14 @@ SPARSECODE_INSTANTIATE(__half, __half)
 SPARSECODE_INSTANTIATE(float, __half)
 SPARSECODE_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
 SPARSECODE_INSTANTIATE(float, __nv_bfloat16)
+#undef SPARSECODE_INSTANTIATE
+
+#define SPARSECODE_INSTANTIATE(T)                                                          \
+  template cudaError_t latent_rows_sum_dots<T>(const int64_t*, const int64_t*,            \
+                                               const int64_t*, const Acc<T>*, const T*,   \
+                                               const T*, int64_t, int64_t, int64_t, T*,   \
+                                               Acc<T>*, cudaStream_t);
+SPARSECODE_FOR_EACH_TYPE(SPARSECODE_INSTANTIATE)
 #undef SPARSECODE_INSTANTIATE
 
 }  // namespace sparsecode::cuda

@@ -18,7 +18,11 @@
 //                           writes n*d once: 0.2 ms bf16 / 0.4 ms fp32 at n = 65536, d = 2304;
 //                           skipped when W_enc is already a transposed view of an [n, d] tensor)
 //                           and then gathers whole rows, coalesced, like the decode forward.
-//   sparse_decode_forward / backward, latent_rows_sum: gather_rows.cu, latent_rows_sum.cu.
+//   sparse_decode_forward:  gather_rows.cu.
+//   sparse_decode_backward, latent_rows_sum_dots: one pass over the pairs grouped by latent
+//                           (latent_rows_sum.cu) gives grad_W_dec and the pairs' dot products
+//                           (grad_values), reading each pair's grad_out row once.
+//   latent_rows_sum:        latent_rows_sum.cu.
 //   nested_prefix_loss_forward / backward: nested_prefix_loss.cu; the per-column-tile
 //                           partial sums are reduced here with ATen (the losses' in float64, as
 //                           the CPU sums its row losses).
@@ -29,6 +33,11 @@
 // offsets, then sum each latent's pairs in ascending pair order in one lane (no atomics); all
 // other reductions are fixed shuffle trees and ATen sums over a fixed partial layout. Results
 // are bit-identical run to run.
+//
+// Index checks: the forward ops check the index range with one device-to-host copy and raise
+// an error naming the bad entry. The backward ops and the latent sums, whose indices come from
+// a checked forward or from the encode, assert it on the device instead (at::_assert_async), so
+// that a training step never waits for the host; a failure there stops the process's CUDA work.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -93,10 +102,9 @@ at::Device op_device(std::initializer_list<at::Tensor> tensors) {
 }
 
 // Throws unless every index lies in [0, n): an out-of-range id would read or write outside
-// the weight matrices. One small device-to-host copy (a synchronisation). `name` and `bound`
-// name the tensor and n in the message.
-void check_index_range(const at::Tensor& indices, int64_t n, const char* name = "indices",
-                       const char* bound = "d_sae") {
+// the weight matrices. One small device-to-host copy (a synchronisation): for the forward ops,
+// which take indices from the caller.
+void check_index_range(const at::Tensor& indices, int64_t n) {
   if (indices.numel() == 0) {
     return;
   }
@@ -107,9 +115,22 @@ void check_index_range(const at::Tensor& indices, int64_t n, const char* name = 
   if (lowest < 0 || highest >= n) {
     const int64_t bad = lowest < 0 ? lowest : highest;
     const int64_t position = (indices.reshape(-1) == bad).nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, name, " must lie in [0, ", bound, "=", n, "), found ", bad,
+    TORCH_CHECK(false, "indices must lie in [0, d_sae=", n, "), found ", bad,
                 " at flat position ", position);
   }
+}
+
+// The same condition without a host synchronisation: a device-side assertion, which stops the
+// process's CUDA work if it fails. For the backward ops, whose indices come from a checked
+// forward (or from the encode itself), so that a training step does not wait for the host.
+void assert_index_range(const at::Tensor& indices, int64_t n, const char* name = "indices",
+                        const char* bound = "d_sae") {
+  if (indices.numel() == 0) {
+    return;
+  }
+  const auto [lo, hi] = at::aminmax(indices);
+  at::_assert_async(at::logical_and(lo >= 0, hi < n),
+                    c10::str(name, " must lie in [0, ", bound, "=", n, ")"));
 }
 
 // The B*k pairs of a code grouped by latent: pairs of latent i are order[offsets[i]] ..
@@ -119,10 +140,14 @@ struct LatentCsr {
   at::Tensor order;    // [B * k] int64 flat pair ids
 };
 
+// The ids are sorted as int32 (d_sae < 2^31 always): a radix sort of half the key bits.
 LatentCsr group_by_latent(const at::Tensor& flat_indices, int64_t n) {
-  const auto [sorted, order] = at::sort(flat_indices, /*stable=*/std::optional<bool>(true),
-                                        /*dim=*/0, /*descending=*/false);
-  const at::Tensor offsets = at::searchsorted(sorted, at::arange(n + 1, flat_indices.options()));
+  TORCH_CHECK(n < (int64_t(1) << 31), "d_sae must be below 2^31, got ", n);
+  const auto [sorted, order] = at::sort(flat_indices.to(at::kInt),
+                                        /*stable=*/std::optional<bool>(true), /*dim=*/0,
+                                        /*descending=*/false);
+  const at::Tensor offsets =
+      at::searchsorted(sorted, at::arange(n + 1, flat_indices.options().dtype(at::kInt)));
   return {offsets, order};
 }
 
@@ -139,6 +164,24 @@ void sum_rows_by_latent(const LatentCsr& csr, const at::Tensor& coef, const at::
       in<Src>(src), n, d, transposed, out<Out>(result),
       coef_sum != nullptr ? out<Out>(*coef_sum) : nullptr, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(launched);
+}
+
+// out [n, d] = sum_rows_by_latent's, and dots [P] = each pair's src row . weights row of its
+// latent (in the accumulation type), in flat pair order, from one pass over the pairs.
+template <typename T>
+void sum_rows_and_dots(const LatentCsr& csr, const at::Tensor& coef, const at::Tensor& src_rows,
+                       const at::Tensor& src, const at::Tensor& weights, int64_t n, int64_t d,
+                       at::Tensor& result, at::Tensor& dots) {
+  const int64_t P = coef.numel();
+  const at::Tensor coef_sorted = coef.index_select(0, csr.order);
+  const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
+  const int64_t tiles = kernels::rows_sum_dot_tiles(in<T>(src), in<T>(weights), d);
+  at::Tensor partial = at::empty({tiles, P}, coef.options());
+  C10_CUDA_CHECK(kernels::latent_rows_sum_dots<T>(
+      in<int64_t>(csr.offsets), in<int64_t>(rows_sorted), in<int64_t>(csr.order),
+      in<kernels::Acc<T>>(coef_sorted), in<T>(src), in<T>(weights), n, d, P, out<T>(result),
+      out<kernels::Acc<T>>(partial), c10::cuda::getCurrentCUDAStream()));
+  dots = partial.sum(0);
 }
 
 // The row of src each flat pair p = b * k + j of a [B, k] code reads: b.
@@ -215,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
 
   const at::Tensor xc = (x - b_dec).contiguous();
   const at::Tensor idx = indices.contiguous();
-  check_index_range(idx, n);
+  assert_index_range(idx, n);
   const at::Tensor val = values.contiguous().to(x.scalar_type());
   const at::Tensor gval = grad_values.contiguous().to(x.scalar_type());
   const at::Tensor grad_pre =
@@ -275,26 +318,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
   const int64_t n = W_dec.size(0);
   const int64_t d = W_dec.size(1);
   const c10::cuda::CUDAGuard guard(values.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const at::Tensor g = grad_out.contiguous().to(values.scalar_type());
-  const at::ScalarType acc = acc_dtype(values.scalar_type());
-  const at::Tensor coef = values.contiguous().to(acc);
+  const at::Tensor coef = values.contiguous().to(acc_dtype(values.scalar_type()));
   const at::Tensor idx = indices.contiguous();
   const at::Tensor W = W_dec.contiguous();
-  check_index_range(idx, n);
-  at::Tensor partial = at::empty({kernels::num_col_tiles(d), B, k}, values.options().dtype(acc));
+  assert_index_range(idx, n);
   at::Tensor grad_W_dec = at::empty({n, d}, values.options());
+  at::Tensor dots;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "sparse_decode_backward_cuda", [&] {
     using T = cuda_t<scalar_t>;
-    C10_CUDA_CHECK(kernels::row_dots_partial<T>(in<T>(g), in<int64_t>(idx), in<T>(W), B, k, d,
-                                                out<kernels::Acc<T>>(partial), stream));
     const LatentCsr csr = group_by_latent(idx.reshape(-1), n);
-    sum_rows_by_latent<T, T>(csr, coef.reshape(-1), pair_rows(B, k, idx.options()), g, n, d,
-                             /*transposed=*/false, grad_W_dec, nullptr);
+    sum_rows_and_dots<T>(csr, coef.reshape(-1), pair_rows(B, k, idx.options()), g, W, n, d,
+                         grad_W_dec, dots);
   });
-  at::Tensor grad_values = partial.sum(0).to(values.scalar_type());
-  return {grad_values, grad_W_dec, g.sum(0)};
+  return {dots.reshape({B, k}).to(values.scalar_type()), grad_W_dec, g.sum(0)};
+}
+
+// src_rows flattened, or b for pair b * k + j when absent; asserted in range of src's rows.
+at::Tensor rows_of_pairs(const std::optional<at::Tensor>& src_rows, int64_t B, int64_t k,
+                         const at::Tensor& src, const at::TensorOptions& index_options) {
+  if (!src_rows.has_value()) {
+    return pair_rows(B, k, index_options);
+  }
+  at::Tensor rows = src_rows->contiguous().reshape(-1);
+  assert_index_range(rows, src.size(0), "src_rows", "src's rows");
+  return rows;
 }
 
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
@@ -308,14 +357,8 @@ at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, co
   const at::Tensor idx = indices.contiguous();
   const at::Tensor s = src.contiguous();
   const at::Tensor c = coef.to(acc_dtype(src.scalar_type())).contiguous();
-  check_index_range(idx, d_sae);
-  at::Tensor rows;
-  if (src_rows.has_value()) {
-    rows = src_rows->contiguous().reshape(-1);
-    check_index_range(rows, s.size(0), "src_rows", "src's rows");
-  } else {
-    rows = pair_rows(B, k, idx.options());
-  }
+  assert_index_range(idx, d_sae);
+  const at::Tensor rows = rows_of_pairs(src_rows, B, k, s, idx.options());
   at::Tensor result = at::empty({d_sae, d}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_rows_sum_cuda", [&] {
     using T = cuda_t<scalar_t>;
@@ -326,6 +369,34 @@ at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, co
   return result;
 }
 
+std::tuple<at::Tensor, at::Tensor> latent_rows_sum_dots(const at::Tensor& coef,
+                                                        const at::Tensor& indices,
+                                                        const at::Tensor& src,
+                                                        const at::Tensor& weights,
+                                                        const std::optional<at::Tensor>& src_rows) {
+  check_rows_sum_dots_args(coef, indices, src, weights, src_rows, op_device({src, coef, weights}));
+  const int64_t B = coef.size(0);
+  const int64_t k = coef.size(1);
+  const int64_t d = src.size(1);
+  const int64_t d_sae = weights.size(0);
+  const c10::cuda::CUDAGuard guard(src.device());
+
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor s = src.contiguous();
+  const at::Tensor W = weights.contiguous();
+  const at::Tensor c = coef.to(acc_dtype(src.scalar_type())).contiguous();
+  assert_index_range(idx, d_sae);
+  const at::Tensor rows = rows_of_pairs(src_rows, B, k, s, idx.options());
+  at::Tensor result = at::empty({d_sae, d}, src.options());
+  at::Tensor dots;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_rows_sum_dots_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    const LatentCsr csr = group_by_latent(idx.reshape(-1), d_sae);
+    sum_rows_and_dots<T>(csr, c.reshape(-1), rows, s, W, d_sae, d, result, dots);
+  });
+  return {result, dots.reshape({B, k})};
+}
+
 // The checked nested-loss problem: sizes, contiguous inputs, and each row's walk plan.
 struct NestedProblem {
   int64_t B, k, n, d, G;
@@ -334,10 +405,11 @@ struct NestedProblem {
   at::Tensor weights;       // [G] float64 on the device
 };
 
+// In the backward (`backward`) the index range is asserted on the device, not checked.
 NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
                              const at::Tensor& indices, const at::Tensor& W_dec,
                              const at::Tensor& b_dec, at::IntArrayRef sizes,
-                             at::ArrayRef<double> weights) {
+                             at::ArrayRef<double> weights, bool backward) {
   check_nested_args(x, values, indices, W_dec, b_dec, sizes, weights,
                     op_device({x, values, W_dec, b_dec}));
   NestedProblem p{x.size(0),          values.size(1),        W_dec.size(0),
@@ -348,7 +420,11 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(p.G <= kernels::kMaxGroups, "the cuda backend supports at most ",
               kernels::kMaxGroups, " prefix sizes, got ", p.G,
               "; merge prefixes or use the cpp backend");
-  check_index_range(p.indices, p.n);
+  if (backward) {
+    assert_index_range(p.indices, p.n);
+  } else {
+    check_index_range(p.indices, p.n);
+  }
 
   kernels::PrefixSizes prefix{};
   prefix.count = static_cast<int>(p.G);
@@ -370,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     at::ArrayRef<double> prefix_weights) {
   const c10::cuda::CUDAGuard guard(x.device());
   const NestedProblem p =
-      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
+      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, false);
   at::Tensor x_hat = at::empty({p.B, p.d}, x.options());
   at::Tensor partial = at::empty({kernels::num_col_tiles(p.d), p.B, p.G},
                                  x.options().dtype(acc_dtype(x.scalar_type())));
@@ -395,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
   const c10::cuda::CUDAGuard guard(x.device());
   const NestedProblem p =
-      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
+      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, true);
   check_nested_grads(grad_loss, grad_prefix_losses, grad_x_hat, x, p.G, x.device());
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
   at::Tensor g_hat;
@@ -447,4 +523,5 @@ TORCH_LIBRARY_IMPL(sparsecode_C, CUDA, m) {
   m.impl("nested_prefix_loss_forward", &sparsecode::cuda_ops::nested_prefix_loss_forward);
   m.impl("nested_prefix_loss_backward", &sparsecode::cuda_ops::nested_prefix_loss_backward);
   m.impl("latent_rows_sum", &sparsecode::cuda_ops::latent_rows_sum);
+  m.impl("latent_rows_sum_dots", &sparsecode::cuda_ops::latent_rows_sum_dots);
 }
