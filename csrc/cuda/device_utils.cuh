@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels.cuh"
 
@@ -47,6 +48,45 @@ template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
+
+// values rotated left by r places, values[v] <- values[(v + r) % V] (0 <= r < V, V a power of
+// two), through log2(V) stages of selects: a per-lane r needs no dynamically indexed array,
+// which would live in local memory.
+template <typename A, int V>
+__host__ __device__ __forceinline__ void rotate_left(A (&values)[V], int r) {
+#pragma unroll
+  for (int s = 1; s < V; s *= 2) {
+    A shifted[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      shifted[v] = values[(v + s) % V];
+    }
+    const bool take = (r & s) != 0;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      values[v] = take ? shifted[v] : values[v];
+    }
+  }
+}
+
+// dst[0:V] = values rounded to T, as one store of V * sizeof(T) bytes (dst aligned to that):
+// 16 bytes go out through the __stcg intrinsic as one 16-byte store (plain stores of a Pack or
+// a uint4 were split into 4-byte ones here by nvcc 13).
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* dst, const Acc<T> (&values)[V]) {
+  Pack<T, V> packed;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    packed.v[v] = from_acc<T>(values[v]);
+  }
+  if constexpr (sizeof(packed) == 16) {
+    unsigned words[4];
+    memcpy(words, &packed, sizeof(words));
+    __stcg(reinterpret_cast<uint4*>(dst), make_uint4(words[0], words[1], words[2], words[3]));
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(dst) = packed;
+  }
+}
 
 // Whether p is aligned to `bytes`.
 inline bool aligned_to(const void* p, int64_t bytes) {

@@ -23,8 +23,11 @@
 // (row, coef) at a time, one per lane, and broadcasts them with shuffles; it then issues the
 // loads of kUnroll pairs before adding any of them, so that several L2 reads are in flight
 // per lane while the sum keeps its ascending pair order. Non-transposed results go straight
-// from registers to out; transposed ones go through a [32][32 V + 1] shared tile, then each
-// warp stores 32 consecutive latents of one column of out. Blocks are numbered latent-tile
+// from registers to out, one vector store per lane; transposed ones go through a
+// [32][32 V + 1] shared tile (each lane writing its V values from its own starting place, so
+// that no two lanes of a store share a bank: with 8-way conflicts these stores alone came to
+// about 0.17 ms of shared-memory cycles at the size below), then each warp stores 32
+// consecutive latents of one column of out. Blocks are numbered latent-tile
 // fastest, so the blocks in flight share one column tile and read only a B x 32 V (or
 // G*B x 32 V) slab of src, a few MB that stays in L2.
 //
@@ -167,15 +170,17 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
       }
     }
     if constexpr (kTransposed) {
+      // Written in the same order by every lane, the v-th stores of lanes 32 / V apart would
+      // fall in one bank (8-way conflicts for bf16); each lane starts at its own place instead,
+      // r = lane * V / 32, which spreads every store of the warp over the 32 banks.
+      const int r = lane * V / kWarp;
+      rotate_left(acc, r);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        tile[t][lane * V + v] = acc[v];
+        tile[t][lane * V + (v + r) % V] = acc[v];
       }
     } else if (i < n && active) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        out[i * d + c + v] = from_acc<Out>(acc[v]);
-      }
+      store_pack<Out, V>(out + i * d + c, acc);
     }
     if (coef_sum != nullptr && blockIdx.y == 0 && lane == 0 && i < n) {
       coef_sum[i] = from_acc<Out>(total);
@@ -255,7 +260,7 @@ cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const A
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
                             Out* coef_sum, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(Src);
-  if (aligned_to(src, 16) && d % kVec == 0) {
+  if (aligned_to(src, 16) && aligned_to(out, 16) && d % kVec == 0) {
     return launch_latent_rows_sum<Src, Out, kVec>(offsets, rows, coef, src, n, d, transposed,
                                                   out, coef_sum, stream);
   }
@@ -268,7 +273,7 @@ cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                  const int64_t* pair_ids, const Acc<T>* coef, const T* src,
                                  const T* weights, int64_t n, int64_t d, int64_t num_pairs,
                                  T* out, Acc<T>* partial_dots, cudaStream_t stream) {
-  if (rows_sum_vector_width(src, weights, d) > 1) {
+  if (rows_sum_vector_width(src, weights, out, d) > 1) {
     return launch_latent_rows_sum_dots<T, 16 / sizeof(T)>(offsets, rows, pair_ids, coef, src,
                                                           weights, n, d, num_pairs, out,
                                                           partial_dots, stream);

@@ -175,7 +175,8 @@ void sum_rows_and_dots(const LatentCsr& csr, const at::Tensor& coef, const at::T
   const int64_t P = coef.numel();
   const at::Tensor coef_sorted = coef.index_select(0, csr.order);
   const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
-  const int64_t tiles = kernels::rows_sum_dot_tiles(in<T>(src), in<T>(weights), d);
+  const int64_t tiles =
+      kernels::rows_sum_dot_tiles(in<T>(src), in<T>(weights), in<T>(result), d);
   at::Tensor partial = at::empty({tiles, P}, coef.options());
   C10_CUDA_CHECK(kernels::latent_rows_sum_dots<T>(
       in<int64_t>(csr.offsets), in<int64_t>(rows_sorted), in<int64_t>(csr.order),
