@@ -92,7 +92,7 @@ if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
   # The argument checks run in a process of their own: a crash there (seen when the extension
   # carried its own static libstdc++, see tests/test_extension_build.py) must not take the
   # other tests down.
-  run_stage "tests (argument checks)" 60 "$OUT/gpu_errors.log" \
+  run_stage "tests (argument checks)" 90 "$OUT/gpu_errors.log" \
     "$PYTHON" -m pytest tests/test_cuda_errors.py tests/test_extension_build.py -q -rfEs \
     -p no:cacheprovider
   tail -n 5 "$OUT/gpu_errors.log"

@@ -56,7 +56,9 @@ constexpr int kUnroll = 4;
 // exchanges halve the values a lane holds (lanes l and l ^ 16 swap pairs {0, 1} / {2, 3},
 // then l and l ^ 8 swap one of the two), and three more sum the rest: 6 shuffles for 4 dots
 // instead of 20. Returns the full dot of pair kept_pair(lane) in every lane; fixed order.
-__device__ __forceinline__ int kept_pair(int lane) { return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1); }
+__device__ __forceinline__ int kept_pair(int lane) {
+  return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
+}
 
 template <typename A>
 __device__ __forceinline__ A warp_dots4(const A (&part)[kUnroll], int lane) {
