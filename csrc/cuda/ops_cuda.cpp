@@ -309,63 +309,41 @@ at::Tensor sparse_decode_forward(const at::Tensor& values, const at::Tensor& ind
   return x_hat;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
-    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
-    const at::Tensor& W_dec) {
-  check_decode_backward_args(grad_out, values, indices, W_dec,
-                             op_device({values, W_dec, grad_out}));
-  const int64_t B = values.size(0);
-  const int64_t k = values.size(1);
-  const int64_t n = W_dec.size(0);
-  const int64_t d = W_dec.size(1);
-  const c10::cuda::CUDAGuard guard(values.device());
+// The inputs of the latent sums, contiguous: src, coef (flat, in the accumulation dtype), the
+// src row of each pair (src_rows, asserted in range, or b for pair b * k + j) and the pairs
+// grouped by latent (the indices asserted in [0, d_sae)).
+struct RowsSumInputs {
+  at::Tensor src, coef, rows;
+  LatentCsr csr;
+};
 
-  const at::Tensor g = grad_out.contiguous().to(values.scalar_type());
-  const at::Tensor coef = values.contiguous().to(acc_dtype(values.scalar_type()));
+RowsSumInputs rows_sum_inputs(const at::Tensor& coef, const at::Tensor& indices,
+                              const at::Tensor& src, int64_t d_sae,
+                              const std::optional<at::Tensor>& src_rows) {
   const at::Tensor idx = indices.contiguous();
-  const at::Tensor W = W_dec.contiguous();
-  assert_index_range(idx, n);
-  at::Tensor grad_W_dec = at::empty({n, d}, values.options());
-  at::Tensor dots;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "sparse_decode_backward_cuda", [&] {
-    using T = cuda_t<scalar_t>;
-    const LatentCsr csr = group_by_latent(idx.reshape(-1), n);
-    sum_rows_and_dots<T>(csr, coef.reshape(-1), pair_rows(B, k, idx.options()), g, W, n, d,
-                         grad_W_dec, dots);
-  });
-  return {dots.reshape({B, k}).to(values.scalar_type()), grad_W_dec, g.sum(0)};
-}
-
-// src_rows flattened, or b for pair b * k + j when absent; asserted in range of src's rows.
-at::Tensor rows_of_pairs(const std::optional<at::Tensor>& src_rows, int64_t B, int64_t k,
-                         const at::Tensor& src, const at::TensorOptions& index_options) {
-  if (!src_rows.has_value()) {
-    return pair_rows(B, k, index_options);
+  assert_index_range(idx, d_sae);
+  const at::Tensor s = src.contiguous();
+  at::Tensor rows;
+  if (src_rows.has_value()) {
+    rows = src_rows->contiguous().reshape(-1);
+    assert_index_range(rows, s.size(0), "src_rows", "src's rows");
+  } else {
+    rows = pair_rows(coef.size(0), coef.size(1), idx.options());
   }
-  at::Tensor rows = src_rows->contiguous().reshape(-1);
-  assert_index_range(rows, src.size(0), "src_rows", "src's rows");
-  return rows;
+  return {s, coef.to(acc_dtype(src.scalar_type())).contiguous().reshape(-1), rows,
+          group_by_latent(idx.reshape(-1), d_sae)};
 }
 
 at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& src,
                            int64_t d_sae, const std::optional<at::Tensor>& src_rows) {
   check_rows_sum_args(coef, indices, src, d_sae, src_rows, op_device({src, coef}));
-  const int64_t B = coef.size(0);
-  const int64_t k = coef.size(1);
-  const int64_t d = src.size(1);
   const c10::cuda::CUDAGuard guard(src.device());
-
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor s = src.contiguous();
-  const at::Tensor c = coef.to(acc_dtype(src.scalar_type())).contiguous();
-  assert_index_range(idx, d_sae);
-  const at::Tensor rows = rows_of_pairs(src_rows, B, k, s, idx.options());
-  at::Tensor result = at::empty({d_sae, d}, src.options());
+  const RowsSumInputs p = rows_sum_inputs(coef, indices, src, d_sae, src_rows);
+  at::Tensor result = at::empty({d_sae, src.size(1)}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_rows_sum_cuda", [&] {
     using T = cuda_t<scalar_t>;
-    const LatentCsr csr = group_by_latent(idx.reshape(-1), d_sae);
-    sum_rows_by_latent<T, T>(csr, c.reshape(-1), rows, s, d_sae, d, /*transposed=*/false, result,
-                             nullptr);
+    sum_rows_by_latent<T, T>(p.csr, p.coef, p.rows, p.src, d_sae, src.size(1),
+                             /*transposed=*/false, result, nullptr);
   });
   return result;
 }
@@ -376,26 +354,28 @@ std::tuple<at::Tensor, at::Tensor> latent_rows_sum_dots(const at::Tensor& coef,
                                                         const at::Tensor& weights,
                                                         const std::optional<at::Tensor>& src_rows) {
   check_rows_sum_dots_args(coef, indices, src, weights, src_rows, op_device({src, coef, weights}));
-  const int64_t B = coef.size(0);
-  const int64_t k = coef.size(1);
-  const int64_t d = src.size(1);
   const int64_t d_sae = weights.size(0);
   const c10::cuda::CUDAGuard guard(src.device());
-
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor s = src.contiguous();
+  const RowsSumInputs p = rows_sum_inputs(coef, indices, src, d_sae, src_rows);
   const at::Tensor W = weights.contiguous();
-  const at::Tensor c = coef.to(acc_dtype(src.scalar_type())).contiguous();
-  assert_index_range(idx, d_sae);
-  const at::Tensor rows = rows_of_pairs(src_rows, B, k, s, idx.options());
-  at::Tensor result = at::empty({d_sae, d}, src.options());
+  at::Tensor result = at::empty({d_sae, src.size(1)}, src.options());
   at::Tensor dots;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_rows_sum_dots_cuda", [&] {
     using T = cuda_t<scalar_t>;
-    const LatentCsr csr = group_by_latent(idx.reshape(-1), d_sae);
-    sum_rows_and_dots<T>(csr, c.reshape(-1), rows, s, W, d_sae, d, result, dots);
+    sum_rows_and_dots<T>(p.csr, p.coef, p.rows, p.src, W, d_sae, src.size(1), result, dots);
   });
-  return {result, dots.reshape({B, k})};
+  return {result, dots.reshape(coef.sizes())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& W_dec) {
+  check_decode_backward_args(grad_out, values, indices, W_dec,
+                             op_device({values, W_dec, grad_out}));
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor g = grad_out.contiguous().to(values.scalar_type());
+  const auto [grad_W_dec, dots] = latent_rows_sum_dots(values, indices, g, W_dec, std::nullopt);
+  return {dots.to(values.scalar_type()), grad_W_dec, g.sum(0)};
 }
 
 // The checked nested-loss problem: sizes, contiguous inputs, and each row's walk plan.
