@@ -93,8 +93,7 @@ at::Tensor latent_rows_sum(const at::Tensor& coef, const at::Tensor& indices, co
 // with its latent's row of weights [d_sae, d] (src's dtype):
 //   dots[b, j] = src[row] . weights[indices[b, j]]   [B, k], float32 (float64 for float64 src)
 // Returns (out, dots). With src = grad_out and weights = W_dec these are the decode backward's
-// grad_W_dec and grad_values (coef = values); with src the nested loss's suffix sums S they
-// are its grad_W_dec and minus its grad_values (coef = -values).
+// grad_W_dec and grad_values (coef = values).
 std::tuple<at::Tensor, at::Tensor> latent_rows_sum_dots(const at::Tensor& coef,
                                                         const at::Tensor& indices,
                                                         const at::Tensor& src,

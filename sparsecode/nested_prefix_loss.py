@@ -7,10 +7,13 @@ W_dec [n, d], b_dec [d] -> loss [], prefix_losses [G]. All G losses come from on
 each row's sorted slots and the backward uses suffix sums of the weighted residuals
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
-module's forward needs no separate decode. The ``triton`` backend runs the forward and the
-backward as Triton walks of gathered decoder rows (float32, bfloat16 and float16;
-triton_kernels/nested_prefix_loss.py), with the extension's per-latent sum for grad_W_dec; where
-the extension has no kernels for the device, the whole op runs as the reference.
+module's forward needs no separate decode, and a fourth tensor that only its backward reads:
+the triton backend's residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is
+(empty, [2, 0, d], for the other backends, whose backward walks to it again). The ``triton``
+backend runs the forward and the backward as Triton walks of gathered decoder rows (float32,
+bfloat16 and float16; triton_kernels/nested_prefix_loss.py), with the extension's per-latent
+sum for grad_W_dec; where the extension has no kernels for the device, the whole op runs as
+the reference.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
@@ -27,6 +30,11 @@ from sparsecode.backends import compiled_kernels, kernels, resolve_backend
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _walks_in_triton(x: Tensor, backend: str) -> bool:
+    """Whether the Triton walks run the op for backend `backend` on x (else the extension)."""
+    return backend == "triton" and x.dtype in _TRITON_DTYPES
+
+
 @torch.library.custom_op("sparsecode::nested_prefix_loss", mutates_args=())
 def _nested_prefix_loss(
     x: Tensor,
@@ -37,22 +45,22 @@ def _nested_prefix_loss(
     prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float],
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton" and x.dtype in _TRITON_DTYPES:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _walks_in_triton(x, backend):
         from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_forward
 
         return nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, prefix_sizes,
                                           prefix_weights)
-    return tuple(
-        kernels(backend, x.device).nested_prefix_loss_forward(
-            x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
-        )
+    loss, prefix_losses, x_hat = kernels(backend, x.device).nested_prefix_loss_forward(
+        x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
     )
+    return loss, prefix_losses, x_hat, x.new_empty(2, 0, x.shape[1])
 
 
 @_nested_prefix_loss.register_fake
 def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend):
-    return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x)
+    resid = x.new_empty(2, x.shape[0] if _walks_in_triton(x, backend) else 0, x.shape[1])
+    return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x), resid
 
 
 @torch.library.custom_op("sparsecode::nested_prefix_loss_backward", mutates_args=())
@@ -67,13 +75,15 @@ def _nested_prefix_loss_backward(
     b_dec: Tensor,
     prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float],
+    resid: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton" and x.dtype in _TRITON_DTYPES:
+    if _walks_in_triton(x, backend):
         from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_backward
 
         return nested_prefix_loss_backward(grad_loss, grad_prefix_losses, grad_x_hat, x, values,
-                                           indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+                                           indices, W_dec, b_dec, prefix_sizes, prefix_weights,
+                                           resid)
     return tuple(
         kernels(backend, x.device).nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
@@ -84,7 +94,7 @@ def _nested_prefix_loss_backward(
 
 @_nested_prefix_loss_backward.register_fake
 def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
-      prefix_sizes, prefix_weights, backend):
+      prefix_sizes, prefix_weights, resid, backend):
     return (
         torch.empty_like(x),
         torch.empty_like(values),
@@ -95,17 +105,20 @@ def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_de
 
 def _setup_context(ctx, inputs, output) -> None:
     x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend = inputs
-    ctx.save_for_backward(x, values, indices, W_dec, b_dec)
+    resid = output[3]
+    ctx.mark_non_differentiable(resid)
+    ctx.save_for_backward(x, values, indices, W_dec, b_dec, resid)
     ctx.prefix_sizes = prefix_sizes
     ctx.prefix_weights = prefix_weights
     ctx.backend = backend
 
 
-def _backward(ctx, grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None):
-    x, values, indices, W_dec, b_dec = ctx.saved_tensors
+def _backward(ctx, grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None,
+              _grad_resid: Tensor | None):
+    x, values, indices, W_dec, b_dec, resid = ctx.saved_tensors
     grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
         grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
-        ctx.prefix_sizes, ctx.prefix_weights, ctx.backend,
+        ctx.prefix_sizes, ctx.prefix_weights, resid, ctx.backend,
     )
     return grad_x, grad_values, None, grad_W_dec, grad_b_dec, None, None, None
 
@@ -136,7 +149,9 @@ def nested_prefix_loss_and_decode(
             x, values, indices, W_dec, b_dec, sizes, weights
         )
         return loss, prefix_losses, reference.sparse_decode(values, indices, W_dec, b_dec)
-    return _nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes, weights, name)
+    loss, prefix_losses, x_hat, _ = _nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes,
+                                                        weights, name)
+    return loss, prefix_losses, x_hat
 
 
 def nested_prefix_loss(

@@ -77,7 +77,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             f"nested_prefix_loss forward {name}", nested_prefix_loss._forward_kernel,
             {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
              "order_ptr": "*i32", "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
-             "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+             "resid_ptr": f"*{t}", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
+             "G": "i32"},
             {"BLOCK_B": block_b, "BLOCK_D": block_d, "G_PAD": 8},
             {"num_warps": nested_prefix_loss._WARPS},
         ))
@@ -85,10 +86,10 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             found.append((
                 f"nested_prefix_loss backward {name} HAS_GXH={has_gxh}",
                 nested_prefix_loss._backward_kernel,
-                {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
+                {"resid_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
                  "order_ptr": "*i32", "group_ptr": "*i32", "w_ptr": f"*{t}", "gxh_ptr": f"*{t}",
                  "cum_ptr": "*fp32", "gx_ptr": f"*{t}", "s_ptr": f"*{t}",
-                 "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+                 "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
                 {"HAS_GXH": has_gxh, "BLOCK_B": block_b, "BLOCK_D": block_d},
                 {"num_warps": nested_prefix_loss._WARPS},
             ))

@@ -10,7 +10,7 @@ decoder rows per row, as the sparse decode makes.
     backward, with scale_g = 2 (grad_loss w_g + grad_prefix_losses[g]) / B and the upstream
     grad_x_hat (zero when absent):
     S_h[b]           = sum over g >= h of scale_g r_g[b] - grad_x_hat[b]
-    grad_values[b,j] = -W_dec[indices[b, j]] . S_{group[b, j]}[b]   (S rounded to x's dtype)
+    grad_values[b,j] = -W_dec[indices[b, j]] . S_{group[b, j]}[b]
     grad_W_dec[i]    = -sum over the pairs (b, j) of latent i of values[b, j] S_{group[b, j]}[b]
     grad_x           = S_0 + grad_x_hat,   grad_b_dec = sum over b of grad_x_hat - grad_x
 
@@ -27,23 +27,33 @@ residual's squared norm for each group from the row's last recorded one up to h 
 those groups is left, so the residual is theirs), then subtracts the slot's values * W_dec row;
 after the last position the norm goes to the remaining groups. The norms are tile reductions
 over the row's columns, made at every position because some row of the tile nearly always
-crosses a boundary there (each row crosses up to G - 1 of them in k positions).
+crosses a boundary there (each row crosses up to G - 1 of them in k positions). The walk's
+final residual x - x_hat (float32) is the forward's fourth output, saved for the backward, as
+two tensors in x's dtype whose sum it is (hi = r rounded, lo = r - hi rounded: about 16
+mantissa bits in bfloat16, exact in float32). Rounded once, it lost too much before S is
+rounded too (a bfloat16 test case went past its tolerance); stored as float32 it needed a
+layout conversion that took the forward from 80 to 94 registers (sm_90).
 
-Backward (_backward_kernel). The same tiles: a forward walk leaves r as the residual of all
-slots, then a walk back over the positions adds each slot back: entering a group (going down)
-it adds scale_g r for the groups it passes, since r is their residual, and writes the row's S
-of that group to S [G * B, d] (x's dtype). grad_W_dec and grad_values both come from the
-extension's latent_rows_sum_dots over the pairs with src_rows = group * B + b, which reads each
-pair's row of S once for the sum and the dot (a dot inside the walk cost a tile reduction, two
-barriers, per position). S in float32 would be stored through a layout conversion at every
-position (4 floats per thread against the tile's 8 16-bit elements).
+Backward (_backward_kernel). The same tiles: starting from the forward's residual of all slots,
+a walk back over the positions adds each slot back: entering a group (going down)
+it adds scale_g r for the groups it passes, since r is their residual, writes the row's S of
+that group to S [G * B, d] (x's dtype) for grad_W_dec, and stores the tile's part of each
+slot's dot with S (float32) to partial [tiles, B, k]. grad_W_dec is the extension's
+latent_rows_sum over the pairs with src_rows = group * B + b. S in float32 would be stored
+through a layout conversion at every position (4 floats per thread against the tile's 8
+16-bit elements). The dots are not taken from the stored S (latent_rows_sum_dots would make
+them on the same pass as grad_W_dec): a dot of d rounded elements can cancel, and single-dot
+cases in bfloat16 then went past the 2e-2 tolerance.
 
 Cost. Forward: 2*B*k*d FLOPs for the gathers plus 2*B*k*d for the norms; reads B*k*d gathered
-weight elements (each row segment contiguous) and x, writes x_hat (B*d each) and partial
-(B*G*tiles*4 bytes), against the G decodes of a loss that decodes each prefix on its own.
-Backward: the gathers twice (4*B*k*d FLOPs), x and grad_x, S written once (at most G*B*d
-elements); then latent_rows_sum_dots gathers B*k rows of S (from L2) and writes grad_W_dec
-(n*d) and the dots.
+weight elements (each row segment contiguous) and x, writes x_hat and the residual (B*d each)
+and partial (B*G*tiles*4 bytes), against the G decodes of a loss that decodes each prefix on
+its own. Backward: one walk of gathers (4*B*k*d FLOPs with the dots), the residual and
+grad_x (B*d each), S written once (at most G*B*d elements) and the dots' partial
+(B*k*tiles*4 bytes); then latent_rows_sum gathers B*k rows of S (from L2) and writes
+grad_W_dec (n*d). Starting from the saved residual instead of
+walking forward to it again halves the backward's gathers, for 2*B*d elements kept from the
+forward to the backward.
 """
 
 from __future__ import annotations
@@ -91,18 +101,15 @@ def _plan_kernel(idx_ptr, sizes_ptr, order_ptr, group_ptr, B, k, G,
 
 
 @triton.jit
-def _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's rows and columns: rows [BLOCK_B], row_ok, col_ok, the tile's offsets in
-    [B, d] and mask, b_dec's columns (float32) and r = x - b_dec on the tile (zero outside)."""
+def _tile(B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's rows and columns: rows [BLOCK_B], row_ok, col_ok, and the tile's offsets in
+    [B, d] and mask."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     col_ok = cols < d
     tile = row_ok[:, None] & col_ok[None, :]
-    at = rows[:, None].to(tl.int64) * d + cols[None, :]
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
-    return rows, cols, row_ok, col_ok, tile, at, bias, tl.where(tile, r, 0.0)
+    return rows, cols, row_ok, col_ok, tile, rows[:, None].to(tl.int64) * d + cols[None, :]
 
 
 @triton.jit
@@ -117,18 +124,20 @@ def _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q):
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, xhat_ptr, partial_ptr,
-    B, k, d, G,
+    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, xhat_ptr, resid_ptr,
+    partial_ptr, B, k, d, G,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
 ):
-    rows, cols, row_ok, col_ok, tile, at, bias, r = _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B,
-                                                                BLOCK_D)
+    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
+    r = tl.where(tile, r, 0.0)
     recon = tl.zeros([BLOCK_B, BLOCK_D], tl.float32) + bias[None, :]
     gcol = tl.arange(0, G_PAD)
     losses = tl.zeros([BLOCK_B, G_PAD], tl.float32)
     recorded = tl.zeros([BLOCK_B], tl.int32)  # groups below this one have their norm
     for q in range(0, k):
-        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q)
+        _, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q)
         group = tl.load(group_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
         norm = tl.sum(r * r, axis=1)
         due = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < group[:, None])
@@ -143,24 +152,23 @@ def _forward_kernel(
     rest = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < G)
     losses += tl.where(rest, norm[:, None], 0.0)
     tl.store(xhat_ptr + at, recon.to(xhat_ptr.dtype.element_ty), mask=tile)
+    hi = r.to(resid_ptr.dtype.element_ty)  # r as hi + lo in x's dtype: its layout, 2x the bits
+    tl.store(resid_ptr + at, hi, mask=tile)
+    tl.store(resid_ptr + B * d + at, (r - hi.to(tl.float32)).to(resid_ptr.dtype.element_ty),
+             mask=tile)
     out = (tl.program_id(1).to(tl.int64) * B + rows[:, None]) * G + gcol[None, :]
     tl.store(partial_ptr + out, losses, mask=row_ok[:, None] & (gcol < G)[None, :])
 
 
 @triton.jit
 def _backward_kernel(
-    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, cum_ptr,
-    gx_ptr, s_ptr, B, k, d, G,
+    resid_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, cum_ptr,
+    gx_ptr, s_ptr, partial_ptr, B, k, d, G,
     HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows, cols, row_ok, col_ok, tile, at, bias, r = _tile_start(x_ptr, bias_ptr, B, d, BLOCK_B,
-                                                                BLOCK_D)
-    for q in range(0, k):  # forward: r becomes the residual of all slots
-        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q)
-        live = row_ok & (v != 0.0)
-        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        r -= v[:, None] * w
+    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
+    r = (tl.load(resid_ptr + at, mask=tile, other=0.0).to(tl.float32)  # residual of all slots
+         + tl.load(resid_ptr + B * d + at, mask=tile, other=0.0).to(tl.float32))
 
     # D = S - grad_x_hat, S the suffix sum of scale_g r_g over the groups the walk has passed.
     if HAS_GXH:
@@ -168,8 +176,9 @@ def _backward_kernel(
     else:
         D = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in D
+    partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
     for q in range(0, k):  # backward: slots in reverse walk order
-        _, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
+        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
         group = tl.load(group_ptr + rows.to(tl.int64) * k + (k - 1 - q), mask=row_ok, other=G)
         # r is the residual of every group from this slot's up to the last one passed: their
         # scales sum to cum[passed] - cum[group] (zero within a group).
@@ -180,9 +189,8 @@ def _backward_kernel(
         tl.store(s_ptr + s_at, D.to(s_ptr.dtype.element_ty),
                  mask=first[:, None] & col_ok[None, :])
         passed = tl.minimum(passed, group)
-        live = row_ok & (v != 0.0)
-        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+        tl.store(partial + src, tl.sum(w * D, axis=1), mask=row_ok)
         r += v[:, None] * w
     D += tl.load(cum_ptr + passed)[:, None] * r
     if HAS_GXH:
@@ -256,10 +264,11 @@ def _checked_plan(
 def nested_prefix_loss_forward(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], and the residual of
+    all slots x - x_hat as resid [2, B, d] whose two halves sum to it, all in x's dtype.
 
-    Forward only: nested_prefix_loss_backward is its backward.
+    Forward only: nested_prefix_loss_backward is its backward, and starts from the residual.
     """
     idx, _, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
                                          prefix_weights)
@@ -270,28 +279,33 @@ def nested_prefix_loss_forward(
     block_b, block_d = _blocks()
     tiles = triton.cdiv(d, block_d)
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
+    resid = torch.empty(2, B, d, dtype=x.dtype, device=device)
     partial = torch.empty(tiles, B, G, dtype=torch.float32, device=device)
     _forward_kernel[(triton.cdiv(B, block_b), tiles)](
         x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
-        W_dec.contiguous(), x_hat, partial, B, k, d, G,
+        W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
         BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G), num_warps=_WARPS,
     )
     means = partial.double().sum(0).sum(0) / B
     weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
-    return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat
+    return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
 
 
 def nested_prefix_loss_backward(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, x: Tensor,
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-    prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
+    prefix_sizes: Sequence[int], prefix_weights: Sequence[float], resid: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of
-    nested_prefix_loss_forward's three outputs, given the upstream grad_loss [],
-    grad_prefix_losses [G] and grad_x_hat [B, d] (or None). The walk runs here; grad_W_dec
-    and grad_values come from the extension's latent_rows_sum_dots over S."""
+    """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of the loss,
+    prefix losses and x_hat of nested_prefix_loss_forward, given the upstream grad_loss [],
+    grad_prefix_losses [G] and grad_x_hat [B, d] (or None), and the forward's residual
+    resid [2, B, d]. The walk back through the slots runs here; grad_W_dec is the extension's
+    latent_rows_sum over S."""
     if grad_x_hat is not None and grad_x_hat.shape != x.shape:
         raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
+    if resid.shape != (2, *x.shape) or resid.dtype != x.dtype:
+        raise ValueError(f"resid must be the forward's [2, B, d_model] residual in x's dtype, got "
+                         f"{list(resid.shape)} {resid.dtype}")
     idx, sizes, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
                                              prefix_weights)
     B, d = x.shape
@@ -303,19 +317,21 @@ def nested_prefix_loss_backward(
              * (2.0 / max(B, 1)))  # no rows, no terms: B = 0 scales nothing
     cum = torch.cat([scale.new_zeros(1), scale.cumsum(0)]).float()  # cum[g] = sum of scale_<g
     block_b, block_d = _blocks()
+    tiles = triton.cdiv(d, block_d)
     grad_x = torch.empty(B, d, dtype=x.dtype, device=device)
     S = torch.empty(G * B, d, dtype=x.dtype, device=device)
+    partial = torch.empty(tiles, B, k, dtype=torch.float32, device=device)
     gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
-    _backward_kernel[(triton.cdiv(B, block_b), triton.cdiv(d, block_d))](
-        x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
-        W_dec.contiguous(), gxh, cum, grad_x, S, B, k, d, G,
+    _backward_kernel[(triton.cdiv(B, block_b), tiles)](
+        resid.contiguous(), values.contiguous(), idx, order, group,
+        W_dec.contiguous(), gxh, cum, grad_x, S, partial, B, k, d, G,
         HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_WARPS,
     )
+    grad_values = (-partial.sum(0)).to(x.dtype)
     # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
     slot_group = torch.bucketize(idx, sizes[:-1], right=True)
     src_rows = slot_group * B + torch.arange(B, device=device)[:, None]
-    grad_W_dec, dots = torch.ops.sparsecode_C.latent_rows_sum_dots(-values, idx, S, W_dec,
-                                                                  src_rows)
-    grad_values = (-dots).to(x.dtype)
+    grad_W_dec = torch.ops.sparsecode_C.latent_rows_sum(-values, idx, S, W_dec.shape[0],
+                                                        src_rows)
     grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
     return grad_x, grad_values, grad_W_dec, grad_b_dec

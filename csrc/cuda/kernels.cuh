@@ -86,9 +86,8 @@ inline int64_t rows_sum_dot_tiles(const T* src, const T* weights, const T* out, 
 // [n, d], also
 //   partial_dots[t, pair_ids[q]] = sum over the columns e of tile t of
 //                                  src[rows[q], e] * weights[i, e]   (q a pair of latent i)
-// for every pair, zero coefficients included. One read of each pair's src row serves both:
-// the decode backward (src = grad_out, weights = W_dec: grad_W_dec and grad_values) and the
-// nested loss backward (src = S: grad_W_dec and minus grad_values).
+// for every pair, zero coefficients included. One read of each pair's src row serves both
+// sums of the decode backward (src = grad_out, weights = W_dec: grad_W_dec and grad_values).
 template <typename T>
 cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                  const int64_t* pair_ids, const Acc<T>* coef, const T* src,

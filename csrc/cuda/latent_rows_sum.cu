@@ -11,7 +11,7 @@
 //   grad_W_dec (decode):   coef = values,     src = grad_out  [B, d],     rows = b
 //   grad_W_enc (encode):   coef = grad_pre,   src = x - b_dec [B, d],     rows = b, transposed
 //   grad_W_dec (nested):   coef = -values,    src = S         [G * B, d], rows = g * B + b
-//   with dots, weights = W_dec: the decode's grad_values, and minus the nested loss's.
+//   with dots, weights = W_dec: the decode's grad_values.
 // No atomics: each output element is summed by one lane in a fixed order, so the result is
 // bit-identical run to run, and latents without pairs get zero rows. Pairs whose coefficient
 // is zero are skipped, as on the CPU (accumulate_by_latent).
