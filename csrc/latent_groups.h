@@ -47,10 +47,11 @@ inline LatentGroups group_by_latent(const int64_t* indices, int64_t num_pairs, i
 }
 
 // Throws unless every index lies in [0, n): an out-of-range id would read or write outside
-// the weight matrices.
-inline void check_indices(const int64_t* indices, int64_t num_pairs, int64_t n) {
+// the weight matrices. `name` and `bound` name the tensor and n in the message.
+inline void check_indices(const int64_t* indices, int64_t num_pairs, int64_t n,
+                          const char* name = "indices", const char* bound = "d_sae") {
   for (int64_t p = 0; p < num_pairs; ++p) {
-    TORCH_CHECK(indices[p] >= 0 && indices[p] < n, "indices must lie in [0, d_sae=", n,
+    TORCH_CHECK(indices[p] >= 0 && indices[p] < n, name, " must lie in [0, ", bound, "=", n,
                 "), found ", indices[p], " at flat position ", p);
   }
 }

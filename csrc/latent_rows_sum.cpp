@@ -27,11 +27,8 @@ at::Tensor checked_src_rows(const std::optional<at::Tensor>& src_rows, int64_t s
     return at::Tensor();
   }
   const at::Tensor rows = src_rows->contiguous();
-  const int64_t* row = rows.const_data_ptr<int64_t>();
-  for (int64_t p = 0; p < rows.numel(); ++p) {
-    TORCH_CHECK(row[p] >= 0 && row[p] < src_rows_count, "src_rows must lie in [0, src's rows=",
-                src_rows_count, "), found ", row[p], " at flat position ", p);
-  }
+  check_indices(rows.const_data_ptr<int64_t>(), rows.numel(), src_rows_count, "src_rows",
+                "src's rows");
   return rows;
 }
 

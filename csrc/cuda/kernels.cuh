@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace sparsecode::cuda {
 
@@ -63,21 +64,23 @@ cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const A
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
                             Out* coef_sum, cudaStream_t stream);
 
-// latent_rows_sum_dots's vector width: the elements of 16 bytes of T when src, weights and out
-// are 16-byte aligned and d is a multiple of that, else 1. A block covers 32 * width columns.
-template <typename T>
-inline int rows_sum_vector_width(const T* src, const T* weights, const T* out, int64_t d) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(weights) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(out) % 16 == 0 && d % kVec == 0;
-  return aligned ? kVec : 1;
+// The vector width of the latent sums, whose lanes read elements of element_bytes: the elements
+// in 16 bytes when every one of `pointers` is 16-byte aligned and d is a multiple of that,
+// else 1. A block covers 32 * width columns.
+inline int rows_sum_vector_width(int64_t d, int64_t element_bytes,
+                                 std::initializer_list<const void*> pointers) {
+  const int64_t vec = 16 / element_bytes;
+  bool aligned = d % vec == 0;
+  for (const void* p : pointers) {
+    aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  }
+  return aligned ? static_cast<int>(vec) : 1;
 }
 
 // The column tiles of latent_rows_sum_dots's partial_dots: [rows_sum_dot_tiles(...), P].
 template <typename T>
 inline int64_t rows_sum_dot_tiles(const T* src, const T* weights, const T* out, int64_t d) {
-  const int64_t cols = 32 * rows_sum_vector_width(src, weights, out, d);
+  const int64_t cols = 32 * rows_sum_vector_width(d, sizeof(T), {src, weights, out});
   return (d + cols - 1) / cols;
 }
 

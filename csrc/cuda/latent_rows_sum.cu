@@ -261,10 +261,9 @@ template <typename Src, typename Out>
 cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
                             Out* coef_sum, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(Src);
-  if (aligned_to(src, 16) && aligned_to(out, 16) && d % kVec == 0) {
-    return launch_latent_rows_sum<Src, Out, kVec>(offsets, rows, coef, src, n, d, transposed,
-                                                  out, coef_sum, stream);
+  if (rows_sum_vector_width(d, sizeof(Src), {src, out}) > 1) {
+    return launch_latent_rows_sum<Src, Out, 16 / sizeof(Src)>(offsets, rows, coef, src, n, d,
+                                                              transposed, out, coef_sum, stream);
   }
   return launch_latent_rows_sum<Src, Out, 1>(offsets, rows, coef, src, n, d, transposed, out,
                                              coef_sum, stream);
@@ -275,7 +274,7 @@ cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                  const int64_t* pair_ids, const Acc<T>* coef, const T* src,
                                  const T* weights, int64_t n, int64_t d, int64_t num_pairs,
                                  T* out, Acc<T>* partial_dots, cudaStream_t stream) {
-  if (rows_sum_vector_width(src, weights, out, d) > 1) {
+  if (rows_sum_vector_width(d, sizeof(T), {src, weights, out}) > 1) {
     return launch_latent_rows_sum_dots<T, 16 / sizeof(T)>(offsets, rows, pair_ids, coef, src,
                                                           weights, n, d, num_pairs, out,
                                                           partial_dots, stream);
