@@ -72,12 +72,19 @@ SWEEP = [
     {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
      "select_halves": True},
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
+     "overlap": True},
 ]
 # The same kernel loading the x' and W_enc tiles through tensor descriptors (TMA) instead of
-# masked pointers, its tiles folded into the top k whole or by column halves (the default since
-# 2026-11-27, unmeasured when made: fewer selection instructions in the SASS); swept last
+# masked pointers, its tiles folded into the top k whole, by column halves (the default since
+# 2026-11-27, unmeasured when made: fewer selection instructions in the SASS) or during the next
+# tile's d loop (overlap, first: the newest and least measured); swept last
 # (test_encode_tma_sweep), so that a fault there cannot spoil the other measurements of the run.
 TMA_SWEEP = [
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
+     "tma": True, "overlap": True},
+    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
+     "tma": True, "overlap": True},
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
      "tma": True, "select_halves": False},
     {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,

@@ -33,6 +33,9 @@ SHAPES = [
 ]
 DTYPES = [torch.float32, torch.float16]
 GRAD_PATHS = ["extension", "torch"]
+# How the encode folds its tiles into the running top k (EncodeConfig fields): whole tiles after
+# their d loop, by column halves, or during the next tile's d loop.
+FOLDS = {"whole": {}, "halves": {"select_halves": True}, "overlap": {"overlap": True}}
 
 
 @pytest.fixture(params=GRAD_PATHS)
@@ -78,12 +81,13 @@ def test_encode_without_grad_x(B, d, n, k, grad_path, seed):
         assert_close(g, ref, TOLERANCE[torch.float32], f"grad {name}")
 
 
-@pytest.mark.parametrize("select_halves", [False, True])
+@pytest.mark.parametrize("fold", FOLDS)
 @pytest.mark.parametrize("splits", [1, 3, 8])
-def test_encode_result_does_not_depend_on_the_column_split(splits, select_halves, seed):
-    x, W_enc, b_enc, b_dec = make_inputs(5, 32, 130, torch.float32)
+def test_encode_result_does_not_depend_on_the_column_split(splits, fold, seed):
+    # d = 130: nine d steps per tile, so that the overlapped fold can finish a tile in its loop.
+    x, W_enc, b_enc, b_dec = make_inputs(5, 130, 130, torch.float32)
     config = EncodeConfig(block_b=16, block_n=16, block_d=16, splits=splits, num_warps=1,
-                          select_halves=select_halves)
+                          **FOLDS[fold])
     values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
     ref_values, ref_indices = reference.topk_encode(*(t.double() for t in (x, W_enc, b_enc, b_dec)), 8)
     assert torch.equal(indices, ref_indices)
@@ -119,16 +123,17 @@ needs_interpreted_descriptors = pytest.mark.skipif(
 
 
 @needs_interpreted_descriptors
+@pytest.mark.parametrize("fold", ["halves", "overlap"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,k", itertools.product([5], [32, 40], [64, 136], [1, 3]))
-def test_encode_with_tensor_descriptors_matches_reference(B, d, n, k, dtype, seed):
-    """The TMA load path, with the tile folded in by column halves as on Hopper: row, column
-    and d tails past the tensors' edges (B < block_b, n and d not multiples of the tiles) are
-    zero-filled like the masked loads, so the result is the masked whole-tile path's, bit for
-    bit, and matches the reference."""
+def test_encode_with_tensor_descriptors_matches_reference(B, d, n, k, dtype, fold, seed):
+    """The TMA load path, with the tile folded in by column halves (the Hopper default) or
+    during the next tile's d loop: row, column and d tails past the tensors' edges (B <
+    block_b, n and d not multiples of the tiles) are zero-filled like the masked loads, so the
+    result is the masked whole-tile path's, bit for bit, and matches the reference."""
     inputs = make_inputs(B, d, n, dtype)
     values, indices = topk_encode_forward(
-        *inputs, k, EncodeConfig(**_TMA_TILES, tma=True, select_halves=True))
+        *inputs, k, EncodeConfig(**_TMA_TILES, tma=True, **FOLDS[fold]))
     assert values.dtype == dtype
     check_topk_selection(inputs, indices, k, slack=1e-5 if dtype == torch.float32 else 1e-2)
     ref_values = reference_at([t.double() for t in inputs], indices)
@@ -156,19 +161,19 @@ def test_encode_with_tensor_descriptors_rejects_misaligned_inputs(seed):
                        topk_encode_forward(x, W_enc, b_enc, b_dec, 1, masked)[1])
 
 
-@pytest.mark.parametrize("select_halves", [False, True])
+@pytest.mark.parametrize("fold", FOLDS)
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_encode_exact_ties_keep_the_lowest_ids(k, select_halves, seed):
+def test_encode_exact_ties_keep_the_lowest_ids(k, fold, seed):
     """Small-integer inputs make every pre-activation an exact integer, so rows are full of
     exact ties; the kernel keeps the lower latent id among equals, whatever the split and
-    whether a tile is folded in whole or by column halves."""
+    however a tile is folded in (whole, by column halves, during the next tile's d loop)."""
     B, d, n = 5, 16, 130
     x = torch.randint(-3, 4, (B, d)).float()
     W_enc = torch.randint(-2, 3, (d, n)).float()
     b_enc = torch.randint(-2, 3, (n,)).float()
     b_dec = torch.randint(-1, 2, (d,)).float()
     config = EncodeConfig(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1,
-                          select_halves=select_halves)
+                          **FOLDS[fold])
     values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, k, config)
     pre = (x - b_dec) @ W_enc + b_enc
     lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]

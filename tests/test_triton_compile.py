@@ -5,7 +5,8 @@ a kernel that would fail to compile on a GPU fails here. Each kernel is compiled
 its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode with k padded
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
 tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
-halves (as the GPU benchmark's sweep runs them); its range merge at the widths it takes; the
+halves and with 128-column tiles folded in during the next tile's d loop (as the GPU
+benchmark's sweep runs them); its range merge at the widths it takes; the
 nested loss's plan, forward and backward. The two architectures compile in parallel child
 processes.
 
@@ -43,22 +44,29 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     block_b, block_d = sparse_decode._blocks()
     for name, t in TRITON_DTYPES.items():
         dtype = getattr(torch, name)
-        variants = [topk_encode.default_tiles(dtype, tma)
-                    for tma in ((False, True) if arch >= 90 and name != "float32" else (False,))]
-        if name == "bfloat16":  # the benchmark's sweep also folds the pointer tiles by halves
-            variants.append(dataclasses.replace(variants[0], select_halves=True))
-        for tiles in variants:
+        tma_options = (False, True) if arch >= 90 and name != "float32" else (False,)
+        pads = (1, 64, 256) if name == "bfloat16" else (1, 64)
+        variants = [(topk_encode.default_tiles(dtype, tma), pads) for tma in tma_options]
+        if name == "bfloat16":
+            # The benchmark's sweep also folds the pointer tiles by halves, and 128-column tiles
+            # (pointer and TMA loads) during the next tile's d loop.
+            pointer = variants[0][0]
+            variants.append((dataclasses.replace(pointer, select_halves=True), pads))
+            variants += [(dataclasses.replace(pointer, block_n=128, tma=tma, overlap=True), (64,))
+                         for tma in tma_options]
+        for tiles, k_pads in variants:
             tma = tiles.tma
-            for k_pad in (1, 64, 256) if name == "bfloat16" else (1, 64):
+            for k_pad in k_pads:
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
-                    f"K_PAD={k_pad}", topk_encode._encode_kernel,
+                    f"overlap={tiles.overlap} K_PAD={k_pad}", topk_encode._encode_kernel,
                     {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "B": "i32", "d": "i32",
                      "n": "i32", "k": "i32", "tiles_per_split": "i32"},
                     {"BLOCK_B": tiles.block_b, "BLOCK_N": tiles.block_n,
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
-                     "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1},
+                     "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1,
+                     "OVERLAP": tiles.overlap},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         found.append((

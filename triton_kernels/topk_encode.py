@@ -21,6 +21,15 @@ cost fewer scanned columns than the whole tile's (simulated on random rows at k 
 the halves are a reshape of the accumulator that leaves every element in its thread; under the
 Ampere and float32 layouts it would move data, so those tiles fold whole.
 
+Overlap (EncodeConfig(overlap=True), whole tiles; tried by the GPU benchmark's sweep, not yet
+measured). A tile's insertion steps run inside the next tile's d loop, at most one per d step,
+after that step's MMA is issued: on Hopper the MMA is asynchronous (Triton's pipeliner waits for
+the previous d step's MMA only), so the selection's ALU work runs while the tensor cores work.
+What the d loop's steps leave of the tile is folded in after it, before the new tile takes its
+place, so the tiles still fold in column order and the result is the same. The previous tile
+is held in registers beside the accumulator: at 128 x 128 tiles (8 warps) ptxas for sm_90 uses
+255 registers and spills 224 bytes, all outside the d loop.
+
 Merge. Each program writes its range's top k as candidates [B, splits, k]; _merge_kernel keeps
 each row's k best of the splits*k candidates (the lower id among equal values, so the result
 does not depend on `splits`) and sorts them by id: one program per row counts, for each
@@ -66,12 +75,15 @@ class EncodeConfig:
     num_stages: int = 3
     tma: bool = False  # load the x' and W_enc tiles through tensor descriptors (TMA)
     select_halves: bool = False  # fold each tile into the top k one column half at a time
+    overlap: bool = False  # fold each tile in during the next tile's d loop (see the docstring)
 
     def __post_init__(self) -> None:
         for name in ("block_b", "block_n", "block_d"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.overlap and self.select_halves:
+            raise ValueError("overlap folds whole tiles: it cannot be combined with select_halves")
         if self.splits is not None and self.splits < 1:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
 
@@ -106,23 +118,34 @@ def default_tiles(dtype: torch.dtype, tma: bool) -> EncodeConfig:
 
 
 @triton.jit
-def _insert_tile(pre, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr):
-    """Folds pre [rows, WIDTH] (columns c0 ...) into the running top-k top_v / top_i [rows, K_PAD]
-    with threshold thr [rows] (each row's smallest kept value); returns the three updated."""
+def _insert_step(cand, best, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr):
+    """One insertion step of the tile cand [rows, WIDTH] (columns c0 ...; best [rows] its row
+    maxima) into the running top-k top_v / top_i [rows, K_PAD] with threshold thr [rows] (each
+    row's smallest kept value): every row whose best is above thr moves it (the lowest column
+    among equals) into the slot of its smallest kept entry (the highest column among equals).
+    Returns cand (with each row's best taken out), best, top_v, top_i and thr, updated."""
     pos = tl.arange(0, WIDTH)
-    cand = pre
+    take = best > thr
+    best_pos = tl.min(tl.where(cand == best[:, None], pos[None, :], WIDTH), axis=1)
+    evict = tl.max(tl.where(top_v == thr[:, None], top_i, -K_PAD - 1), axis=1)
+    replace = (top_i == evict[:, None]) & take[:, None]
+    top_v = tl.where(replace, best[:, None], top_v)
+    top_i = tl.where(replace, (c0 + best_pos)[:, None], top_i)
+    thr = tl.min(top_v, axis=1)
+    # A row that did not take still drops its best: it is at or below thr, which only rises.
+    # Entries at or below thr stay in cand: best > thr fails for them.
+    cand = tl.where(pos[None, :] != best_pos[:, None], cand, float("-inf"))
     best = tl.max(cand, axis=1)
+    return cand, best, top_v, top_i, thr
+
+
+@triton.jit
+def _insert_tile(cand, best, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr):
+    """Folds all of cand [rows, WIDTH] (row maxima best) into the running top-k: insertion steps
+    while some row has an entry above its threshold; returns top_v, top_i and thr."""
     while tl.max((best > thr).to(tl.int32), axis=0) > 0:
-        take = best > thr
-        best_pos = tl.min(tl.where(cand == best[:, None], pos[None, :], WIDTH), axis=1)
-        evict = tl.max(tl.where(top_v == thr[:, None], top_i, -K_PAD - 1), axis=1)
-        replace = (top_i == evict[:, None]) & take[:, None]
-        top_v = tl.where(replace, best[:, None], top_v)
-        top_i = tl.where(replace, (c0 + best_pos)[:, None], top_i)
-        thr = tl.min(top_v, axis=1)
-        # Entries at or below thr stay in cand: best > thr fails for them, and thr only rises.
-        cand = tl.where(pos[None, :] != best_pos[:, None], cand, float("-inf"))
-        best = tl.max(cand, axis=1)
+        cand, best, top_v, top_i, thr = _insert_step(cand, best, c0, top_v, top_i, thr,
+                                                      WIDTH, K_PAD)
     return top_v, top_i, thr
 
 
@@ -132,7 +155,7 @@ def _encode_kernel(
     B, d, n, k, tiles_per_split,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    SELECT_SPLIT: tl.constexpr,
+    SELECT_SPLIT: tl.constexpr, OVERLAP: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -151,6 +174,10 @@ def _encode_kernel(
     top_v = tl.zeros([BLOCK_B, K_PAD], tl.float32) + tl.where(slot < k, float("-inf"), float("inf"))[None, :]
     top_i = tl.zeros([BLOCK_B, K_PAD], tl.int32) - 1 - slot[None, :]
     thr = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    if OVERLAP:  # the previous tile's entries not yet folded in (none before the first tile)
+        prev = tl.full([BLOCK_B, BLOCK_N], float("-inf"), tl.float32)
+        prev_best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        prev_c0 = col_begin
     for t in range(0, tiles_per_split):
         c0 = col_begin + t * BLOCK_N
         cols = c0 + pos
@@ -168,6 +195,12 @@ def _encode_kernel(
                 w = tl.load(w_ptr + dd[:, None].to(tl.int64) * n + cols[None, :],
                             mask=d_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            if OVERLAP:
+                # At most one step of the previous tile per d step, issued while this tile's
+                # asynchronous MMA runs; the rest after the d loop.
+                if tl.max((prev_best > thr).to(tl.int32), axis=0) > 0:
+                    prev, prev_best, top_v, top_i, thr = _insert_step(
+                        prev, prev_best, prev_c0, top_v, top_i, thr, BLOCK_N, K_PAD)
         bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :], float("-inf"))
 
@@ -176,11 +209,23 @@ def _encode_kernel(
             # steps in all: a step scans half the columns, and the slowest row of a half sets
             # the number of steps for that half only).
             lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, BLOCK_N // 2]), [0, 2, 1]))
-            top_v, top_i, thr = _insert_tile(lo, c0, top_v, top_i, thr, BLOCK_N // 2, K_PAD)
-            top_v, top_i, thr = _insert_tile(hi, c0 + BLOCK_N // 2, top_v, top_i, thr,
+            top_v, top_i, thr = _insert_tile(lo, tl.max(lo, axis=1), c0, top_v, top_i, thr,
                                              BLOCK_N // 2, K_PAD)
+            top_v, top_i, thr = _insert_tile(hi, tl.max(hi, axis=1), c0 + BLOCK_N // 2,
+                                             top_v, top_i, thr, BLOCK_N // 2, K_PAD)
+        elif OVERLAP:
+            # What the d loop's steps left of the previous tile, then this tile waits its turn.
+            top_v, top_i, thr = _insert_tile(prev, prev_best, prev_c0, top_v, top_i, thr,
+                                             BLOCK_N, K_PAD)
+            prev = pre
+            prev_best = tl.max(pre, axis=1)
+            prev_c0 = c0
         else:
-            top_v, top_i, thr = _insert_tile(pre, c0, top_v, top_i, thr, BLOCK_N, K_PAD)
+            top_v, top_i, thr = _insert_tile(pre, tl.max(pre, axis=1), c0, top_v, top_i, thr,
+                                             BLOCK_N, K_PAD)
+    if OVERLAP:
+        top_v, top_i, thr = _insert_tile(prev, prev_best, prev_c0, top_v, top_i, thr,
+                                         BLOCK_N, K_PAD)
 
     out = (rows[:, None].to(tl.int64) * splits + pid_s) * k + slot[None, :]
     keep = row_ok[:, None] & (slot[None, :] < k)
@@ -315,7 +360,7 @@ def topk_encode_forward(
         B, d, n, k, cols_per_split // config.block_n,
         BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         K_PAD=triton.next_power_of_2(k), INPUT_PRECISION="tf32" if tf32 else "ieee",
-        TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1,
+        TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1, OVERLAP=config.overlap,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     width = splits * k
