@@ -78,10 +78,14 @@ SWEEP = [
 # The same kernel loading the x' and W_enc tiles through tensor descriptors (TMA) instead of
 # masked pointers, its tiles folded into the top k whole, by column halves (the default since
 # 2026-11-27, unmeasured when made: fewer selection instructions in the SASS) or during the next
-# tile's d loop (overlap, first: the newest and least measured; with block_d = 128 a d step's MMA
-# takes about as long as an insertion step, so more of the step can hide behind it); swept last
+# tile's d loop (overlap: the newest and least measured; with block_d = 128 a d step's MMA takes
+# about as long as an insertion step, so more of the step can hide behind it). First the default
+# tiles with keys=False (ranking the float values, as before 2026-11-27: against the default
+# encode's row, the keys' effect), then the overlapped folds; swept last
 # (test_encode_tma_sweep), so that a fault there cannot spoil the other measurements of the run.
 TMA_SWEEP = [
+    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
+     "tma": True, "select_halves": True, "keys": False},
     {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
      "tma": True, "overlap": True},
     {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,

@@ -94,6 +94,23 @@ def test_encode_result_does_not_depend_on_the_column_split(splits, fold, seed):
     assert_close(values, ref_values, TOLERANCE[torch.float32], "values")
 
 
+@pytest.mark.parametrize("fold", FOLDS)
+@pytest.mark.parametrize("splits", [3, 8])
+def test_encode_16_bit_result_does_not_depend_on_the_split_or_fold(splits, fold, seed):
+    """16-bit inputs rank by keys (the values' top 24 bits, then the column): the same values
+    and indices bit for bit whatever the split and fold, and a top k of the pre-activations."""
+    inputs = make_inputs(5, 130, 130, torch.float16)
+    tiles = dict(block_b=16, block_n=16, block_d=16, num_warps=1)
+    values, indices = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, splits=splits,
+                                                                   **FOLDS[fold]))
+    one_range = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, splits=1))
+    assert torch.equal(indices, one_range[1])
+    assert torch.equal(values, one_range[0])
+    check_topk_selection(inputs, indices, 8, slack=1e-2)
+    assert_close(values, reference_at([t.double() for t in inputs], indices),
+                 TOLERANCE[torch.float16], "values")
+
+
 @pytest.mark.parametrize("splits", [1, 8])
 def test_encode_merge_of_wide_candidate_lists_matches(splits, monkeypatch, seed):
     """Candidate lists wider than MERGE_WIDTH merge with torch ops instead of _merge_kernel
@@ -161,12 +178,14 @@ def test_encode_with_tensor_descriptors_rejects_misaligned_inputs(seed):
                        topk_encode_forward(x, W_enc, b_enc, b_dec, 1, masked)[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fold", FOLDS)
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_encode_exact_ties_keep_the_lowest_ids(k, fold, seed):
+def test_encode_exact_ties_keep_the_lowest_ids(k, fold, dtype, seed):
     """Small-integer inputs make every pre-activation an exact integer, so rows are full of
-    exact ties; the kernel keeps the lower latent id among equals, whatever the split and
-    however a tile is folded in (whole, by column halves, during the next tile's d loop)."""
+    exact ties; the kernel keeps the lower latent id among equals, whatever the split, however
+    a tile is folded in (whole, by column halves, during the next tile's d loop), and whether it
+    ranks values (float32) or keys (16-bit inputs), and the values are exact."""
     B, d, n = 5, 16, 130
     x = torch.randint(-3, 4, (B, d)).float()
     W_enc = torch.randint(-2, 3, (d, n)).float()
@@ -174,11 +193,12 @@ def test_encode_exact_ties_keep_the_lowest_ids(k, fold, seed):
     b_dec = torch.randint(-1, 2, (d,)).float()
     config = EncodeConfig(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1,
                           **FOLDS[fold])
-    values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, k, config)
+    values, indices = topk_encode_forward(*(t.to(dtype) for t in (x, W_enc, b_enc, b_dec)), k,
+                                          config)
     pre = (x - b_dec) @ W_enc + b_enc
     lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(indices, lowest_first.sort(1).values)
-    assert_close(values, torch.relu(pre.gather(1, indices)), 0.0, "values")
+    assert torch.equal(values.float(), torch.relu(pre.gather(1, indices))), "values not exact"
 
 
 def test_encode_all_negative_preactivations_give_zero_values(seed):

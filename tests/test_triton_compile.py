@@ -66,7 +66,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                     {"BLOCK_B": tiles.block_b, "BLOCK_N": tiles.block_n,
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
                      "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1,
-                     "OVERLAP": tiles.overlap},
+                     "OVERLAP": tiles.overlap, "KEYED": topk_encode._keyed(dtype, tiles)},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         found.append((
