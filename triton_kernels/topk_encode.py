@@ -191,6 +191,15 @@ def _insert_tile(cand, best, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: 
 
 
 @triton.jit
+def _fold_tile(pre, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr,
+               KEYED: tl.constexpr):
+    """Folds all of pre [rows, WIDTH] (columns c0 ...) into the running top-k; returns top_v,
+    top_i and thr."""
+    cand = _fold_input(pre, WIDTH, KEYED)
+    return _insert_tile(cand, tl.max(cand, axis=1), c0, top_v, top_i, thr, WIDTH, K_PAD, KEYED)
+
+
+@triton.jit
 def _encode_kernel(
     xc_ptr, w_ptr, b_ptr, cand_v_ptr, cand_i_ptr,
     B, d, n, k, tiles_per_split,
@@ -253,12 +262,10 @@ def _encode_kernel(
             # steps in all: a step scans half the columns, and the slowest row of a half sets
             # the number of steps for that half only).
             lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, BLOCK_N // 2]), [0, 2, 1]))
-            lo = _fold_input(lo, BLOCK_N // 2, KEYED)
-            hi = _fold_input(hi, BLOCK_N // 2, KEYED)
-            top_v, top_i, thr = _insert_tile(lo, tl.max(lo, axis=1), c0, top_v, top_i, thr,
-                                             BLOCK_N // 2, K_PAD, KEYED)
-            top_v, top_i, thr = _insert_tile(hi, tl.max(hi, axis=1), c0 + BLOCK_N // 2,
-                                             top_v, top_i, thr, BLOCK_N // 2, K_PAD, KEYED)
+            top_v, top_i, thr = _fold_tile(lo, c0, top_v, top_i, thr, BLOCK_N // 2, K_PAD,
+                                           KEYED)
+            top_v, top_i, thr = _fold_tile(hi, c0 + BLOCK_N // 2, top_v, top_i, thr,
+                                           BLOCK_N // 2, K_PAD, KEYED)
         elif OVERLAP:
             # What the d loop's steps left of the previous tile, then this tile waits its turn.
             top_v, top_i, thr = _insert_tile(prev, prev_best, prev_c0, top_v, top_i, thr,
@@ -267,9 +274,7 @@ def _encode_kernel(
             prev_best = tl.max(prev, axis=1)
             prev_c0 = c0
         else:
-            cand = _fold_input(pre, BLOCK_N, KEYED)
-            top_v, top_i, thr = _insert_tile(cand, tl.max(cand, axis=1), c0, top_v, top_i, thr,
-                                             BLOCK_N, K_PAD, KEYED)
+            top_v, top_i, thr = _fold_tile(pre, c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED)
     if OVERLAP:
         top_v, top_i, thr = _insert_tile(prev, prev_best, prev_c0, top_v, top_i, thr,
                                          BLOCK_N, K_PAD, KEYED)
