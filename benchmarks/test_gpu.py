@@ -65,15 +65,16 @@ NESTED = "nested_prefix_loss fwd+bwd: auto"
 DECODE_AUTO = "decode fwd+bwd: auto"
 
 # The encode tiles tried by the sweep: fields of sparsecode.triton_kernels.topk_encode.EncodeConfig
-# (the best masked-pointer tiles of a wider sweep recorded in benchmarks/RESULTS.md).
+# (the best masked-pointer tiles of a wider sweep recorded in benchmarks/RESULTS.md), each the
+# base tiles with some fields changed.
+TILES = {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8,
+         "num_stages": 3}
 SWEEP = [
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3},
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "select_halves": True},
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4},
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "overlap": True},
+    TILES,
+    {**TILES, "num_stages": 4},
+    {**TILES, "num_stages": 4, "select_halves": True},
+    {**TILES, "block_n": 256, "num_stages": 4},
+    {**TILES, "num_stages": 4, "overlap": True},
 ]
 # The same kernel loading the x' and W_enc tiles through tensor descriptors (TMA) instead of
 # masked pointers, its tiles folded into the top k whole, by column halves (the default since
@@ -83,27 +84,18 @@ SWEEP = [
 # tiles with keys=False (ranking the float values, as before 2026-11-27: against the default
 # encode's row, the keys' effect), then the overlapped folds; swept last
 # (test_encode_tma_sweep), so that a fault there cannot spoil the other measurements of the run.
+TMA_TILES = {**TILES, "block_n": 256, "tma": True}
 TMA_SWEEP = [
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
-     "tma": True, "select_halves": True, "keys": False},
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
-     "tma": True, "overlap": True},
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "tma": True, "overlap": True},
-    {"block_b": 64, "block_n": 256, "block_d": 64, "splits": 1, "num_warps": 8, "num_stages": 3,
-     "tma": True, "overlap": True},
-    {"block_b": 128, "block_n": 128, "block_d": 128, "splits": 2, "num_warps": 8, "num_stages": 2,
-     "tma": True, "overlap": True},
-    {"block_b": 128, "block_n": 128, "block_d": 128, "splits": 2, "num_warps": 8, "num_stages": 3,
-     "tma": True, "overlap": True},
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
-     "tma": True, "select_halves": False},
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 3,
-     "tma": True, "select_halves": True},
-    {"block_b": 128, "block_n": 256, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "tma": True, "select_halves": True},
-    {"block_b": 128, "block_n": 128, "block_d": 64, "splits": 2, "num_warps": 8, "num_stages": 4,
-     "tma": True, "select_halves": True},
+    {**TMA_TILES, "select_halves": True, "keys": False},
+    {**TMA_TILES, "block_n": 128, "overlap": True},
+    {**TMA_TILES, "block_n": 128, "num_stages": 4, "overlap": True},
+    {**TMA_TILES, "block_b": 64, "splits": 1, "overlap": True},
+    {**TMA_TILES, "block_n": 128, "block_d": 128, "num_stages": 2, "overlap": True},
+    {**TMA_TILES, "block_n": 128, "block_d": 128, "overlap": True},
+    {**TMA_TILES, "select_halves": False},
+    {**TMA_TILES, "select_halves": True},
+    {**TMA_TILES, "num_stages": 4, "select_halves": True},
+    {**TMA_TILES, "block_n": 128, "num_stages": 4, "select_halves": True},
 ]
 
 
