@@ -1,4 +1,5 @@
-"""Shared test helpers: fresh random seeds, a relative-error assert, poisoned outputs."""
+"""Shared test helpers: fresh random seeds, a relative-error assert, poisoned outputs, exact
+ties for the TopK encode."""
 
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "
     assert torch.isfinite(out).all(), f"{name}: contains NaN/Inf"
     err = rel_error(out, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def exact_tie_inputs(B: int, d: int, n: int, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu") -> list[torch.Tensor]:
+    """x [B, d], W_enc [d, n], b_enc [n], b_dec [d] of small integers: every pre-activation is
+    an exact integer whatever order a GEMM sums in, so rows are full of exact ties."""
+    return [torch.randint(-3, 4, (B, d)).to(device, dtype),
+            torch.randint(-2, 3, (d, n)).to(device, dtype),
+            torch.randint(-2, 3, (n,)).to(device, dtype),
+            torch.randint(-1, 2, (d,)).to(device, dtype)]
+
+
+def lowest_ids_first(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """indices [B, k], ascending, of each row's k largest entries of pre [B, n], the lower id
+    first among equals."""
+    return torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k].sort(1).values
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import torch
 
 from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
-from tests.conftest import TOLERANCE, assert_close
+from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs
 from tests.test_latent_rows_sum import grouped_reference
 
 pytestmark = [
@@ -282,11 +282,8 @@ def test_nested_most_groups(d, seed):
 def test_exact_ties_keep_the_lower_latent(seed):
     """Integer inputs make every pre-activation an exact integer: rows full of ties. Like the
     cpp kernel, the lower latent id wins among equals."""
-    B, d, n, k = 9, 16, 40, 8
-    x = torch.randint(-3, 4, (B, d)).float()
-    W_enc = torch.randint(-2, 3, (d, n)).float()
-    b_enc = torch.randint(-2, 3, (n,)).float()
-    b_dec = torch.randint(-1, 2, (d,)).float()
+    k = 8
+    x, W_enc, b_enc, b_dec = exact_tie_inputs(9, 16, 40)
     cpu_values, cpu_indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="cpp")
     with poisoned():
         values, indices = ops.topk_encode(

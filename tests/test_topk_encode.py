@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsecode import ops, reference
-from tests.conftest import TOLERANCE, assert_close
+from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 
 SHAPES = [
     (B, d, n, k)
@@ -104,18 +104,12 @@ def test_exact_ties(k, dtype, seed):
     """Small-integer inputs make every pre-activation an exact integer, so rows are full of
     exact ties whatever order the GEMM sums in. The kernel must keep the lower latent id among
     equals; the reference (torch.topk) may not, so against it compare the selected values."""
-    B, d, n = 9, 16, 40
-    x = torch.randint(-3, 4, (B, d)).to(dtype)
-    W_enc = torch.randint(-2, 3, (d, n)).to(dtype)
-    b_enc = torch.randint(-2, 3, (n,)).to(dtype)
-    b_dec = torch.randint(-1, 2, (d,)).to(dtype)
+    x, W_enc, b_enc, b_dec = exact_tie_inputs(9, 16, 40, dtype)
     values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="cpp")
     ref_values, ref_indices = reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     assert_close(values.sort(1).values, ref_values.sort(1).values, 0.0, "selected values")
 
-    pre = (x - b_dec) @ W_enc + b_enc
-    lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
-    assert torch.equal(indices, lowest_first.sort(1).values)
+    assert torch.equal(indices, lowest_ids_first((x - b_dec) @ W_enc + b_enc, k))
 
 
 def test_all_negative_preactivations_give_zero_values(seed):

@@ -20,7 +20,8 @@ from sparsecode import ops, reference, sparse_grad  # noqa: E402
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode  # noqa: E402
 from sparsecode.backends import BackendUnavailableError, resolve_backend  # noqa: E402
 from sparsecode.triton_kernels.topk_encode import EncodeConfig, topk_encode_forward  # noqa: E402
-from tests.conftest import TOLERANCE, assert_close  # noqa: E402
+from tests.conftest import (TOLERANCE, assert_close, exact_tie_inputs,  # noqa: E402
+                            lowest_ids_first)
 from tests import test_nested_prefix_loss as nested_tests  # noqa: E402
 from tests.test_topk_encode import check_topk_selection, make_inputs, reference_at  # noqa: E402
 
@@ -186,18 +187,13 @@ def test_encode_exact_ties_keep_the_lowest_ids(k, fold, dtype, seed):
     exact ties; the kernel keeps the lower latent id among equals, whatever the split, however
     a tile is folded in (whole, by column halves, during the next tile's d loop), and whether it
     ranks values (float32) or keys (16-bit inputs), and the values are exact."""
-    B, d, n = 5, 16, 130
-    x = torch.randint(-3, 4, (B, d)).float()
-    W_enc = torch.randint(-2, 3, (d, n)).float()
-    b_enc = torch.randint(-2, 3, (n,)).float()
-    b_dec = torch.randint(-1, 2, (d,)).float()
+    x, W_enc, b_enc, b_dec = exact_tie_inputs(5, 16, 130)
     config = EncodeConfig(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1,
                           **FOLDS[fold])
     values, indices = topk_encode_forward(*(t.to(dtype) for t in (x, W_enc, b_enc, b_dec)), k,
                                           config)
     pre = (x - b_dec) @ W_enc + b_enc
-    lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
-    assert torch.equal(indices, lowest_first.sort(1).values)
+    assert torch.equal(indices, lowest_ids_first(pre, k))
     assert torch.equal(values.float(), torch.relu(pre.gather(1, indices))), "values not exact"
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from sparsecode.triton_kernels.topk_encode import EncodeConfig, topk_encode_forward
-from tests.conftest import TOLERANCE, assert_close
+from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
 
 pytestmark = [
@@ -180,6 +180,16 @@ def check_nested(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_de
                             backward=lambda: poisoned_memory(poison_backward), label="nested ")
 
 
+def check_exact_ties(inputs: list[Tensor], values: Tensor, indices: Tensor, k: int) -> Tensor:
+    """The code (values, indices [B, k]) of exact_tie_inputs keeps the lower latent id among
+    equals and exact values; returns the float64 pre-activations [B, n]."""
+    x, W_enc, b_enc, b_dec = (t.double() for t in inputs)
+    pre = (x - b_dec) @ W_enc + b_enc
+    assert torch.equal(indices, lowest_ids_first(pre, k)), "ties not broken by lower id"
+    assert torch.equal(values.double(), torch.relu(pre.gather(1, indices))), "values not exact"
+    return pre
+
+
 @pytest.fixture(autouse=True)
 def release_gpu_memory() -> Iterator[None]:
     """Hands the cached blocks of a test's large float64 references back between tests."""
@@ -219,20 +229,12 @@ def test_exact_ties_bf16(k: int, seed: int) -> None:
     """Small-integer inputs make every pre-activation an exact integer in bfloat16 with float32
     accumulation, so rows are full of exact ties: the values must be exact, the kernel must keep
     the lower latent id among equals, and the reconstruction must match."""
-    B, d, n = 9, 16, 40
-    dtype = torch.bfloat16
-    x = torch.randint(-3, 4, (B, d), device=DEVICE).to(dtype)
-    W_enc = torch.randint(-2, 3, (d, n), device=DEVICE).to(dtype)
-    b_enc = torch.randint(-2, 3, (n,), device=DEVICE).to(dtype)
-    b_dec = torch.randint(-1, 2, (d,), device=DEVICE).to(dtype)
+    d, n, dtype = 16, 40, torch.bfloat16
+    inputs = exact_tie_inputs(9, d, n, dtype, DEVICE)
     with poisoned_memory():
-        values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="triton")
-
-    pre = (x.double() - b_dec.double()) @ W_enc.double() + b_enc.double()
+        values, indices = ops.topk_encode(*inputs, k, backend="triton")
+    pre = check_exact_ties(inputs, values, indices, k)
     check_selection(pre, indices, k, slack=0.0)
-    lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
-    assert torch.equal(indices, lowest_first.sort(1).values), "ties not broken by lower id"
-    assert torch.equal(values.double(), torch.relu(pre.gather(1, indices))), "values not exact"
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
 
 
@@ -288,12 +290,5 @@ def test_overlapped_fold_bf16(tma: bool, seed: int) -> None:
     assert_close(values, torch.relu(pre.gather(1, indices)), TOLERANCE[dtype], "values")
     del pre
 
-    B, d, n = 9, 16, 400
-    ties = [torch.randint(-3, 4, (B, d)), torch.randint(-2, 3, (d, n)),
-            torch.randint(-2, 3, (n,)), torch.randint(-1, 2, (d,))]
-    x, W_enc, b_enc, b_dec = (t.to(DEVICE, dtype) for t in ties)
-    values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, 8, config)
-    pre = (x.double() - b_dec.double()) @ W_enc.double() + b_enc.double()
-    lowest_first = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :8]
-    assert torch.equal(indices, lowest_first.sort(1).values), "ties not broken by lower id"
-    assert torch.equal(values.double(), torch.relu(pre.gather(1, indices))), "values not exact"
+    inputs = exact_tie_inputs(9, 16, 400, dtype, DEVICE)
+    check_exact_ties(inputs, *topk_encode_forward(*inputs, 8, config), 8)
