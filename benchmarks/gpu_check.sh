@@ -6,7 +6,7 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench|profile]
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
-# Files written to $OUT: env.txt, build.log, gpu_tests.log, gpu_errors.log, gpu_bench.log,
+# Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was needed), gpu_tests.log, gpu_errors.log, gpu_bench.log,
 # gpu_results.md, gpu_profile.log.
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
 # TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds), and no stage runs past TOTAL_TIMEOUT seconds from the
@@ -71,11 +71,55 @@ run_stage() {
   echo "ninja $(ninja --version)"
 } 2>&1 | tee "$OUT/env.txt"
 
+BUILD=("$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . -Ccmake.define.SPARSECODE_CUDA=ON)
+
+# extension_ok LOG: whether the built extension links the shared libstdc++ and raises (rather
+# than crashing) on an argument check whose message formats a number; output appended to LOG.
+extension_ok() {
+  "$PYTHON" -m pytest tests/test_extension_build.py -q -rfE -p no:cacheprovider >>"$1" 2>&1
+}
+
+# link_report LOG: how the compiler driver links a shared object, and what the extension needs.
+link_report() {
+  {
+    echo "== CXX=${CXX:-unset} CC=${CC:-unset} CUDAHOSTCXX=${CUDAHOSTCXX:-unset}"
+    local cxx=${CXX:-g++}
+    file "$(command -v "$cxx")" 2>&1
+    if file "$(command -v "$cxx")" | grep -q text; then head -c 3000 "$(command -v "$cxx")"; fi
+    echo "== $cxx -### -shared"
+    "$cxx" -### -shared -x c++ /dev/null -o /tmp/probe.so 2>&1 | tail -n 3
+    local so
+    so=$("$PYTHON" -c "import sparsecode._C as m; print(m.__file__)" 2>&1)
+    echo "== $so"
+    readelf -d "$so" | grep -E "NEEDED|RUNPATH|RPATH"
+    echo "locale symbols defined in it: $(nm -C --defined-only "$so" 2>/dev/null | grep -c 'std::locale')"
+    ls -l /usr/bin/g++* /usr/bin/gcc* 2>&1
+  } >>"$1" 2>&1
+}
+
 if [[ "$STAGE" == all || "$STAGE" == build ]]; then
-  run_stage build "$BUILD_TIMEOUT" "$OUT/build.log" \
-    "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . \
-    -Ccmake.define.SPARSECODE_CUDA=ON \
-    || tail -n 40 "$OUT/build.log"
+  run_stage build "$BUILD_TIMEOUT" "$OUT/build.log" "${BUILD[@]}" || tail -n 40 "$OUT/build.log"
+  if ! extension_ok "$OUT/build.log"; then
+    # The image's CXX once put a private libstdc++ into the extension, which crashed every error
+    # message that formatted a number (see tests/test_extension_build.py). Report how it links,
+    # then rebuild with the system's own g++.
+    echo "== the extension fails tests/test_extension_build.py; link report in $OUT/build.log"
+    link_report "$OUT/build.log"
+    if [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]]; then
+      rm -rf build
+      CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++ \
+        run_stage "build (system g++)" "$BUILD_TIMEOUT" "$OUT/build_system_gxx.log" "${BUILD[@]}" \
+        || tail -n 40 "$OUT/build_system_gxx.log"
+      CXX=/usr/bin/g++ link_report "$OUT/build_system_gxx.log"
+      if extension_ok "$OUT/build_system_gxx.log"; then
+        echo "== rebuilt with /usr/bin/g++: the extension passes tests/test_extension_build.py"
+      else
+        echo "== still failing with /usr/bin/g++"
+      fi
+      tail -n 25 "$OUT/build_system_gxx.log"
+    fi
+  fi
+  tail -n 25 "$OUT/build.log"
 fi
 
 echo "== sparsecode.backends()"

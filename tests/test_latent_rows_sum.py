@@ -66,7 +66,7 @@ def grouped_reference(coef: torch.Tensor, indices: torch.Tensor, src: torch.Tens
                       src_rows: torch.Tensor, d_sae: int) -> torch.Tensor:
     """out[i] = sum over (b, j) with indices[b, j] == i of coef[b, j] * src[src_rows[b, j]]."""
     terms = coef.reshape(-1, 1).double() * src.double()[src_rows.reshape(-1)]
-    return torch.zeros(d_sae, src.shape[1], dtype=torch.float64).index_add_(
+    return torch.zeros(d_sae, src.shape[1], dtype=torch.float64, device=src.device).index_add_(
         0, indices.reshape(-1), terms)
 
 

@@ -242,6 +242,23 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):
                                          TOLERANCE[dtype])
 
 
+def test_nested_loss_grad_x_keeps_its_bits_under_a_large_grad_x_hat(seed):
+    """grad_x (the loss's gradient alone: x_hat does not depend on x) stays within float32's
+    tolerance when the upstream grad_x_hat is a thousand times larger; adding grad_x_hat back to
+    S = grad_x - grad_x_hat lost about 1e-4 of it (seen at B=8192 on an H100)."""
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
+        64, 33, 40, 5, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    loss, _, x_hat = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
+                                                   leaves[3], sizes, weights, backend="triton")
+    grad_x_hat = torch.randn_like(x_hat) * 1e3
+    grad_x, = torch.autograd.grad((loss, x_hat), leaves[0], (torch.ones(()), grad_x_hat))
+    x64, values64, W64, b64 = (t.detach().double().requires_grad_() for t in leaves)
+    ref_loss, _ = reference.nested_prefix_loss(x64, values64, indices, W64, b64, sizes, weights)
+    ref_grad_x, = torch.autograd.grad(ref_loss, x64)
+    assert_close(grad_x, ref_grad_x, TOLERANCE[torch.float32], "grad x")
+
+
 def test_nested_loss_of_an_empty_batch_matches_cpp(seed):
     """B = 0: the same outputs and gradients as the extension (a nan loss, zero gradients)."""
     problem = nested_tests.make_problem(1, 7, 40, 3, torch.float32)

@@ -170,12 +170,13 @@ def _backward_kernel(
     r = (tl.load(resid_ptr + at, mask=tile, other=0.0).to(tl.float32)  # residual of all slots
          + tl.load(resid_ptr + B * d + at, mask=tile, other=0.0).to(tl.float32))
 
-    # D = S - grad_x_hat, S the suffix sum of scale_g r_g over the groups the walk has passed.
+    # A is the suffix sum of scale_g r_g over the groups the walk has passed, and S = A -
+    # grad_x_hat. grad_x is A at the end, kept apart from grad_x_hat: an upstream grad_x_hat
+    # nearly cancels the loss's own gradient in S, and adding it back lost grad_x's low bits.
+    A = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     if HAS_GXH:
-        D = -tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
-    else:
-        D = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in D
+        gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in A
     partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
     for q in range(0, k):  # backward: slots in reverse walk order
         src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
@@ -183,19 +184,20 @@ def _backward_kernel(
         # r is the residual of every group from this slot's up to the last one passed: their
         # scales sum to cum[passed] - cum[group] (zero within a group).
         entering = tl.load(cum_ptr + passed) - tl.load(cum_ptr + group)
-        D += entering[:, None] * r
-        first = row_ok & (group < passed)  # the row's first slot of this group: D is its S
+        A += entering[:, None] * r
+        S = A
+        if HAS_GXH:
+            S = A - gxh
+        first = row_ok & (group < passed)  # the row's first slot of this group: S is its S
         s_at = (group[:, None].to(tl.int64) * B + rows[:, None]) * d + cols[None, :]
-        tl.store(s_ptr + s_at, D.to(s_ptr.dtype.element_ty),
+        tl.store(s_ptr + s_at, S.to(s_ptr.dtype.element_ty),
                  mask=first[:, None] & col_ok[None, :])
         passed = tl.minimum(passed, group)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        tl.store(partial + src, tl.sum(w * D, axis=1), mask=row_ok)
+        tl.store(partial + src, tl.sum(w * S, axis=1), mask=row_ok)
         r += v[:, None] * w
-    D += tl.load(cum_ptr + passed)[:, None] * r
-    if HAS_GXH:
-        D += tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
-    tl.store(gx_ptr + at, D.to(gx_ptr.dtype.element_ty), mask=tile)
+    A += tl.load(cum_ptr + passed)[:, None] * r
+    tl.store(gx_ptr + at, A.to(gx_ptr.dtype.element_ty), mask=tile)
 
 
 def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,

@@ -122,7 +122,7 @@ def default_tiles(dtype: torch.dtype, tma: bool) -> EncodeConfig:
     if dtype == torch.float32:
         return EncodeConfig(block_b=128, block_n=128, block_d=32, num_warps=8, num_stages=3)
     if tma:
-        return EncodeConfig(block_b=128, block_n=256, block_d=64, num_warps=8, num_stages=3,
+        return EncodeConfig(block_b=128, block_n=256, block_d=64, num_warps=8, num_stages=4,
                             tma=True, select_halves=True)
     return EncodeConfig(block_b=128, block_n=128, block_d=64, num_warps=8, num_stages=3)
 
