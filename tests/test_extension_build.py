@@ -1,9 +1,10 @@
 """How the C++ extension is linked: against the process's shared libstdc++, never a private copy.
 
-A compiler driver that links libstdc++ statically (the GPU image's /opt/gcc g++ wrapper does)
-used to put a second libstdc++ into sparsecode._C. Its locale facets clashed with those of the
-libstdc++ that torch loads, and every error message of ours that formatted a number crashed the
-process. CMakeLists.txt now links the shared library by name; this checks the built extension.
+A compiler whose own library folders hold only libstdc++.a (the GPU image's /opt/gcc g++
+wrapper: even -lstdc++ linked the archive) used to put a second libstdc++ into sparsecode._C.
+Its locale facets clashed with those of the libstdc++ that torch loads, and every error message
+of ours that formatted a number crashed the process. CMakeLists.txt now links the compiler's
+libstdc++.so.6 by its path; this checks the built extension.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ SHAPES = [
 ]
 DTYPES = [torch.float32, torch.float16]
 GRAD_PATHS = ["extension", "torch"]
-# How the encode folds its tiles into the running top k (EncodeConfig fields): whole tiles after
-# their d loop, by column halves, or during the next tile's d loop.
-FOLDS = {"whole": {}, "halves": {"select_halves": True}, "overlap": {"overlap": True}}
+# How the encode folds its tiles into the running top k (EncodeConfig fields): whole tiles or
+# by column halves.
+FOLDS = {"whole": {}, "halves": {"select_halves": True}}
 
 
 @pytest.fixture(params=GRAD_PATHS)
@@ -85,7 +85,6 @@ def test_encode_without_grad_x(B, d, n, k, grad_path, seed):
 @pytest.mark.parametrize("fold", FOLDS)
 @pytest.mark.parametrize("splits", [1, 3, 8])
 def test_encode_result_does_not_depend_on_the_column_split(splits, fold, seed):
-    # d = 130: nine d steps per tile, so that the overlapped fold can finish a tile in its loop.
     x, W_enc, b_enc, b_dec = make_inputs(5, 130, 130, torch.float32)
     config = EncodeConfig(block_b=16, block_n=16, block_d=16, splits=splits, num_warps=1,
                           **FOLDS[fold])
@@ -141,17 +140,16 @@ needs_interpreted_descriptors = pytest.mark.skipif(
 
 
 @needs_interpreted_descriptors
-@pytest.mark.parametrize("fold", ["halves", "overlap"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,k", itertools.product([5], [32, 40], [64, 136], [1, 3]))
-def test_encode_with_tensor_descriptors_matches_reference(B, d, n, k, dtype, fold, seed):
-    """The TMA load path, with the tile folded in by column halves (the Hopper default) or
-    during the next tile's d loop: row, column and d tails past the tensors' edges (B <
-    block_b, n and d not multiples of the tiles) are zero-filled like the masked loads, so the
-    result is the masked whole-tile path's, bit for bit, and matches the reference."""
+def test_encode_with_tensor_descriptors_matches_reference(B, d, n, k, dtype, seed):
+    """The TMA load path, with the tile folded in by column halves (the Hopper default): row,
+    column and d tails past the tensors' edges (B < block_b, n and d not multiples of the
+    tiles) are zero-filled like the masked loads, so the result is the masked whole-tile
+    path's, bit for bit, and matches the reference."""
     inputs = make_inputs(B, d, n, dtype)
     values, indices = topk_encode_forward(
-        *inputs, k, EncodeConfig(**_TMA_TILES, tma=True, **FOLDS[fold]))
+        *inputs, k, EncodeConfig(**_TMA_TILES, tma=True, select_halves=True))
     assert values.dtype == dtype
     check_topk_selection(inputs, indices, k, slack=1e-5 if dtype == torch.float32 else 1e-2)
     ref_values = reference_at([t.double() for t in inputs], indices)

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
-from sparsecode.triton_kernels.topk_encode import EncodeConfig, topk_encode_forward
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
 
@@ -268,27 +267,3 @@ def test_compiled_training_step_matches_eager(seed: int) -> None:
             opt.step()
     for (param, p_compiled), p_eager in zip(compiled.named_parameters(), eager.parameters()):
         assert_close(p_compiled, p_eager, tol, f"parameter {param} after two steps")
-
-
-@pytest.mark.parametrize("tma", [False, True], ids=["pointer loads", "tensor descriptors"])
-def test_overlapped_fold_bf16(tma: bool, seed: int) -> None:
-    """EncodeConfig(overlap=True), which the GPU benchmark's sweep times (each tile folded into
-    the top k during the next tile's d loop): a top k with the reference's values at the
-    benchmarks' size, and the lowest ids among exact ties, in bfloat16."""
-    if tma and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("tensor-descriptor loads need a Hopper or newer GPU")
-    config = EncodeConfig(block_b=128, block_n=128, block_d=64, splits=2, num_warps=8,
-                          num_stages=3, tma=tma, overlap=True)
-    d, n, k = ISSUE_SIZE
-    dtype = torch.bfloat16
-    inputs = make_encoder(REAL_BATCH, d, n, dtype)
-    with poisoned_memory():
-        values, indices = topk_encode_forward(*inputs, k, config)
-    x, W_enc, b_enc, b_dec = (t.double() for t in inputs)
-    pre = (x - b_dec) @ W_enc + b_enc
-    check_selection(pre, indices, k, selection_slack(dtype))
-    assert_close(values, torch.relu(pre.gather(1, indices)), TOLERANCE[dtype], "values")
-    del pre
-
-    inputs = exact_tie_inputs(9, 16, 400, dtype, DEVICE)
-    check_exact_ties(inputs, *topk_encode_forward(*inputs, 8, config), 8)

@@ -21,15 +21,6 @@ cost fewer scanned columns than the whole tile's (simulated on random rows at k 
 the halves are a reshape of the accumulator that leaves every element in its thread; under the
 Ampere and float32 layouts it would move data, so those tiles fold whole.
 
-Overlap (EncodeConfig(overlap=True), whole tiles; tried by the GPU benchmark's sweep, not yet
-measured). A tile's insertion steps run inside the next tile's d loop, at most one per d step,
-after that step's MMA is issued: on Hopper the MMA is asynchronous (Triton's pipeliner waits for
-the previous d step's MMA only), so the selection's ALU work runs while the tensor cores work.
-What the d loop's steps leave of the tile is folded in after it, before the new tile takes its
-place, so the tiles still fold in column order and the result is the same. The previous tile
-is held in registers beside the accumulator: at 128 x 128 tiles (8 warps, bf16) ptxas for
-sm_90 uses 255 registers and no local memory.
-
 Keys (16-bit inputs). The insertion step scans int32 keys instead of the float32 values: the
 value's bits made monotone, with the low 8 bits replaced by 255 - column. A row's keys are
 distinct, so the best key gives the column by its low bits and is taken out by equality, which
@@ -84,7 +75,6 @@ class EncodeConfig:
     num_stages: int = 3
     tma: bool = False  # load the x' and W_enc tiles through tensor descriptors (TMA)
     select_halves: bool = False  # fold each tile into the top k one column half at a time
-    overlap: bool = False  # fold each tile in during the next tile's d loop (see the docstring)
     keys: bool = True  # 16-bit inputs: rank by int32 keys (see the docstring), not by values
 
     def __post_init__(self) -> None:
@@ -92,8 +82,6 @@ class EncodeConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.overlap and self.select_halves:
-            raise ValueError("overlap folds whole tiles: it cannot be combined with select_halves")
         if self.splits is not None and self.splits < 1:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
 
@@ -180,23 +168,16 @@ def _insert_step(cand, best, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: 
 
 
 @triton.jit
-def _insert_tile(cand, best, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr,
-                 KEYED: tl.constexpr):
-    """Folds all of cand [rows, WIDTH] (row maxima best) into the running top-k: insertion steps
+def _fold_tile(pre, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr,
+               KEYED: tl.constexpr):
+    """Folds all of pre [rows, WIDTH] (columns c0 ...) into the running top-k: insertion steps
     while some row has an entry above its threshold; returns top_v, top_i and thr."""
+    cand = _fold_input(pre, WIDTH, KEYED)
+    best = tl.max(cand, axis=1)
     while tl.max((best > thr).to(tl.int32), axis=0) > 0:
         cand, best, top_v, top_i, thr = _insert_step(cand, best, c0, top_v, top_i, thr,
                                                       WIDTH, K_PAD, KEYED)
     return top_v, top_i, thr
-
-
-@triton.jit
-def _fold_tile(pre, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.constexpr,
-               KEYED: tl.constexpr):
-    """Folds all of pre [rows, WIDTH] (columns c0 ...) into the running top-k; returns top_v,
-    top_i and thr."""
-    cand = _fold_input(pre, WIDTH, KEYED)
-    return _insert_tile(cand, tl.max(cand, axis=1), c0, top_v, top_i, thr, WIDTH, K_PAD, KEYED)
 
 
 @triton.jit
@@ -205,7 +186,7 @@ def _encode_kernel(
     B, d, n, k, tiles_per_split,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    SELECT_SPLIT: tl.constexpr, OVERLAP: tl.constexpr, KEYED: tl.constexpr,
+    SELECT_SPLIT: tl.constexpr, KEYED: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -226,11 +207,6 @@ def _encode_kernel(
     if KEYED:
         top_v = _ordered_bits(top_v) | 255
     thr = tl.min(top_v, axis=1)
-    if OVERLAP:  # the previous tile's entries not yet folded in (none before the first tile)
-        prev = _fold_input(tl.full([BLOCK_B, BLOCK_N], float("-inf"), tl.float32), BLOCK_N,
-                           KEYED)
-        prev_best = tl.max(prev, axis=1)
-        prev_c0 = col_begin
     for t in range(0, tiles_per_split):
         c0 = col_begin + t * BLOCK_N
         cols = c0 + pos
@@ -248,12 +224,6 @@ def _encode_kernel(
                 w = tl.load(w_ptr + dd[:, None].to(tl.int64) * n + cols[None, :],
                             mask=d_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            if OVERLAP:
-                # At most one step of the previous tile per d step, issued while this tile's
-                # asynchronous MMA runs; the rest after the d loop.
-                if tl.max((prev_best > thr).to(tl.int32), axis=0) > 0:
-                    prev, prev_best, top_v, top_i, thr = _insert_step(
-                        prev, prev_best, prev_c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED)
         bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :], float("-inf"))
 
@@ -266,18 +236,8 @@ def _encode_kernel(
                                            KEYED)
             top_v, top_i, thr = _fold_tile(hi, c0 + BLOCK_N // 2, top_v, top_i, thr,
                                            BLOCK_N // 2, K_PAD, KEYED)
-        elif OVERLAP:
-            # What the d loop's steps left of the previous tile, then this tile waits its turn.
-            top_v, top_i, thr = _insert_tile(prev, prev_best, prev_c0, top_v, top_i, thr,
-                                             BLOCK_N, K_PAD, KEYED)
-            prev = _fold_input(pre, BLOCK_N, KEYED)
-            prev_best = tl.max(prev, axis=1)
-            prev_c0 = c0
         else:
             top_v, top_i, thr = _fold_tile(pre, c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED)
-    if OVERLAP:
-        top_v, top_i, thr = _insert_tile(prev, prev_best, prev_c0, top_v, top_i, thr,
-                                         BLOCK_N, K_PAD, KEYED)
     if KEYED:  # the kept values, their low 8 bits set (within 2^-15 of pre, relative)
         top_v = _ordered_bits(top_v).to(tl.float32, bitcast=True)
 
@@ -422,7 +382,7 @@ def topk_encode_forward(
         B, d, n, k, cols_per_split // config.block_n,
         BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         K_PAD=triton.next_power_of_2(k), INPUT_PRECISION="tf32" if tf32 else "ieee",
-        TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1, OVERLAP=config.overlap,
+        TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1,
         KEYED=_keyed(x.dtype, config),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
