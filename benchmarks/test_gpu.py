@@ -78,8 +78,10 @@ SWEEP = [
 # The same kernel loading the x' and W_enc tiles through tensor descriptors (TMA) instead of
 # masked pointers, its tiles folded into the top k whole or by column halves (the default).
 # First the default tiles with keys=False (ranking the float values: against the default
-# encode's row, the keys' effect; 5.37 against 4.97 ms on an H100, 2026-11-27); swept last
-# (test_encode_tma_sweep), so that a fault there cannot spoil the other measurements of the run.
+# encode's row, the keys' effect; at 3 stages 5.37 against 5.16 ms on an H100, 2026-11-27);
+# last, three ranges per row block and 128-deep d steps (96 KB of tiles per stage), not yet
+# run. Swept last (test_encode_tma_sweep), so that a fault there cannot spoil the other
+# measurements of the run.
 TMA_TILES = {**TILES, "block_n": 256, "tma": True}
 TMA_SWEEP = [
     {**TMA_TILES, "num_stages": 4, "select_halves": True, "keys": False},
@@ -87,6 +89,8 @@ TMA_SWEEP = [
     {**TMA_TILES, "select_halves": True},
     {**TMA_TILES, "num_stages": 4, "select_halves": True},
     {**TMA_TILES, "block_n": 128, "num_stages": 4, "select_halves": True},
+    {**TMA_TILES, "splits": 3, "num_stages": 4, "select_halves": True},
+    {**TMA_TILES, "block_d": 128, "num_stages": 2, "select_halves": True},
 ]
 
 
