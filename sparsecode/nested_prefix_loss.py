@@ -13,7 +13,9 @@ the triton backend's residual x - x_hat as [2, B, d] in x's dtype, two parts who
 backend runs the forward and the backward as Triton walks of gathered decoder rows (float32,
 bfloat16 and float16; triton_kernels/nested_prefix_loss.py), with the extension's per-latent
 sum for grad_W_dec; where the extension has no kernels for the device, the whole op runs as
-the reference.
+the reference. ``auto`` on CUDA tensors picks ``cuda`` before ``triton`` for this op: on an
+H100 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27) the CUDA kernels' forward
+and backward took 4.87 ms against the Triton walks' 5.33 ms.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
@@ -28,6 +30,8 @@ from sparsecode import reference
 from sparsecode.backends import compiled_kernels, kernels, resolve_backend
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# For backend="auto" on CUDA tensors: the faster of the two there first (see the docstring).
+_GPU_ORDER = ("cuda", "triton")
 
 
 def _walks_in_triton(x: Tensor, backend: str) -> bool:
@@ -141,7 +145,7 @@ def nested_prefix_loss_and_decode(
 
     Differentiable in x, values, W_dec and b_dec (through all three outputs).
     """
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, _GPU_ORDER)
     sizes = [int(m) for m in prefix_sizes]
     weights = [float(w) for w in prefix_weights]
     if name == "reference" or (name == "triton" and compiled_kernels(x.device) is None):
@@ -169,7 +173,7 @@ def nested_prefix_loss(
 
     Differentiable in x, values, W_dec and b_dec.
     """
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, _GPU_ORDER)
     if name == "reference" or (name == "triton" and compiled_kernels(x.device) is None):
         return reference.nested_prefix_loss(
             x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights

@@ -88,3 +88,22 @@ def test_package_works_without_the_extension():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_auto_on_cuda_takes_the_ops_order_and_the_environment_wins(monkeypatch):
+    """On CUDA tensors, auto picks the first available backend of the op's gpu_order; the
+    environment override still names the backend outright."""
+    cuda = torch.device("cuda")
+    available = {"triton", "cuda"}
+    # sparsecode.backends is also the name of a function, so patch the module's namespace.
+    monkeypatch.setitem(resolve_backend.__globals__, "_missing",
+                        lambda name: None if name in available | {"reference"} else "absent")
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "cuda"
+    available.discard("cuda")
+    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "triton"
+    available.clear()
+    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "reference"
+    available.update({"triton", "cuda"})
+    monkeypatch.setenv("SPARSECODE_BACKEND", "triton")
+    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "triton"
