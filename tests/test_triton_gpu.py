@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sparsecode import MatryoshkaSAE, ops, reference
+from sparsecode.optim import MasterWeightAdam
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
@@ -235,6 +236,39 @@ def test_exact_ties_bf16(k: int, seed: int) -> None:
     pre = check_exact_ties(inputs, values, indices, k)
     check_selection(pre, indices, k, slack=0.0)
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
+
+
+@pytest.mark.parametrize("nested_backend", ["triton", "cuda"])
+def test_training_step_ops_do_not_synchronise(nested_backend: str, seed: int) -> None:
+    """The ops of a Matryoshka training step (Triton encode, the nested loss with its decode on
+    either backend, their backward, MasterWeightAdam's step) never make the host wait for the
+    GPU, so the host can queue a step while the GPU runs the last: torch's sync debug mode
+    raises on a synchronising call (a copy from pageable memory, .item(), a host-side check).
+    The module's input check is left out: its finite check is one synchronisation by design."""
+    d_model, d_sae, k, batch = 256, 4096, 32, 2048
+    sae = MatryoshkaSAE(d_model, d_sae, k, [512, 1024, 2048, 4096], backend="triton",
+                        device=DEVICE, dtype=torch.bfloat16)
+    opt = MasterWeightAdam(sae.parameters(), lr=1e-3)
+    x = torch.randn(batch, d_model, device=DEVICE, dtype=torch.bfloat16)
+
+    def step() -> None:
+        opt.zero_grad()
+        values, indices = ops.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k,
+                                          backend="triton")
+        loss, _, _ = nested_prefix_loss_and_decode(x, values, indices, sae.W_dec, sae.b_dec,
+                                                   sae.prefix_sizes, sae.prefix_weights,
+                                                   backend=nested_backend)
+        loss.backward()
+        opt.step()
+
+    step()  # compiles the kernels and warms the allocators
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 def test_compiled_training_step_matches_eager(seed: int) -> None:

@@ -243,6 +243,16 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
                         "indices must lie in [0, d_sae)")
 
 
+def _on_device(numbers: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """numbers as a [len(numbers)] tensor on device, without waiting for the GPU: a copy from
+    pageable memory synchronises the stream (every Matryoshka step runs this op), so CUDA
+    tensors come from pinned memory, copied without blocking."""
+    host = torch.tensor(list(numbers), dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _checked_plan(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
@@ -253,7 +263,7 @@ def _checked_plan(
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     B, k = indices.shape
     idx = indices.contiguous()
-    sizes = torch.tensor(list(prefix_sizes), dtype=torch.int64, device=x.device)
+    sizes = _on_device(prefix_sizes, torch.int64, x.device)
     order = torch.empty(B, k, dtype=torch.int32, device=x.device)
     group = torch.empty(B, k, dtype=torch.int32, device=x.device)
     k_pad = triton.next_power_of_2(max(k, 1))
@@ -289,7 +299,7 @@ def nested_prefix_loss_forward(
         BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G), num_warps=_WARPS,
     )
     means = partial.double().sum(0).sum(0) / B
-    weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
+    weights = _on_device(prefix_weights, torch.float64, device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
 
 
@@ -314,7 +324,7 @@ def nested_prefix_loss_backward(
     k = values.shape[1]
     G = len(prefix_sizes)
     device = x.device
-    weights = torch.tensor(list(prefix_weights), dtype=torch.float64, device=device)
+    weights = _on_device(prefix_weights, torch.float64, device)
     scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
              * (2.0 / max(B, 1)))  # no rows, no terms: B = 0 scales nothing
     cum = torch.cat([scale.new_zeros(1), scale.cumsum(0)]).float()  # cum[g] = sum of scale_<g

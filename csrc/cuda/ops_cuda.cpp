@@ -386,11 +386,13 @@ struct NestedProblem {
   at::Tensor weights;       // [G] float64 on the device
 };
 
-// In the backward (`backward`) the index range is asserted on the device, not checked.
+// Nothing here waits for the GPU, since the op runs inside every Matryoshka training step: the
+// index range is asserted on the device (as the Triton walks do), and the weights go to the
+// device from pinned memory without blocking (a pageable copy synchronises the stream).
 NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
                              const at::Tensor& indices, const at::Tensor& W_dec,
                              const at::Tensor& b_dec, at::IntArrayRef sizes,
-                             at::ArrayRef<double> weights, bool backward) {
+                             at::ArrayRef<double> weights) {
   check_nested_args(x, values, indices, W_dec, b_dec, sizes, weights,
                     op_device({x, values, W_dec, b_dec}));
   NestedProblem p{x.size(0),          values.size(1),        W_dec.size(0),
@@ -401,11 +403,7 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(p.G <= kernels::kMaxGroups, "the cuda backend supports at most ",
               kernels::kMaxGroups, " prefix sizes, got ", p.G,
               "; merge prefixes or use the cpp backend");
-  if (backward) {
-    assert_index_range(p.indices, p.n);
-  } else {
-    check_index_range(p.indices, p.n);
-  }
+  assert_index_range(p.indices, p.n);
 
   kernels::PrefixSizes prefix{};
   prefix.count = static_cast<int>(p.G);
@@ -417,7 +415,8 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
                                            c10::cuda::getCurrentCUDAStream()));
   p.weights = at::tensor(std::vector<double>(weights.begin(), weights.end()),
                          at::TensorOptions().dtype(at::kDouble))
-                  .to(x.device());
+                  .pin_memory()
+                  .to(x.device(), at::kDouble, /*non_blocking=*/true);
   return p;
 }
 
@@ -427,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     at::ArrayRef<double> prefix_weights) {
   const c10::cuda::CUDAGuard guard(x.device());
   const NestedProblem p =
-      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, false);
+      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
   at::Tensor x_hat = at::empty({p.B, p.d}, x.options());
   at::Tensor partial = at::empty({kernels::num_col_tiles(p.d), p.B, p.G},
                                  x.options().dtype(acc_dtype(x.scalar_type())));
@@ -452,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
   const c10::cuda::CUDAGuard guard(x.device());
   const NestedProblem p =
-      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, true);
+      prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
   check_nested_grads(grad_loss, grad_prefix_losses, grad_x_hat, x, p.G, x.device());
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
   at::Tensor g_hat;
