@@ -6,8 +6,8 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench|profile]
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
-# Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was needed), gpu_tests.log, gpu_errors.log, gpu_bench.log,
-# gpu_results.md, gpu_profile.log.
+# Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was
+# needed), gpu_tests.log, gpu_errors.log, gpu_bench.log, gpu_results.md, gpu_profile.log.
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
 # TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds), and no stage runs past TOTAL_TIMEOUT seconds from the
 # start, so that the whole script ends inside one 10-minute call.

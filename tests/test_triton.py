@@ -182,9 +182,9 @@ def test_encode_with_tensor_descriptors_rejects_misaligned_inputs(seed):
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_encode_exact_ties_keep_the_lowest_ids(k, fold, dtype, seed):
     """Small-integer inputs make every pre-activation an exact integer, so rows are full of
-    exact ties; the kernel keeps the lower latent id among equals, whatever the split, however
-    a tile is folded in (whole, by column halves, during the next tile's d loop), and whether it
-    ranks values (float32) or keys (16-bit inputs), and the values are exact."""
+    exact ties; the kernel keeps the lower latent id among equals, whatever the split, whether a
+    tile is folded in whole or by column halves, and whether it ranks values (float32) or keys
+    (16-bit inputs), and the values are exact."""
     x, W_enc, b_enc, b_dec = exact_tie_inputs(5, 16, 130)
     config = EncodeConfig(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1,
                           **FOLDS[fold])

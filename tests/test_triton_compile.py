@@ -5,8 +5,7 @@ a kernel that would fail to compile on a GPU fails here. Each kernel is compiled
 its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode with k padded
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
 tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
-halves and with 128-column tiles folded in during the next tile's d loop (as the GPU
-benchmark's sweep runs them); its range merge at the widths it takes; the
+halves (as the GPU benchmark's sweep runs them); its range merge at the widths it takes; the
 nested loss's plan, forward and backward. The two architectures compile in parallel child
 processes.
 
@@ -45,15 +44,12 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     for name, t in TRITON_DTYPES.items():
         dtype = getattr(torch, name)
         tma_options = (False, True) if arch >= 90 and name != "float32" else (False,)
-        pads = (1, 64, 256) if name == "bfloat16" else (1, 64)
-        variants = [(topk_encode.default_tiles(dtype, tma), pads) for tma in tma_options]
-        if name == "bfloat16":
-            # The benchmark's sweep also folds the pointer tiles by halves.
-            pointer = variants[0][0]
-            variants.append((dataclasses.replace(pointer, select_halves=True), pads))
-        for tiles, k_pads in variants:
+        variants = [topk_encode.default_tiles(dtype, tma) for tma in tma_options]
+        if name == "bfloat16":  # the benchmark's sweep also folds the pointer tiles by halves
+            variants.append(dataclasses.replace(variants[0], select_halves=True))
+        for tiles in variants:
             tma = tiles.tma
-            for k_pad in k_pads:
+            for k_pad in (1, 64, 256) if name == "bfloat16" else (1, 64):
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
                     f"K_PAD={k_pad}", topk_encode._encode_kernel,
