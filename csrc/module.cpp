@@ -17,11 +17,12 @@ TORCH_LIBRARY(sparsecode_C, m) {
   m.def("sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("nested_prefix_loss_forward(Tensor x, Tensor values, Tensor indices, Tensor W_dec,"
-        " Tensor b_dec, int[] prefix_sizes, float[] prefix_weights) -> (Tensor, Tensor, Tensor)");
+        " Tensor b_dec, int[] prefix_sizes, float[] prefix_weights)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("nested_prefix_loss_backward(Tensor grad_loss, Tensor grad_prefix_losses,"
         " Tensor? grad_x_hat, Tensor x,"
         " Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec, int[] prefix_sizes,"
-        " float[] prefix_weights) -> (Tensor, Tensor, Tensor, Tensor)");
+        " float[] prefix_weights, Tensor resid) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("latent_rows_sum(Tensor coef, Tensor indices, Tensor src, int d_sae,"
         " Tensor? src_rows=None) -> Tensor");
   m.def("latent_rows_sum_dots(Tensor coef, Tensor indices, Tensor src, Tensor weights,"

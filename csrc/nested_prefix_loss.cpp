@@ -4,7 +4,9 @@
 //   r_g[b]            = x[b] - b_dec - sum_{j : indices[b, j] < m_g} values[b, j] W_dec[indices[b, j]]
 //   prefix_losses[g]  = mean_b ||r_g[b]||^2,   loss = sum_g w_g prefix_losses[g].
 // x [B, d], values/indices [B, k], W_dec [n, d], b_dec [d]
-//   -> loss [], prefix_losses [G], x_hat [B, d] (the full reconstruction, a by-product).
+//   -> loss [], prefix_losses [G], x_hat [B, d] (the full reconstruction, a by-product), and
+//      an empty [2, 0, d] where the CUDA forward returns its final residual (the schema's
+//      resid): the backward here walks again instead.
 //
 // Forward: one walk over each row's slots in ascending index order accumulates the
 // reconstruction (one multiply-add per slot and element); the residual is formed at each group
@@ -111,7 +113,7 @@ void walk_row(const scalar_t* x, const scalar_t* b_dec, const scalar_t* values,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
     at::ArrayRef<double> prefix_weights) {
@@ -152,14 +154,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     loss += prefix_weights[g] * means[g];
   }
   return {at::scalar_tensor(loss, x.options()),
-          at::tensor(means, x.options().dtype(at::kDouble)).to(x.scalar_type()), x_hat};
+          at::tensor(means, x.options().dtype(at::kDouble)).to(x.scalar_type()), x_hat,
+          at::empty({2, 0, p.d}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
     const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
-    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
+    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights,
+    const at::Tensor& /*resid: empty, the walk below recomputes the residuals*/) {
   const Problem p = prepare(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
   check_nested_grads(grad_loss, grad_prefix_losses, grad_x_hat, x, p.G, at::Device(at::kCPU));
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();

@@ -67,18 +67,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec);
 
-// Returns (loss [], prefix_losses [G], x_hat [B, d]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
+// Returns (loss [], prefix_losses [G], x_hat [B, d], resid). resid is what the backward needs
+// from the forward: the CUDA kernels' final residual x - x_hat as [2, B, d] in x's dtype (two
+// parts whose sum it is); empty, [2, 0, d], on the CPU, whose backward walks to it again.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
     at::ArrayRef<double> prefix_weights);
 
-// Returns (grad_x, grad_values, grad_W_dec, grad_b_dec); grad_x_hat may be absent.
+// Returns (grad_x, grad_values, grad_W_dec, grad_b_dec); grad_x_hat may be absent; resid is
+// the forward's fourth output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
     const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
-    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights);
+    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights, const at::Tensor& resid);
 
 // out [d_sae, d] (src's dtype): out[i] = sum over (b, j) with indices[b, j] == i of
 // coef[b, j] * src[row], row = src_rows[b, j] if given else b, in float32 (float64 for float64

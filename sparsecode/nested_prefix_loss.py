@@ -8,14 +8,15 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
-the triton backend's residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is
-(empty, [2, 0, d], for the other backends, whose backward walks to it again). The ``triton``
-backend runs the forward and the backward as Triton walks of gathered decoder rows (float32,
-bfloat16 and float16; triton_kernels/nested_prefix_loss.py), with the extension's per-latent
-sum for grad_W_dec; where the extension has no kernels for the device, the whole op runs as
-the reference. ``auto`` on CUDA tensors picks ``cuda`` before ``triton`` for this op: on an
-H100 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27) the CUDA kernels' forward
-and backward took 4.87 ms against the Triton walks' 5.33 ms.
+on a GPU the residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from
+which the backward walks back through the slots (empty, [2, 0, d], on the CPU, whose backward
+walks to it again). The ``triton`` backend runs the forward and the backward as Triton walks
+of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_prefix_loss.py),
+with the extension's per-latent sum for grad_W_dec; where the extension has no kernels for the
+device, the whole op runs as the reference. ``auto`` on CUDA tensors picks ``cuda`` before
+``triton`` for this op: on an H100 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27)
+the CUDA kernels' forward and backward took 4.87 ms against the Triton walks' 5.33 ms, before
+the CUDA backward became one reverse walk like the Triton one (not yet timed).
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
@@ -55,15 +56,15 @@ def _nested_prefix_loss(
 
         return nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, prefix_sizes,
                                           prefix_weights)
-    loss, prefix_losses, x_hat = kernels(backend, x.device).nested_prefix_loss_forward(
+    return kernels(backend, x.device).nested_prefix_loss_forward(
         x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
     )
-    return loss, prefix_losses, x_hat, x.new_empty(2, 0, x.shape[1])
 
 
 @_nested_prefix_loss.register_fake
 def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend):
-    resid = x.new_empty(2, x.shape[0] if _walks_in_triton(x, backend) else 0, x.shape[1])
+    saved = _walks_in_triton(x, backend) or x.device.type == "cuda"
+    resid = x.new_empty(2, x.shape[0] if saved else 0, x.shape[1])
     return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x), resid
 
 
@@ -91,7 +92,7 @@ def _nested_prefix_loss_backward(
     return tuple(
         kernels(backend, x.device).nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
-            prefix_sizes, prefix_weights,
+            prefix_sizes, prefix_weights, resid,
         )
     )
 

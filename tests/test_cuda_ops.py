@@ -273,9 +273,8 @@ def test_nested_small(B, d, n, k, G, seed):
 
 @pytest.mark.parametrize("d", [100, 130])
 def test_nested_most_groups(d, seed):
-    """G = 16 prefixes (the cuda backend's most), with float64 too: the backward keeps 16
-    residuals per column in shared memory; d = 100 takes the vector path, d = 130 the strided
-    one."""
+    """G = 16 prefixes (the cuda backend's most), with float64 too: up to 15 group boundaries
+    in one row's reverse walk; d = 100 takes the vector path, d = 130 the strided one."""
     sizes = [2 * (g + 1) for g in range(15)] + [1000]
     for dtype in [*DTYPES, torch.float64]:
         check_nested(33, d, 1000, 32, dtype, sizes, cpp=True, shuffle=True)
@@ -332,6 +331,7 @@ def test_deterministic(dtype, seed):
 
     def run() -> list[torch.Tensor]:
         with poisoned():
+            nested = C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes, weights)
             return [
                 *C.topk_encode_forward(x, W_enc, b_enc, b_dec, k),
                 *C.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices),
@@ -339,9 +339,9 @@ def test_deterministic(dtype, seed):
                 *C.sparse_decode_backward(grad_out, values, indices, W_dec),
                 C.latent_rows_sum(coef, indices, grad_out, n),
                 *C.latent_rows_sum_dots(coef, indices, grad_out, W_dec),
-                *C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes, weights),
+                *nested,
                 *C.nested_prefix_loss_backward(grad_loss, grad_prefix, grad_out, x, values,
-                                               indices, W_dec, b_dec, sizes, weights),
+                                               indices, W_dec, b_dec, sizes, weights, nested[3]),
             ]
 
     for a, b in zip(run(), run(), strict=True):

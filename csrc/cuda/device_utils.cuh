@@ -1,6 +1,6 @@
 // Device helpers shared by the kernels in csrc/cuda/*.cu: conversions between the storage
-// types and their accumulation type, a warp sum, vector packs, and the list of storage types to
-// instantiate.
+// types and their accumulation type, a warp sum and 4 dot products at once, vector packs, and
+// the list of storage types to instantiate.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +40,31 @@ __device__ __forceinline__ A warp_sum(A v) {
     v += __shfl_down_sync(kFullMask, v, offset);
   }
   return v;
+}
+
+// The dot products of 4 pairs at once: part[u] is this lane's share of pair u's. Two
+// exchanges halve the values a lane holds (lanes l and l ^ 16 swap pairs {0, 1} / {2, 3},
+// then l and l ^ 8 swap one of the two), and three more sum the rest: 6 shuffles for 4 dots
+// instead of 20. Returns the full dot of pair kept_pair(lane) in every lane, so lanes 0, 8,
+// 16 and 24 hold pairs 0, 1, 2 and 3; fixed order. Every lane of the warp must call it.
+__device__ __forceinline__ int kept_pair(int lane) {
+  return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_dots4(const A (&part)[4], int lane) {
+  const bool high16 = (lane & 16) != 0;
+  A keep0 = high16 ? part[2] : part[0];
+  A keep1 = high16 ? part[3] : part[1];
+  keep0 += __shfl_xor_sync(kFullMask, high16 ? part[0] : part[2], 16);
+  keep1 += __shfl_xor_sync(kFullMask, high16 ? part[1] : part[3], 16);
+  const bool high8 = (lane & 8) != 0;
+  A keep = high8 ? keep1 : keep0;
+  keep += __shfl_xor_sync(kFullMask, high8 ? keep0 : keep1, 8);
+  for (int offset = 4; offset > 0; offset /= 2) {
+    keep += __shfl_xor_sync(kFullMask, keep, offset);
+  }
+  return keep;
 }
 
 // V consecutive elements, loaded and stored as one access of V * sizeof(T) bytes (the address

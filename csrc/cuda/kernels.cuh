@@ -105,26 +105,44 @@ cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
                              const PrefixSizes& sizes, int32_t* order, int32_t* group,
                              cudaStream_t stream);
 
-// Nested loss forward: x_hat [B, d] and, per column tile, the squared norms of each row's
-// residual at each group boundary: partial_losses [num_col_tiles(d), B, G].
+// Nested loss forward: x_hat [B, d]; per column tile, the squared norms of each row's residual
+// at each group boundary, partial_losses [num_col_tiles(d), B, G]; and the final residual
+// r = x - x_hat for the backward, as resid [2, B, d] in T: resid[0] = r rounded to T,
+// resid[1] = r - resid[0] rounded (about 16 significant bits in bf16, exact in fp32 / fp64).
 template <typename T>
 cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
                                 const int64_t* indices, const int32_t* order,
                                 const int32_t* group, const T* W_dec, int64_t B, int64_t k,
-                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses,
+                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses, T* resid,
                                 cudaStream_t stream);
 
-// Nested loss backward, given scale[g] = 2 (grad_loss w_g + grad_prefix_losses[g]) / B
-// (device, [G]) and grad_x_hat [B, d] (or null):
-//   S_g = sum_{g' >= g} scale[g'] r_{g'},  grad_x = S_0,  S [G, B, d] = S_g - grad_x_hat,
-//   partial_dots [num_col_tiles(d), B, k]: W_dec[indices[b, j]] . S_{group of slot j}[b]
-//   per column tile (grad_values is minus their sum).
+// The storage type of the nested loss's suffix sums S, which only the per-latent sum of
+// grad_W_dec reads (the dots use them in registers): bf16 for bf16 (float's exponent range,
+// half the bytes), else the accumulation type (fp16's range would flush S's small values,
+// about 2 / B, towards zero).
 template <typename T>
-cudaError_t nested_loss_backward(const T* x, const T* b_dec, const T* values,
-                                 const int64_t* indices, const int32_t* order,
-                                 const int32_t* group, const T* W_dec, const T* grad_x_hat,
-                                 const double* scale, int64_t B, int64_t k, int64_t d, int G,
-                                 T* grad_x, Acc<T>* S, Acc<T>* partial_dots,
-                                 cudaStream_t stream);
+struct SuffixSumOf {
+  using type = Acc<T>;
+};
+template <>
+struct SuffixSumOf<__nv_bfloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename T>
+using SuffixSum = typename SuffixSumOf<T>::type;
+
+// Nested loss backward, from the forward's resid, given scale[g] = 2 (grad_loss w_g +
+// grad_prefix_losses[g]) / B (device, [G]) and grad_x_hat [B, d] (or null):
+//   S_g = sum_{g' >= g} scale[g'] r_{g'},  grad_x = S_0,
+//   S [G, B, d]: S_g - grad_x_hat, written for the groups that have a slot in row b (the
+//                only rows the per-latent sum reads),
+//   partial_dots [num_col_tiles(d), B, k]: W_dec[indices[b, j]] . (S_{group of slot j}[b] -
+//                grad_x_hat[b]) per column tile, in Acc<T> (grad_values is minus their sum).
+template <typename T>
+cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t* indices,
+                                 const int32_t* order, const int32_t* group, const T* W_dec,
+                                 const T* grad_x_hat, const double* scale, int64_t B, int64_t k,
+                                 int64_t d, int G, T* grad_x, SuffixSum<T>* S,
+                                 Acc<T>* partial_dots, cudaStream_t stream);
 
 }  // namespace sparsecode::cuda

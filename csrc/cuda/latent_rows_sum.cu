@@ -50,32 +50,7 @@ namespace {
 
 constexpr int kLatentTile = 32;
 constexpr int kSegWarps = 8;
-constexpr int kUnroll = 4;
-
-// The dot products of kUnroll = 4 pairs: part[u] is this lane's share of pair u's. Two
-// exchanges halve the values a lane holds (lanes l and l ^ 16 swap pairs {0, 1} / {2, 3},
-// then l and l ^ 8 swap one of the two), and three more sum the rest: 6 shuffles for 4 dots
-// instead of 20. Returns the full dot of pair kept_pair(lane) in every lane; fixed order.
-__device__ __forceinline__ int kept_pair(int lane) {
-  return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_dots4(const A (&part)[kUnroll], int lane) {
-  static_assert(kUnroll == 4, "warp_dots4 reduces 4 pairs at a time");
-  const bool high16 = (lane & 16) != 0;
-  A keep0 = high16 ? part[2] : part[0];
-  A keep1 = high16 ? part[3] : part[1];
-  keep0 += __shfl_xor_sync(kFullMask, high16 ? part[0] : part[2], 16);
-  keep1 += __shfl_xor_sync(kFullMask, high16 ? part[1] : part[3], 16);
-  const bool high8 = (lane & 8) != 0;
-  A keep = high8 ? keep1 : keep0;
-  keep += __shfl_xor_sync(kFullMask, high8 ? keep0 : keep1, 8);
-  for (int offset = 4; offset > 0; offset /= 2) {
-    keep += __shfl_xor_sync(kFullMask, keep, offset);
-  }
-  return keep;
-}
+constexpr int kUnroll = 4;  // pairs in flight per lane: one warp_dots4
 
 // kDots: also partial_dots[blockIdx.y * num_pairs + pair_ids[q]] = src[rows[q]] . weights[i]
 // over the block's columns, for every pair q of latent i (zero coefficients included).

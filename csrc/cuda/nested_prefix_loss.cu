@@ -1,5 +1,5 @@
 // Nested-prefix (Matryoshka) loss, forward and backward, on the GPU (DESIGN.md §3.4; the
-// same maths and walk as csrc/nested_prefix_loss.cpp).
+// same maths as csrc/nested_prefix_loss.cpp).
 //
 // With prefix sizes m_0 < ... < m_{G-1} = n, a slot j of row b belongs to group h, the first h
 // with indices[b, j] < m_h, and the residual of prefix g is
@@ -11,38 +11,46 @@
 //                         that sort before it: O(B k^2) integer work on L1-resident rows.
 //   nested_loss_forward:  walks the sorted slots once, r starting at x - b_dec; at each group
 //                         boundary the squared norm of r is recorded, and x_hat = b_dec + the
-//                         sum of all slots is accumulated on the way. Out: x_hat [B, d] and
-//                         partial_losses [tiles, B, G] (one per column tile).
-//   nested_loss_backward: the same walk records r_g in shared memory, then (per column)
-//                         S_g = scale_g r_g + S_{g+1}, grad_x = S_0, S_g -= grad_x_hat, S goes
-//                         to S [G, B, d] for grad_W_dec (a segmented sum by latent in
-//                         latent_rows_sum.cu), and each slot's dot W_dec[i] . S_h is reduced
-//                         per column tile into partial_dots [tiles, B, k] (grad_values is minus
-//                         their sum). Keeping r_g for all G groups in shared memory (G <= 16 x
-//                         128 columns per warp) avoids a second, reverse walk.
+//                         sum of all slots is accumulated on the way. Out: x_hat [B, d],
+//                         partial_losses [tiles, B, G] (one per column tile), and the final
+//                         residual r_{G-1} as resid [2, B, d] (hi + lo in x's type).
+//   nested_loss_backward: walks the slots in reverse from resid, adding each slot back. acc
+//                         sums scale_g r_g over the groups passed: on reaching a group's last
+//                         slot (in walk order), r is the residual of that group and of every
+//                         empty group up to the last one passed, so acc += (their scales) r,
+//                         and S_h = acc - grad_x_hat is complete: it goes to S [G, B, d] for
+//                         grad_W_dec (a segmented sum by latent in latent_rows_sum.cu). Each
+//                         slot's dot W_dec[i] . S_h uses the row that the walk loads anyway,
+//                         with S_h in float32 registers; the dots of 4 slots are reduced
+//                         together (warp_dots4) into partial_dots [tiles, B, k] (grad_values is
+//                         minus their sum). At the end, grad_x = acc + (the scales of the
+//                         groups before the first slot's) (x - b_dec).
 //
 // Strategy: one warp per (row, tile of kColTile = 128 columns), 4 rows of one column tile per
 // block; a lane holds 4 columns of the tile: 4 consecutive ones, read and written with one
 // vector access, when d is a multiple of 4 and the rows are aligned to that, else 4 columns a
 // warp apart (any d). A warp reads its row's slots 32 at a time, one per lane, and broadcasts
-// them with shuffles; the walk issues the W_dec loads of 8 slots before it uses the first, and
-// the dot pass those of 4 slots, so that several L2 reads are in flight per lane. No block-wide
-// barrier: a lane reads back only its own columns from shared memory. On an H100 at the size
-// below (bf16): forward 1.34 ms, backward 2.09 ms, against 1.7-1.8 ms and 2.6-2.8 ms for the
-// previous layout (a block of 128 threads per row and tile, one column per thread, slots staged
-// in shared memory between barriers); the Triton decode makes the forward's gathers in 0.45 ms,
-// so the walk is still latency-bound (96 registers per lane in the forward limit a SM to 20
-// warps). Reductions over columns are a lane's 4 columns, then a warp shuffle tree, then the
-// caller's sum over the column tiles: a fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight
-// belong to one column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay
-// in L2.
+// them with shuffles (index, value and group as 32-bit words; the backward also the slot); the
+// walks issue the W_dec loads of 8 slots before they use the first, so that several L2 reads
+// are in flight per lane. No shared memory, no barrier. Reductions over columns are a lane's 4
+// columns, then warp shuffles in a fixed tree, then the caller's sum over the column tiles: a
+// fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight belong to one
+// column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
+//
+// History on an H100 at the size below (bf16): forward 1.34 ms and backward 2.09 ms (2026-11-26,
+// a backward that walked forward again, kept r_g in shared memory, and then gathered every
+// slot's row a second time for the dots, with S in float32), against 1.7-1.8 and 2.6-2.8 ms
+// for a block of 128 threads per row and tile. The Triton decode makes the forward's gathers in
+// 0.45 ms, so the walks are still latency-bound. The reverse walk has not yet run on a GPU;
+// tests/test_cuda_emulated.py runs both walks on the CPU through a warp emulator.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64, G = 6 (s = bytes per element: 2 bf16, 4 fp32):
-//   forward:  2 B k d x2 = 4.8 GFLOP. DRAM floor: x (B d s), W_dec (n d s), x_hat (B d s),
-//             slots: 0.38 GB bf16 (0.75 GB fp32): 0.13 ms at 3 TB/s (0.25 ms).
-//   backward: the walk again (x, W_dec), grad_x and grad_x_hat (B d s each), S written once
-//             (G B d 4 = 453 MB), the dots read W_dec rows a second time from L1/L2:
-//             0.9 GB bf16 (1.2 GB fp32): 0.3 ms (0.4 ms); plus grad_W_dec (latent_rows_sum.cu).
+//   forward:  2 B k d x2 = 4.8 GFLOP. DRAM floor: x (B d s), W_dec (n d s), x_hat and resid
+//             (3 B d s), slots: 0.45 GB bf16 (0.9 GB fp32): 0.15 ms at 3 TB/s (0.3 ms).
+//   backward: 4 B k d = 4.8 GFLOP (walk and dots). DRAM floor: resid (2 B d s), W_dec, grad_x
+//             and grad_x_hat (B d s each), S written once (at most G B d s: 226 MB in bf16, whose
+//             S is bf16; fp16 keeps a float32 S): 0.7 GB bf16 (1.4 GB fp32): 0.23 ms (0.45 ms);
+//             plus grad_W_dec (latent_rows_sum.cu).
 // The plan's O(B k^2) = 33 M comparisons at k = 64 cost a few microseconds.
 #include "device_utils.cuh"
 
@@ -53,8 +61,8 @@ constexpr int kLaneCols = kColTile / kWarp;  // columns per lane
 constexpr int kRowsPerBlock = 4;             // warps per block, one row each
 constexpr int kPlanThreads = 256;
 constexpr int kWalkUnroll = 8;               // slots whose loads the walk issues together
-constexpr int kDotUnroll = 4;                // slots whose loads the dot pass issues together
 static_assert(kLaneCols == 4, "a lane's columns are one 4-element vector");
+static_assert(kWalkUnroll % 4 == 0, "the backward reduces its dots 4 slots at a time");
 
 __global__ void __launch_bounds__(kPlanThreads)
     prefix_walk_plan_kernel(const int64_t* __restrict__ indices, int64_t B, int64_t k,
@@ -181,12 +189,12 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, 
   for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
     const int count = static_cast<int>(min64(kWarp, k - q0));
     // Lane t holds the slot at walk position q0 + t.
-    long long lane_index = 0;
+    int lane_index = 0;  // d_sae < 2^31 (checked by the host)
     A lane_value = 0;
     int lane_group = 0;
     if (lane < count) {
       const int slot = row.order[q0 + lane];
-      lane_index = row.index[slot];
+      lane_index = static_cast<int>(row.index[slot]);
       lane_value = to_acc(row.value[slot]);
       lane_group = row.group[slot];
     }
@@ -197,7 +205,7 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, 
 #pragma unroll
       for (int u = 0; u < kWalkUnroll; ++u) {
         const int from = (u0 + u) % kWarp;
-        const long long i = __shfl_sync(kFullMask, lane_index, from);
+        const int64_t i = __shfl_sync(kFullMask, lane_index, from);
         value[u] = __shfl_sync(kFullMask, lane_value, from);
         group[u] = __shfl_sync(kFullMask, lane_group, from);
         if (u0 + u >= count) {
@@ -239,7 +247,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
                                const int32_t* __restrict__ order,
                                const int32_t* __restrict__ group, const T* __restrict__ W_dec,
                                int64_t B, int64_t k, int64_t d, int G, T* __restrict__ x_hat,
-                               Acc<T>* __restrict__ partial_losses) {
+                               Acc<T>* __restrict__ partial_losses, T* __restrict__ resid) {
   using A = Acc<T>;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -264,109 +272,143 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
                             }
                           });
   store_cols<kVector>(x_hat + b * d, e0, d, lane, recon);
+  // The final residual for the backward, as hi + lo in T: hi = r rounded, lo = r - hi rounded.
+  A hi[kLaneCols];
+#pragma unroll
+  for (int v = 0; v < kLaneCols; ++v) {
+    hi[v] = to_acc(from_acc<T>(r[v]));
+    r[v] -= hi[v];
+  }
+  store_cols<kVector>(resid + b * d, e0, d, lane, hi);
+  store_cols<kVector>(resid + (B + b) * d, e0, d, lane, r);
 }
 
-template <typename T, bool kVector>
+// The sum of scale[g] over the groups from <= g < to, in float64.
+__device__ __forceinline__ double scale_sum(const double* scale, int from, int to) {
+  double sum = 0;
+  for (int g = from; g < to; ++g) {
+    sum += scale[g];
+  }
+  return sum;
+}
+
+// The backward walks each row's slots in reverse order, from the forward's final residual
+// (hi + lo) and adding each slot back. acc is the sum of scale_g r_g over the groups passed;
+// on reaching the last slot (in walk order) of group h, r is the residual of every group from h
+// up to the last one passed, and acc then holds all of S_h + grad_x_hat.
+template <typename T, typename ST, bool kVector>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
-    nested_loss_backward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
-                                const T* __restrict__ values,
+    nested_loss_backward_kernel(const T* __restrict__ resid, const T* __restrict__ values,
                                 const int64_t* __restrict__ indices,
                                 const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group, const T* __restrict__ W_dec,
                                 const T* __restrict__ grad_x_hat,
                                 const double* __restrict__ scale, int64_t B, int64_t k,
-                                int64_t d, int G, T* __restrict__ grad_x, Acc<T>* __restrict__ S,
+                                int64_t d, int G, T* __restrict__ grad_x, ST* __restrict__ S,
                                 Acc<T>* __restrict__ partial_dots) {
   using A = Acc<T>;
-  // r_g, then S_g, of each warp's columns: [kRowsPerBlock][G][kColTile].
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (b >= B) {
     return;  // the whole warp
   }
-  A* s_S = reinterpret_cast<A*>(shared_bytes) + static_cast<int64_t>(warp) * G * kColTile;
   const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kColTile;
   const RowCode<T> row = row_code(order, indices, values, group, b, k);
-
-  // The walk: r_g of this lane's columns into s_S[g].
   A r[kLaneCols];
-  A bias[kLaneCols];
-  start_walk<kVector>(x, b_dec, b, d, e0, lane, r, bias);
-  walk_row<kVector, false>(W_dec, row, k, d, e0, lane, G, r, bias, [&](int g) {
-#pragma unroll
-    for (int v = 0; v < kLaneCols; ++v) {
-      s_S[g * kColTile + lane_col<kVector>(lane, v)] = r[v];
-    }
-  });
-
-  // Suffix sums of the scaled residuals; grad_x is S_0 before x_hat's gradient joins.
-  A suffix[kLaneCols] = {};
-  for (int h = G - 1; h >= 0; --h) {
-    const A c = static_cast<A>(scale[h]);
-#pragma unroll
-    for (int v = 0; v < kLaneCols; ++v) {
-      A& s = s_S[h * kColTile + lane_col<kVector>(lane, v)];
-      suffix[v] = c * s + suffix[v];
-      s = suffix[v];
-    }
-  }
-  store_cols<kVector>(grad_x + b * d, e0, d, lane, suffix);
+  A lo[kLaneCols];
+  load_cols<kVector>(resid + b * d, e0, d, lane, r);
+  load_cols<kVector>(resid + (B + b) * d, e0, d, lane, lo);
   A g_hat[kLaneCols] = {};
   if (grad_x_hat != nullptr) {
     load_cols<kVector>(grad_x_hat + b * d, e0, d, lane, g_hat);
   }
-  for (int h = 0; h < G; ++h) {
-    A S_h[kLaneCols];
+  A acc[kLaneCols] = {};
 #pragma unroll
-    for (int v = 0; v < kLaneCols; ++v) {
-      A& s = s_S[h * kColTile + lane_col<kVector>(lane, v)];
-      s -= g_hat[v];
-      S_h[v] = s;
-    }
-    store_cols<kVector>(S + (h * B + b) * d, e0, d, lane, S_h);
+  for (int v = 0; v < kLaneCols; ++v) {
+    r[v] += lo[v];
   }
-
-  // Dot products W_dec[i] . S_h over this tile's columns, slot by slot (lane t holds slot
-  // q0 + t), kDotUnroll slots' loads at a time.
-  for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
-    const int count = static_cast<int>(min64(kWarp, k - q0));
-    long long lane_index = 0;
+  int passed = G;  // the groups >= passed are in acc
+  Acc<T>* dots = partial_dots + (blockIdx.y * B + b) * k;
+  for (int64_t top = k; top > 0; top -= kWarp) {
+    const int count = static_cast<int>(min64(kWarp, top));
+    const int64_t base = top - count;
+    // Lane t holds the slot at walk position base + t.
+    int lane_slot = 0;
+    int lane_index = 0;  // d_sae < 2^31 (checked by the host)
+    A lane_value = 0;
     int lane_group = 0;
     if (lane < count) {
-      lane_index = row.index[q0 + lane];
-      lane_group = row.group[q0 + lane];
+      lane_slot = row.order[base + lane];
+      lane_index = static_cast<int>(row.index[lane_slot]);
+      lane_value = to_acc(row.value[lane_slot]);
+      lane_group = row.group[lane_slot];
     }
-    for (int u0 = 0; u0 < count; u0 += kDotUnroll) {
-      A dots[kDotUnroll];
+    // Positions u0 - 1, u0 - 2, ... of this chunk, kWalkUnroll at a time, their loads first.
+    for (int u0 = count; u0 > 0; u0 -= kWalkUnroll) {
+      A value[kWalkUnroll];
+      int slot[kWalkUnroll];
+      int grp[kWalkUnroll];
+      A w[kWalkUnroll][kLaneCols];
+      A part[kWalkUnroll];
 #pragma unroll
-      for (int u = 0; u < kDotUnroll; ++u) {
-        const int from = (u0 + u) % kWarp;
-        const long long i = __shfl_sync(kFullMask, lane_index, from);
-        const int h = __shfl_sync(kFullMask, lane_group, from);
-        dots[u] = 0;
-        if (u0 + u < count) {
-          A w[kLaneCols];
-          load_cols<kVector>(W_dec + i * d, e0, d, lane, w);
-#pragma unroll
-          for (int v = 0; v < kLaneCols; ++v) {
-            dots[u] += w[v] * s_S[h * kColTile + lane_col<kVector>(lane, v)];
-          }
+      for (int u = 0; u < kWalkUnroll; ++u) {
+        const int at = u0 - 1 - u;
+        const int from = at >= 0 ? at : 0;
+        const int64_t i = __shfl_sync(kFullMask, lane_index, from);
+        value[u] = __shfl_sync(kFullMask, lane_value, from);
+        slot[u] = __shfl_sync(kFullMask, lane_slot, from);
+        grp[u] = __shfl_sync(kFullMask, lane_group, from);
+        if (at >= 0) {  // every slot's row: a zero value still has a gradient
+          load_cols<kVector>(W_dec + i * d, e0, d, lane, w[u]);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kDotUnroll; ++u) {
-        if (u0 + u >= count) {
-          break;  // the same for the whole warp
+      for (int u = 0; u < kWalkUnroll; ++u) {
+        part[u] = 0;
+        if (u0 - 1 - u < 0) {
+          continue;  // the same for the whole warp
         }
-        const A dot = warp_sum(dots[u]);
-        if (lane == 0) {
-          partial_dots[(blockIdx.y * B + b) * k + q0 + u0 + u] = dot;
+        if (grp[u] < passed) {
+          const A c = static_cast<A>(scale_sum(scale, grp[u], passed));
+          A S_h[kLaneCols];
+#pragma unroll
+          for (int v = 0; v < kLaneCols; ++v) {
+            acc[v] += c * r[v];
+            S_h[v] = acc[v] - g_hat[v];
+          }
+          passed = grp[u];
+          store_cols<kVector>(S + (passed * B + b) * d, e0, d, lane, S_h);
+        }
+#pragma unroll
+        for (int v = 0; v < kLaneCols; ++v) {
+          part[u] += w[u][v] * (acc[v] - g_hat[v]);
+          r[v] += value[u] * w[u][v];
+        }
+      }
+      // Each slot's dot over the tile's columns (lanes 8 apart hold the 4 of a half).
+#pragma unroll
+      for (int half = 0; half < kWalkUnroll / 4; ++half) {
+        const A four[4] = {part[4 * half], part[4 * half + 1], part[4 * half + 2],
+                           part[4 * half + 3]};
+        const A dot = warp_dots4(four, lane);
+        const int kept = 4 * half + kept_pair(lane);
+        int kept_slot = slot[4 * half];
+#pragma unroll
+        for (int u = 1; u < 4; ++u) {
+          kept_slot = kept == 4 * half + u ? slot[4 * half + u] : kept_slot;
+        }
+        if (lane % 8 == 0 && u0 - 1 - kept >= 0) {
+          dots[kept_slot] = dot;
         }
       }
     }
   }
+  const A c = static_cast<A>(scale_sum(scale, 0, passed));
+#pragma unroll
+  for (int v = 0; v < kLaneCols; ++v) {
+    acc[v] += c * r[v];
+  }
+  store_cols<kVector>(grad_x + b * d, e0, d, lane, acc);
 }
 
 // Whether the row-major rows of every pointer (rows of d elements of its type) can be read as
@@ -385,6 +427,9 @@ bool vector_rows(int64_t d, std::initializer_list<const void*> pointers) {
 }
 
 }  // namespace
+
+// The launches need nvcc; tests/test_cuda_emulated.py compiles the kernels above as host code.
+#if defined(__CUDACC__)
 
 cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
                              const PrefixSizes& sizes, int32_t* order, int32_t* group,
@@ -422,7 +467,7 @@ template <typename T>
 cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
                                 const int64_t* indices, const int32_t* order,
                                 const int32_t* group, const T* W_dec, int64_t B, int64_t k,
-                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses,
+                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses, T* resid,
                                 cudaStream_t stream) {
   dim3 grid;
   cudaError_t status;
@@ -430,59 +475,48 @@ cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
     return status;
   }
   const int threads = kRowsPerBlock * kWarp;
-  if (vector_rows<T>(d, {x, b_dec, W_dec, x_hat})) {
-    nested_loss_forward_kernel<T, true><<<grid, threads, 0, stream>>>(
-        x, b_dec, values, indices, order, group, W_dec, B, k, d, G, x_hat, partial_losses);
-  } else {
-    nested_loss_forward_kernel<T, false><<<grid, threads, 0, stream>>>(
-        x, b_dec, values, indices, order, group, W_dec, B, k, d, G, x_hat, partial_losses);
-  }
+  const auto kernel = vector_rows<T>(d, {x, b_dec, W_dec, x_hat, resid, resid + B * d})
+                          ? nested_loss_forward_kernel<T, true>
+                          : nested_loss_forward_kernel<T, false>;
+  kernel<<<grid, threads, 0, stream>>>(x, b_dec, values, indices, order, group, W_dec, B, k, d,
+                                       G, x_hat, partial_losses, resid);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t nested_loss_backward(const T* x, const T* b_dec, const T* values,
-                                 const int64_t* indices, const int32_t* order,
-                                 const int32_t* group, const T* W_dec, const T* grad_x_hat,
-                                 const double* scale, int64_t B, int64_t k, int64_t d, int G,
-                                 T* grad_x, Acc<T>* S, Acc<T>* partial_dots,
-                                 cudaStream_t stream) {
+cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t* indices,
+                                 const int32_t* order, const int32_t* group, const T* W_dec,
+                                 const T* grad_x_hat, const double* scale, int64_t B, int64_t k,
+                                 int64_t d, int G, T* grad_x, SuffixSum<T>* S,
+                                 Acc<T>* partial_dots, cudaStream_t stream) {
   dim3 grid;
   cudaError_t status;
   if (!walk_grid(B, d, G, grid, status)) {
     return status;
   }
   const int threads = kRowsPerBlock * kWarp;
-  const size_t shared = sizeof(Acc<T>) * kRowsPerBlock * G * kColTile;
-  const bool vector = vector_rows<T>(d, {x, b_dec, W_dec, grad_x_hat, grad_x}) &&
-                      vector_rows<Acc<T>>(d, {S});
-  const auto kernel = vector ? nested_loss_backward_kernel<T, true>
-                             : nested_loss_backward_kernel<T, false>;
-  // Over the default 48 KB (fp64 with G > 12) needs the kernel's consent.
-  constexpr size_t kDefaultShared = 48 * 1024;
-  if (shared > kDefaultShared) {
-    const cudaError_t allowed = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (allowed != cudaSuccess) {
-      return allowed;
-    }
-  }
-  kernel<<<grid, threads, shared, stream>>>(x, b_dec, values, indices, order, group, W_dec,
-                                            grad_x_hat, scale, B, k, d, G, grad_x, S,
-                                            partial_dots);
+  const bool vector = vector_rows<T>(d, {resid, resid + B * d, W_dec, grad_x_hat, grad_x}) &&
+                      vector_rows<SuffixSum<T>>(d, {S});
+  const auto kernel = vector ? nested_loss_backward_kernel<T, SuffixSum<T>, true>
+                             : nested_loss_backward_kernel<T, SuffixSum<T>, false>;
+  kernel<<<grid, threads, 0, stream>>>(resid, values, indices, order, group, W_dec, grad_x_hat,
+                                       scale, B, k, d, G, grad_x, S, partial_dots);
   return cudaGetLastError();
 }
 
 #define SPARSECODE_INSTANTIATE(T)                                                             \
   template cudaError_t nested_loss_forward<T>(const T*, const T*, const T*, const int64_t*,   \
                                               const int32_t*, const int32_t*, const T*,       \
-                                              int64_t, int64_t, int64_t, int, T*, Acc<T>*,    \
+                                              int64_t, int64_t, int64_t, int, T*, Acc<T>*, T*, \
                                               cudaStream_t);                                  \
-  template cudaError_t nested_loss_backward<T>(                                               \
-      const T*, const T*, const T*, const int64_t*, const int32_t*, const int32_t*, const T*, \
-      const T*, const double*, int64_t, int64_t, int64_t, int, T*, Acc<T>*, Acc<T>*,          \
-      cudaStream_t);
+  template cudaError_t nested_loss_backward<T>(const T*, const T*, const int64_t*,            \
+                                               const int32_t*, const int32_t*, const T*,      \
+                                               const T*, const double*, int64_t, int64_t,     \
+                                               int64_t, int, T*, SuffixSum<T>*, Acc<T>*,      \
+                                               cudaStream_t);
 SPARSECODE_FOR_EACH_TYPE(SPARSECODE_INSTANTIATE)
 #undef SPARSECODE_INSTANTIATE
+
+#endif  // defined(__CUDACC__)
 
 }  // namespace sparsecode::cuda

@@ -25,7 +25,8 @@
 //   latent_rows_sum:        latent_rows_sum.cu.
 //   nested_prefix_loss_forward / backward: nested_prefix_loss.cu; the per-column-tile
 //                           partial sums are reduced here with ATen (the losses' in float64, as
-//                           the CPU sums its row losses).
+//                           the CPU sums its row losses). The forward's fourth output is the
+//                           final residual that the backward walks back from.
 //
 // Determinism: every path is deterministic, with or without
 // torch.use_deterministic_algorithms(True). Weight gradients group the B*k (row, slot) pairs
@@ -48,6 +49,7 @@
 #include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -403,6 +405,7 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(p.G <= kernels::kMaxGroups, "the cuda backend supports at most ",
               kernels::kMaxGroups, " prefix sizes, got ", p.G,
               "; merge prefixes or use the cpp backend");
+  TORCH_CHECK(p.n < (int64_t(1) << 31), "the cuda backend takes d_sae below 2^31, got ", p.n);
   assert_index_range(p.indices, p.n);
 
   kernels::PrefixSizes prefix{};
@@ -420,7 +423,7 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
     const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
     at::ArrayRef<double> prefix_weights) {
@@ -430,29 +433,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_forward(
   at::Tensor x_hat = at::empty({p.B, p.d}, x.options());
   at::Tensor partial = at::empty({kernels::num_col_tiles(p.d), p.B, p.G},
                                  x.options().dtype(acc_dtype(x.scalar_type())));
+  at::Tensor resid = at::empty({2, p.B, p.d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_forward_cuda", [&] {
     using T = cuda_t<scalar_t>;
     C10_CUDA_CHECK(kernels::nested_loss_forward<T>(
         in<T>(p.x), in<T>(p.b_dec), in<T>(p.values), in<int64_t>(p.indices),
         in<int32_t>(p.order), in<int32_t>(p.group), in<T>(p.W_dec), p.B, p.k, p.d,
-        static_cast<int>(p.G), out<T>(x_hat), out<kernels::Acc<T>>(partial),
+        static_cast<int>(p.G), out<T>(x_hat), out<kernels::Acc<T>>(partial), out<T>(resid),
         c10::cuda::getCurrentCUDAStream()));
   });
   const at::Tensor row_losses = partial.to(at::kDouble).sum(0);  // [B, G]
   const at::Tensor means = row_losses.sum(0) / static_cast<double>(p.B);
   const at::Tensor loss = (means * p.weights).sum();
-  return {loss.to(x.scalar_type()), means.to(x.scalar_type()), x_hat};
+  return {loss.to(x.scalar_type()), means.to(x.scalar_type()), x_hat, resid};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_prefix_losses,
     const std::optional<at::Tensor>& grad_x_hat, const at::Tensor& x, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& W_dec, const at::Tensor& b_dec,
-    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights) {
+    at::IntArrayRef prefix_sizes, at::ArrayRef<double> prefix_weights, const at::Tensor& resid) {
   const c10::cuda::CUDAGuard guard(x.device());
   const NestedProblem p =
       prepare_nested(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights);
   check_nested_grads(grad_loss, grad_prefix_losses, grad_x_hat, x, p.G, x.device());
+  TORCH_CHECK(resid.sizes() == at::IntArrayRef({2, p.B, p.d}) &&
+                  resid.scalar_type() == x.scalar_type() && resid.device() == x.device(),
+              "resid must be the cuda forward's final residual, [2, B=", p.B, ", d_model=", p.d,
+              "] of x's dtype on x's device, got ", resid.sizes(), " ", resid.scalar_type(),
+              " on ", resid.device(), "; pass the fourth output of nested_prefix_loss_forward");
+  const at::Tensor r = resid.contiguous();
   const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
   at::Tensor g_hat;
   if (has_grad_x_hat) {
@@ -467,25 +477,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
 
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   at::Tensor grad_x = at::empty({p.B, p.d}, x.options());
-  at::Tensor S = at::empty({p.G * p.B, p.d}, x.options().dtype(acc));
   at::Tensor partial = at::empty({kernels::num_col_tiles(p.d), p.B, p.k}, x.options().dtype(acc));
   at::Tensor grad_W_dec = at::empty({p.n, p.d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_backward_cuda", [&] {
     using T = cuda_t<scalar_t>;
     using A = kernels::Acc<T>;
+    using ST = kernels::SuffixSum<T>;
+    // Rows of groups without a slot in a row are never written, nor read.
+    at::Tensor S = at::empty({p.G * p.B, p.d},
+                             x.options().dtype(std::is_same_v<ST, T> ? x.scalar_type() : acc));
     C10_CUDA_CHECK(kernels::nested_loss_backward<T>(
-        in<T>(p.x), in<T>(p.b_dec), in<T>(p.values), in<int64_t>(p.indices),
-        in<int32_t>(p.order), in<int32_t>(p.group), in<T>(p.W_dec),
-        has_grad_x_hat ? in<T>(g_hat) : nullptr, in<double>(scale), p.B, p.k, p.d,
-        static_cast<int>(p.G), out<T>(grad_x), out<A>(S), out<A>(partial),
-        c10::cuda::getCurrentCUDAStream()));
+        in<T>(r), in<T>(p.values), in<int64_t>(p.indices), in<int32_t>(p.order),
+        in<int32_t>(p.group), in<T>(p.W_dec), has_grad_x_hat ? in<T>(g_hat) : nullptr,
+        in<double>(scale), p.B, p.k, p.d, static_cast<int>(p.G), out<T>(grad_x), out<ST>(S),
+        out<A>(partial), c10::cuda::getCurrentCUDAStream()));
     // grad_W_dec[i] = sum over latent i's pairs of -values * S_{group} row b.
     const at::Tensor coef = -p.values.to(acc).reshape(-1);
     const at::Tensor src_rows =
         p.group.reshape(-1).to(at::kLong) * p.B + pair_rows(p.B, p.k, p.indices.options());
     const LatentCsr csr = group_by_latent(p.indices.reshape(-1), p.n);
-    sum_rows_by_latent<A, T>(csr, coef, src_rows, S, p.n, p.d, /*transposed=*/false, grad_W_dec,
-                             nullptr);
+    sum_rows_by_latent<ST, T>(csr, coef, src_rows, S, p.n, p.d, /*transposed=*/false, grad_W_dec,
+                              nullptr);
   });
   at::Tensor grad_values = (-partial.sum(0)).to(x.scalar_type());
   at::Tensor grad_b_dec = has_grad_x_hat ? g_hat.sum(0) - grad_x.sum(0) : -grad_x.sum(0);
