@@ -1,22 +1,23 @@
-"""The nested loss's CUDA kernels (csrc/cuda/nested_prefix_loss.cu) run on the CPU: compiled as
-host C++ with a warp emulator, one std::thread per GPU thread and the warp shuffles made
-through a per-warp exchange and barrier, then checked against sparsecode.reference in float64.
+"""The CUDA kernels of csrc/cuda/*.cu, run on the CPU through their launchers: every .cu file is
+compiled by nvcc as host C++ with a warp emulator (one std::thread per GPU thread, warp
+shuffles through a per-warp exchange between barriers, __syncthreads as a block barrier,
+__shared__ arrays shared by the block's threads, one block at a time) into a shared library
+that ctypes calls on torch CPU tensors. Each kernel is checked against float64 on awkward
+shapes.
 
-This checks the kernels' logic (walk order, group boundaries, the reverse walk of the backward,
-the shuffle reductions and which rows of S are written) where no GPU is present; it says
-nothing of speed, memory ordering or the device's rounding of fused multiply-adds. The
-launchers (nvcc only) are left out, so the harness picks the vector path as they do when d is
-a multiple of 4, and also runs the strided path there. Built by nvcc as host C++ (C++20 for
-std::barrier); skips without nvcc.
+This checks the kernels' logic (indexing, tails, vector and strided paths, walk order, group
+boundaries, shuffle reductions, what is written) and the launchers' grids and path choices
+where no GPU is present. It says nothing of speed, of memory ordering between threads that do
+not synchronise, or of the device's own rounding. Skips without nvcc.
 """
 
 from __future__ import annotations
 
-import struct
+import ctypes
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,12 +25,16 @@ from sparsecode import reference
 from tests.test_cuda_compile import CUDA_SOURCES, find_nvcc
 
 EMULATOR = r"""
-// The CUDA builtins the walking kernels use, for a host build: thread and block indices per
-// std::thread, warp shuffles through a per-warp exchange between two barriers.
-#include <barrier>
+// The CUDA builtins of csrc/cuda/*.cu for a host build. Force-included before each file.
+#pragma once
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -38,17 +43,51 @@ EMULATOR = r"""
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+// Blocks run one at a time, so a kernel's statics are its block's shared memory.
+#undef __shared__
+#define __shared__ static
 
-thread_local uint3 threadIdx;
-thread_local uint3 blockIdx;
+// A barrier that aborts with a message instead of hanging when a thread never arrives (a
+// shuffle or __syncthreads that not every thread of the warp or block reaches).
+class EmulatedBarrier {
+ public:
+  explicit EmulatedBarrier(int count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const long phase = phase_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++phase_;
+      wake_.notify_all();
+      return;
+    }
+    if (!wake_.wait_for(lock, std::chrono::seconds(20), [&] { return phase_ != phase; })) {
+      std::fprintf(stderr, "emulated barrier: %d of %d threads never arrived\n",
+                   count_ - arrived_, count_);
+      std::abort();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const int count_;
+  int arrived_ = 0;
+  long phase_ = 0;
+};
 
 struct EmulatedWarp {
-  EmulatedWarp() : sync(32) {}
-  std::barrier<> sync;
+  explicit EmulatedWarp(int lanes) : sync(lanes) {}
+  EmulatedBarrier sync;
   uint64_t slot[32];
 };
-thread_local EmulatedWarp* emulated_warp;
-thread_local int emulated_lane;
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local EmulatedWarp* emulated_warp;
+inline thread_local EmulatedBarrier* emulated_block;
+inline thread_local int emulated_lane;
 
 template <typename V>
 V __shfl_sync(unsigned, V value, int source) {
@@ -70,236 +109,331 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
 template <typename V>
 V __shfl_down_sync(unsigned mask, V value, unsigned delta) {
   const int source = emulated_lane + static_cast<int>(delta);
-  const V moved = __shfl_sync(mask, value, source < 32 ? source : emulated_lane);
-  return moved;
+  return __shfl_sync(mask, value, source < 32 ? source : emulated_lane);
 }
+inline void __syncthreads() { emulated_block->arrive_and_wait(); }
 template <typename P, typename V>
 void __stcg(P* address, V value) {
   *address = value;
 }
 
-// Runs body() as every thread of a grid.x by grid.y grid of `threads`-thread blocks, one block
-// at a time.
-template <typename Body>
-void emulate_launch(dim3 grid, int threads, Body body) {
-  for (unsigned y = 0; y < grid.y; ++y) {
-    for (unsigned x = 0; x < grid.x; ++x) {
-      std::unique_ptr<EmulatedWarp[]> warps(new EmulatedWarp[(threads + 31) / 32]);
-      std::vector<std::thread> block;
-      for (int t = 0; t < threads; ++t) {
-        block.emplace_back([&, t] {
-          threadIdx = make_uint3(t, 0, 0);
-          blockIdx = make_uint3(x, y, 0);
-          emulated_warp = &warps[t / 32];
-          emulated_lane = t % 32;
-          body();
-        });
-      }
-      for (std::thread& thread : block) {
-        thread.join();
+// kernel<<<grid, block>>>(arguments...) on the CPU: the blocks one after another, each block's
+// threads as std::threads.
+template <typename Kernel>
+auto emulated_launch(Kernel kernel, dim3 grid, dim3 block) {
+  return [=](auto... arguments) {
+    const int threads = static_cast<int>(block.x * block.y * block.z);
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          EmulatedBarrier block_sync(threads);
+          std::vector<std::unique_ptr<EmulatedWarp>> warps;
+          for (int w = 0; w * 32 < threads; ++w) {
+            warps.push_back(std::make_unique<EmulatedWarp>(std::min(32, threads - w * 32)));
+          }
+          std::vector<std::thread> running;
+          for (int t = 0; t < threads; ++t) {
+            running.emplace_back([&, t] {
+              threadIdx = make_uint3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+              blockIdx = make_uint3(x, y, z);
+              blockDim = block;
+              emulated_warp = warps[t / 32].get();
+              emulated_block = &block_sync;
+              emulated_lane = t % 32;
+              kernel(arguments...);
+            });
+          }
+          for (std::thread& thread : running) {
+            thread.join();
+          }
+        }
       }
     }
-  }
+  };
 }
 """
 
-HARNESS = r"""
-#include <cstdio>
-#include <cstdlib>
-#include <limits>
-#include <string>
-
-#include "emulator.h"
-#include "nested_prefix_loss.cu"
+# C entry points for ctypes: each launcher of kernels.cuh for each storage type (suffix f32,
+# f64, f16, bf16), raw pointers in, the launch's cudaError_t out.
+ENTRY_POINTS = r"""
+#include "kernels.cuh"
 
 using namespace sparsecode::cuda;
 
-template <typename V>
-std::vector<V> read(FILE* f, int64_t count) {
-  std::vector<V> out(count);
-  if (count > 0 && std::fread(out.data(), sizeof(V), count, f) != static_cast<size_t>(count)) {
-    std::fprintf(stderr, "short input\n");
-    std::exit(2);
+extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+#define ENTRY_POINTS(T, NAME)                                                                  \
+  extern "C" int gather_rows_sum_##NAME(const void* coef, const int64_t* indices,              \
+                                        const void* rows, const void* bias, int64_t B,         \
+                                        int64_t k, int64_t d, int skip_zero, void* out) {      \
+    return gather_rows_sum<T>(static_cast<const Acc<T>*>(coef), indices,                       \
+                              static_cast<const T*>(rows), static_cast<const T*>(bias), B, k,  \
+                              d, skip_zero != 0, static_cast<T*>(out), nullptr);               \
+  }                                                                                            \
+  extern "C" int transpose_##NAME(const void* in, int64_t rows, int64_t cols, void* out) {     \
+    return transpose<T>(static_cast<const T*>(in), rows, cols, static_cast<T*>(out), nullptr); \
+  }                                                                                            \
+  extern "C" int latent_rows_sum_##NAME(const int64_t* offsets, const int64_t* rows,           \
+                                        const void* coef, const void* src, int64_t n,          \
+                                        int64_t d, int transposed, void* out, void* coef_sum) { \
+    return latent_rows_sum<T, T>(offsets, rows, static_cast<const Acc<T>*>(coef),              \
+                                 static_cast<const T*>(src), n, d, transposed != 0,            \
+                                 static_cast<T*>(out), static_cast<T*>(coef_sum), nullptr);    \
+  }                                                                                            \
+  extern "C" int latent_rows_sum_dots_##NAME(                                                  \
+      const int64_t* offsets, const int64_t* rows, const int64_t* pair_ids, const void* coef,  \
+      const void* src, const void* weights, int64_t n, int64_t d, int64_t num_pairs,           \
+      void* out, void* partial_dots) {                                                         \
+    return latent_rows_sum_dots<T>(offsets, rows, pair_ids, static_cast<const Acc<T>*>(coef),  \
+                                   static_cast<const T*>(src), static_cast<const T*>(weights), \
+                                   n, d, num_pairs, static_cast<T*>(out),                      \
+                                   static_cast<Acc<T>*>(partial_dots), nullptr);               \
+  }                                                                                            \
+  extern "C" int nested_loss_forward_##NAME(                                                   \
+      const void* x, const void* b_dec, const void* values, const int64_t* indices,            \
+      const int32_t* order, const int32_t* group, const void* W_dec, int64_t B, int64_t k,     \
+      int64_t d, int G, void* x_hat, void* partial_losses, void* resid) {                      \
+    return nested_loss_forward<T>(                                                             \
+        static_cast<const T*>(x), static_cast<const T*>(b_dec), static_cast<const T*>(values), \
+        indices, order, group, static_cast<const T*>(W_dec), B, k, d, G,                       \
+        static_cast<T*>(x_hat), static_cast<Acc<T>*>(partial_losses), static_cast<T*>(resid), \
+        nullptr);                                                                              \
+  }                                                                                            \
+  extern "C" int nested_loss_backward_##NAME(                                                  \
+      const void* resid, const void* values, const int64_t* indices, const int32_t* order,     \
+      const int32_t* group, const void* W_dec, const void* grad_x_hat, const double* scale,    \
+      int64_t B, int64_t k, int64_t d, int G, void* grad_x, void* S, void* partial_dots) {     \
+    return nested_loss_backward<T>(                                                            \
+        static_cast<const T*>(resid), static_cast<const T*>(values), indices, order, group,    \
+        static_cast<const T*>(W_dec), static_cast<const T*>(grad_x_hat), scale, B, k, d, G,    \
+        static_cast<T*>(grad_x), static_cast<SuffixSum<T>*>(S),                                \
+        static_cast<Acc<T>*>(partial_dots), nullptr);                                          \
   }
-  return out;
+ENTRY_POINTS(float, f32)
+ENTRY_POINTS(double, f64)
+ENTRY_POINTS(__half, f16)
+ENTRY_POINTS(__nv_bfloat16, bf16)
+
+// The float32 S of the float16 nested loss.
+extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* rows,
+                                       const void* coef, const void* src, int64_t n, int64_t d,
+                                       int transposed, void* out, void* coef_sum) {
+  return latent_rows_sum<float, __half>(offsets, rows, static_cast<const float*>(coef),
+                                        static_cast<const float*>(src), n, d, transposed != 0,
+                                        static_cast<__half*>(out),
+                                        static_cast<__half*>(coef_sum), nullptr);
 }
 
-template <typename V>
-void write(FILE* f, const std::vector<V>& data) {
-  std::fwrite(data.data(), sizeof(V), data.size(), f);
-}
-
-template <typename T>
-std::vector<T> to_storage(const std::vector<float>& in) {
-  std::vector<T> out(in.size());
-  for (size_t e = 0; e < in.size(); ++e) {
-    out[e] = static_cast<T>(in[e]);
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<float> to_float(const std::vector<T>& in) {
-  std::vector<float> out(in.size());
-  for (size_t e = 0; e < in.size(); ++e) {
-    out[e] = static_cast<float>(in[e]);
-  }
-  return out;
-}
-
-// Inputs (float32 unless said): int64 B, k, n, d, G, has_grad_x_hat, vector; x [B, d],
-// values [B, k], W_dec [n, d], b_dec [d], grad_x_hat [B, d] if any; int64 indices [B, k],
-// int64 sizes [G]; float64 scale [G]. Outputs (float32 unless said): x_hat, partial_losses,
-// resid, grad_x, S (NaN where not written), partial_dots; int32 order, group.
-template <typename T, bool kVector>
-int run(FILE* in, FILE* out, int64_t B, int64_t k, int64_t n, int64_t d, int G,
-        bool has_grad_x_hat) {
-  using A = Acc<T>;
-  using ST = SuffixSum<T>;
-  const std::vector<T> x = to_storage<T>(read<float>(in, B * d));
-  const std::vector<T> values = to_storage<T>(read<float>(in, B * k));
-  const std::vector<T> W_dec = to_storage<T>(read<float>(in, n * d));
-  const std::vector<T> b_dec = to_storage<T>(read<float>(in, d));
-  const std::vector<T> grad_x_hat = to_storage<T>(read<float>(in, has_grad_x_hat ? B * d : 0));
-  const std::vector<int64_t> indices = read<int64_t>(in, B * k);
-  const std::vector<int64_t> sizes = read<int64_t>(in, G);
-  const std::vector<double> scale = read<double>(in, G);
-
+extern "C" int prefix_walk_plan_all(const int64_t* indices, int64_t B, int64_t k,
+                                    const int64_t* sizes, int G, int32_t* order,
+                                    int32_t* group) {
   PrefixSizes prefix{};
   prefix.count = G;
   for (int g = 0; g < G; ++g) {
     prefix.m[g] = sizes[g];
   }
-  std::vector<int32_t> order(B * k, -1), group(B * k, -1);
-  emulate_launch(dim3((B * k + kPlanThreads - 1) / kPlanThreads, 1), kPlanThreads, [&] {
-    prefix_walk_plan_kernel(indices.data(), B, k, prefix, order.data(), group.data());
-  });
-
-  const int64_t tiles = num_col_tiles(d);
-  const dim3 grid((B + kRowsPerBlock - 1) / kRowsPerBlock, tiles);  // as walk_grid makes it
-  const int threads = kRowsPerBlock * kWarp;
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<T> x_hat(B * d, static_cast<T>(nan)), resid(2 * B * d, static_cast<T>(nan));
-  std::vector<A> losses(tiles * B * G, A(nan));
-  emulate_launch(grid, threads, [&] {
-    nested_loss_forward_kernel<T, kVector>(x.data(), b_dec.data(), values.data(), indices.data(),
-                                           order.data(), group.data(), W_dec.data(), B, k, d, G,
-                                           x_hat.data(), losses.data(), resid.data());
-  });
-  std::vector<T> grad_x(B * d, static_cast<T>(nan));
-  std::vector<ST> S(G * B * d, static_cast<ST>(nan));
-  std::vector<A> dots(tiles * B * k, A(nan));
-  emulate_launch(grid, threads, [&] {
-    nested_loss_backward_kernel<T, ST, kVector>(
-        resid.data(), values.data(), indices.data(), order.data(), group.data(), W_dec.data(),
-        has_grad_x_hat ? grad_x_hat.data() : nullptr, scale.data(), B, k, d, G, grad_x.data(),
-        S.data(), dots.data());
-  });
-  write(out, to_float(x_hat));
-  write(out, to_float(losses));
-  write(out, to_float(resid));
-  write(out, to_float(grad_x));
-  write(out, to_float(S));
-  write(out, to_float(dots));
-  write(out, order);
-  write(out, group);
-  return 0;
-}
-
-int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: harness float32|bfloat16|float16 input output\n");
-    return 2;
-  }
-  FILE* in = std::fopen(argv[2], "rb");
-  FILE* out = std::fopen(argv[3], "wb");
-  const std::vector<int64_t> head = read<int64_t>(in, 7);
-  const int64_t B = head[0], k = head[1], n = head[2], d = head[3];
-  const int G = static_cast<int>(head[4]);
-  const bool has_grad_x_hat = head[5] != 0, vector = head[6] != 0;
-  const std::string dtype = argv[1];
-  int status = 2;
-  if (dtype == "float32") {
-    status = vector ? run<float, true>(in, out, B, k, n, d, G, has_grad_x_hat)
-                    : run<float, false>(in, out, B, k, n, d, G, has_grad_x_hat);
-  } else if (dtype == "bfloat16") {
-    status = vector ? run<__nv_bfloat16, true>(in, out, B, k, n, d, G, has_grad_x_hat)
-                    : run<__nv_bfloat16, false>(in, out, B, k, n, d, G, has_grad_x_hat);
-  } else if (dtype == "float16") {
-    status = vector ? run<__half, true>(in, out, B, k, n, d, G, has_grad_x_hat)
-                    : run<__half, false>(in, out, B, k, n, d, G, has_grad_x_hat);
-  }
-  std::fclose(out);
-  return status;
+  return prefix_walk_plan(indices, B, k, prefix, order, group, nullptr);
 }
 """
 
+SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16",
+          torch.bfloat16: "bf16"}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2,
+             torch.float16: 2e-2}
 COL_TILE = 128  # kColTile in csrc/cuda/kernels.cuh
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-SUFFIX_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
-                torch.float16: torch.float32}  # SuffixSum<T> in kernels.cuh
+# SuffixSum<T> in csrc/cuda/kernels.cuh: the nested loss's S.
+SUFFIX_SUM = {torch.float32: torch.float32, torch.float64: torch.float64,
+              torch.bfloat16: torch.bfloat16, torch.float16: torch.float32}
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    """The harness binary, built once per test session."""
+def cuda_emulated(tmp_path_factory) -> ctypes.CDLL:
+    """The kernels and launchers of csrc/cuda/*.cu as a host library, built once per session."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
     where = tmp_path_factory.mktemp("emulated")
     (where / "emulator.h").write_text(EMULATOR)
-    (where / "harness.cpp").write_text(HARNESS)
-    binary = where / "harness"
-    # -x c++: nvcc hands the file to the host compiler (no __CUDACC__) with CUDA's headers.
-    built = subprocess.run(
-        [nvcc, "-x", "c++", "-std=c++20", "-O1", "-Xcompiler", "-pthread", f"-I{where}",
-         f"-I{CUDA_SOURCES}", str(where / "harness.cpp"), "-o", str(binary)],
-        capture_output=True, text=True,
-    )
-    assert built.returncode == 0, built.stderr[-4000:]
-    return binary
+    (where / "entry_points.cpp").write_text(ENTRY_POINTS)
+    sources = [*sorted(CUDA_SOURCES.glob("*.cu")), where / "entry_points.cpp"]
+    # -x c++: nvcc hands each file to the host compiler (no __CUDACC__) with CUDA's headers.
+    flags = ["-x", "c++", "-std=c++20", "-O1", "-Xcompiler", "-fPIC,-pthread",
+             "-include", str(where / "emulator.h"), f"-I{CUDA_SOURCES}"]
+
+    def compile_one(source: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([nvcc, *flags, "-c", str(source), "-o",
+                               str(where / f"{source.stem}.o")], capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for built in pool.map(compile_one, sources):
+            assert built.returncode == 0, built.stderr[-4000:]
+    library = where / "libcuda_emulated.so"
+    linked = subprocess.run([nvcc, "-shared", "-cudart=none", "-Xcompiler", "-pthread", "-o",
+                             str(library),
+                             *[str(where / f"{s.stem}.o") for s in sources]],
+                            capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr[-4000:]
+    return ctypes.CDLL(str(library))
+
+
+def call(lib: ctypes.CDLL, name: str, *arguments) -> None:
+    """Calls the entry point `name`: tensors go as their data pointers (None as null), ints as
+    int64 unless wrapped in ctypes.c_int."""
+    converted = []
+    for a in arguments:
+        if isinstance(a, torch.Tensor):
+            assert a.is_contiguous() and a.device.type == "cpu"
+            converted.append(ctypes.c_void_p(a.data_ptr()))
+        elif a is None:
+            converted.append(ctypes.c_void_p(None))
+        elif isinstance(a, ctypes.c_int):
+            converted.append(a)
+        else:
+            converted.append(ctypes.c_int64(a))
+    status = getattr(lib, name)(*converted)
+    assert status == 0, f"{name} returned cudaError {status}"
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-300)).item()
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
 
 
-def run_kernels(harness: Path, tmp: Path, dtype: torch.dtype, x, values, indices, W_dec, b_dec,
-                grad_x_hat, sizes: list[int], scale: torch.Tensor, vector: bool) -> dict:
-    """The emulated plan, forward and backward kernels' outputs, as float32 tensors."""
-    B, k = values.shape
-    n, d = W_dec.shape
-    G = len(sizes)
-    with open(tmp / "in.bin", "wb") as f:
-        f.write(struct.pack("<7q", B, k, n, d, G, grad_x_hat is not None, vector))
-        for t in (x, values, W_dec, b_dec, grad_x_hat):
-            if t is not None:
-                f.write(t.float().numpy().tobytes())
-        f.write(indices.numpy().astype("<i8").tobytes())
-        f.write(np.asarray(sizes, dtype="<i8").tobytes())
-        f.write(scale.numpy().astype("<f8").tobytes())
-    ran = subprocess.run([str(harness), str(dtype).removeprefix("torch."), str(tmp / "in.bin"),
-                          str(tmp / "out.bin")], capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr
-    raw = (tmp / "out.bin").read_bytes()
-    tiles = -(-d // COL_TILE)
-    shapes = [("x_hat", (B, d), "<f4"), ("losses", (tiles, B, G), "<f4"),
-              ("resid", (2, B, d), "<f4"), ("grad_x", (B, d), "<f4"), ("S", (G, B, d), "<f4"),
-              ("dots", (tiles, B, k), "<f4"), ("order", (B, k), "<i4"), ("group", (B, k), "<i4")]
-    out, at = {}, 0
-    for name, shape, kind in shapes:
-        count = int(np.prod(shape))
-        out[name] = torch.from_numpy(np.frombuffer(raw, kind, count, at).reshape(shape).copy())
-        at += count * 4
-    assert at == len(raw)
-    return out
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def poison(shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def random_code(generator: torch.Generator, B: int, n: int, k: int) -> torch.Tensor:
+    """indices [B, k]: distinct latents per row but for one row holding a latent twice."""
+    indices = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(B)])
+    if k > 1:
+        indices[B - 1, 0] = indices[B - 1, k - 1]
+    return indices
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (3, 64, 500, 300)])
+def test_gather_rows_sum(cuda_emulated, B, d, n, k, dtype):
+    """out[b] = bias + sum_j coef[b, j] rows[indices[b, j]]; k = 300 spans two staged chunks of
+    256 pairs. The one pair with a zero coefficient has a row of its own, NaN: with skip_zero
+    it is not read, without it the sum must be NaN."""
+    generator = torch.Generator().manual_seed(B + d + n + k)
+    coef = torch.randn(B, k, generator=generator, dtype=acc_dtype(dtype))
+    coef[0, 0] = 0.0
+    indices = torch.randint(0, n - 1, (B, k), generator=generator)
+    indices[0, 0] = n - 1
+    rows = torch.randn(n, d, generator=generator).to(dtype)
+    rows[n - 1] = float("nan")
+    bias = torch.randn(d, generator=generator).to(dtype)
+    want = torch.einsum("bk,bkd->bd", coef.double(), rows.double().nan_to_num()[indices])
+    for with_bias in [True, False]:
+        out = poison((B, d), dtype)
+        call(cuda_emulated, f"gather_rows_sum_{SUFFIX[dtype]}", coef, indices, rows,
+             bias if with_bias else None, B, k, d, ctypes.c_int(1), out)
+        expected = want + bias.double() if with_bias else want
+        assert relative_error(out, expected) <= TOLERANCE[dtype], with_bias
+    out = poison((B, d), dtype)
+    call(cuda_emulated, f"gather_rows_sum_{SUFFIX[dtype]}", coef, indices, rows, bias, B, k, d,
+         ctypes.c_int(0), out)
+    assert bool(out[0].isnan().all()) and relative_error(out[1:], want[1:] + bias.double()) <= (
+        TOLERANCE[dtype]) or B == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (33, 70), (64, 32)])
+def test_transpose(cuda_emulated, rows, cols, dtype):
+    matrix = torch.randn(rows, cols).to(dtype)
+    out = poison((cols, rows), dtype)
+    call(cuda_emulated, f"transpose_{SUFFIX[dtype]}", matrix, rows, cols, out)
+    assert torch.equal(out, matrix.t())
+
+
+def latent_pairs(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [P], offsets [n + 1]): the flat pairs sorted by latent (stable), as the host glue
+    groups them."""
+    flat = indices.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    offsets[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    return order, offsets
+
+
+def vector_width(d: int, dtype: torch.dtype) -> int:
+    """rows_sum_vector_width for CPU tensors (torch aligns their storage to 64 bytes)."""
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    return vec if d % vec == 0 else 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (33, 64, 70, 32)])
+def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype):
+    """out[i] = sum over latent i's pairs of coef * src[row] (plain, transposed with coef_sum,
+    and fused with the pairs' dots against weights), with src_rows into a taller src, zero
+    coefficients and empty latents; d = 64 takes the vector path in every dtype."""
+    generator = torch.Generator().manual_seed(B * d + n + k)
+    indices = random_code(generator, B, n, k)
+    indices[:, 0] = 0  # latent 0 in every row: a long segment
+    order, offsets = latent_pairs(indices, n)
+    P = B * k
+    coef = torch.randn(P, generator=generator, dtype=acc_dtype(dtype))
+    coef[::5] = 0.0
+    src_rows = torch.randint(0, 2 * B, (P,), generator=generator)
+    src = torch.randn(2 * B, d, generator=generator).to(dtype)
+    flat = indices.reshape(-1)
+    want = torch.zeros(n, d, dtype=torch.float64).index_add_(
+        0, flat, coef.double()[:, None] * src.double()[src_rows])
+    want_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, flat, coef.double())
+    rows_sorted, coef_sorted = src_rows[order].contiguous(), coef[order].contiguous()
+    tol = TOLERANCE[dtype]
+    name = SUFFIX[dtype]
+
+    out = poison((n, d), dtype)
+    call(cuda_emulated, f"latent_rows_sum_{name}", offsets, rows_sorted, coef_sorted, src, n, d,
+         ctypes.c_int(0), out, None)
+    assert relative_error(out, want) <= tol
+
+    out_t, coef_sum = poison((d, n), dtype), poison((n,), dtype)
+    call(cuda_emulated, f"latent_rows_sum_{name}", offsets, rows_sorted, coef_sorted, src, n, d,
+         ctypes.c_int(1), out_t, coef_sum)
+    assert relative_error(out_t, want.t()) <= tol
+    assert relative_error(coef_sum, want_sum) <= tol
+
+    weights = torch.randn(n, d, generator=generator).to(dtype)
+    tiles = -(-d // (32 * vector_width(d, dtype)))
+    out_d, partial = poison((n, d), dtype), poison((tiles, P), acc_dtype(dtype))
+    call(cuda_emulated, f"latent_rows_sum_dots_{name}", offsets, rows_sorted, order.contiguous(),
+         coef_sorted, src, weights, n, d, P, out_d, partial)
+    assert relative_error(out_d, want) <= tol
+    want_dots = (src.double()[src_rows] * weights.double()[flat]).sum(1)
+    assert relative_error(partial.double().sum(0), want_dots) <= tol
+
+
+def test_latent_rows_sum_of_float_rows_into_half(cuda_emulated):
+    """The float16 nested loss's grad_W_dec: float32 src (its S) summed into float16 out."""
+    generator = torch.Generator().manual_seed(7)
+    B, d, n, k = 9, 36, 50, 4
+    indices = random_code(generator, B, n, k)
+    order, offsets = latent_pairs(indices, n)
+    coef = torch.randn(B * k, generator=generator)
+    src = torch.randn(B, d, generator=generator)
+    rows = torch.arange(B).repeat_interleave(k)
+    want = torch.zeros(n, d, dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), coef.double()[:, None] * src.double()[rows])
+    out = poison((n, d), torch.float16)
+    call(cuda_emulated, "latent_rows_sum_f32_f16", offsets, rows[order].contiguous(),
+         coef[order].contiguous(), src, n, d, ctypes.c_int(0), out, None)
+    assert relative_error(out, want) <= TOLERANCE[torch.float16]
 
 
 # (B, d, n, [k], prefix sizes): k = 1; k past one or two chunks of 32 slots and not a multiple
 # of the 8-slot batches; d past one column tile and not a multiple of 4 (the strided path); an
 # empty first group; a single group; B not a multiple of the 4 rows of a block. Each problem
 # also has a latent twice in one row and a zero value.
-PROBLEMS = [
+NESTED = [
     (5, 32, 33, [3], [5, 20, 33]),
     (3, 8, 40, [1], [10, 40]),
     (6, 130, 200, [40], [7, 50, 120, 200]),
@@ -308,25 +442,27 @@ PROBLEMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,d,n,ks,sizes", PROBLEMS)
-def test_nested_kernels_match_reference(harness, tmp_path, B, d, n, ks, sizes, dtype):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,ks,sizes", NESTED)
+def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype):
+    """The walk plan, the forward walk and the backward's reverse walk against the float64
+    reference's losses, reconstruction and gradients (grad_W_dec as the host glue sums S)."""
     (k,) = ks
+    G = len(sizes)
     generator = torch.Generator().manual_seed(B * 1000 + d + n + k)
     x = torch.randn(B, d, generator=generator).to(dtype)
     W_dec = (torch.randn(n, d, generator=generator) / d**0.5).to(dtype)
     b_dec = (torch.randn(d, generator=generator) * 0.1).to(dtype)
     values = torch.rand(B, k, generator=generator).to(dtype)
     values[0, 0] = 0.0  # a zero value still has a gradient
-    indices = torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(B)])
-    if k > 1:
-        indices[1, 0] = indices[1, k - 1]  # one latent twice in a row
-    weights = (torch.rand(len(sizes), generator=generator) + 0.1).tolist()
+    indices = random_code(generator, B, n, k)
+    weights = (torch.rand(G, generator=generator) + 0.1).tolist()
     grad_loss = torch.randn((), generator=generator, dtype=torch.float64)
-    grad_prefix = torch.randn(len(sizes), generator=generator, dtype=torch.float64)
+    grad_prefix = torch.randn(G, generator=generator, dtype=torch.float64)
     grad_x_hat = (torch.randn(B, d, generator=generator) / B).to(dtype)
     scale = 2 * (grad_loss * torch.tensor(weights, dtype=torch.float64) + grad_prefix) / B
     tol = TOLERANCE[dtype]
+    name = SUFFIX[dtype]
 
     x64, v64, W64, b64 = (t.double().requires_grad_() for t in (x, values, W_dec, b_dec))
     loss, prefix_losses = reference.nested_prefix_loss(x64, v64, indices, W64, b64, sizes,
@@ -335,26 +471,34 @@ def test_nested_kernels_match_reference(harness, tmp_path, B, d, n, ks, sizes, d
     grads = torch.autograd.grad([loss, prefix_losses, x_hat], [x64, v64, W64],
                                 [grad_loss, grad_prefix, grad_x_hat.double()])
 
-    for vector in ([True, False] if d % 4 == 0 else [False]):
-        out = run_kernels(harness, tmp_path, dtype, x, values, indices, W_dec, b_dec, grad_x_hat,
-                          sizes, scale, vector)
-        where = f"{dtype}, vector={vector}"
-        assert relative_error(out["x_hat"], x_hat.detach()) <= tol, where
-        means = out["losses"].double().sum(0).mean(0)
-        assert relative_error(means, prefix_losses.detach()) <= tol, where
-        # hi + lo keeps about 16 significant bits in bfloat16, 22 in float16.
-        residual = (x64 - x_hat).detach()
-        assert relative_error(out["resid"].double().sum(0), residual) <= 1e-4, where
-        assert relative_error(out["grad_x"], grads[0]) <= tol, where
-        assert relative_error(-out["dots"].double().sum(0), grads[1]) <= tol, where
-        # grad_W_dec as the host glue makes it: -values * the row of S of each slot's group.
-        rows = out["S"][out["group"].long(), torch.arange(B)[:, None]]  # [B, k, d]
-        grad_W = torch.zeros(n, d, dtype=torch.float64).index_add_(
-            0, indices.reshape(-1), (-values.double()[..., None] * rows.double()).reshape(-1, d))
-        assert relative_error(grad_W, grads[2]) <= tol, where
-        S_dtype = SUFFIX_DTYPE[dtype]
-        assert torch.equal(rows, rows.to(S_dtype).float()), "S is stored in SuffixSum<T>"
-        order = out["order"].long()
-        assert torch.equal(torch.sort(order, 1).values, torch.arange(k).expand(B, k))
-        walked = indices.gather(1, order)
-        assert bool((walked[:, 1:] >= walked[:, :-1]).all()), "the walk is in index order"
+    order, group = torch.full((B, k), -1, dtype=torch.int32), torch.full((B, k), -1, dtype=torch.int32)
+    call(cuda_emulated, "prefix_walk_plan_all", indices, B, k, torch.tensor(sizes),
+         ctypes.c_int(G), order, group)
+    assert torch.equal(torch.sort(order.long(), 1).values, torch.arange(k).expand(B, k))
+    walked = indices.gather(1, order.long())
+    assert bool((walked[:, 1:] >= walked[:, :-1]).all()), "the walk is in index order"
+    assert torch.equal(group.long(), torch.bucketize(indices, torch.tensor(sizes), right=True))
+
+    tiles = -(-d // COL_TILE)
+    out_x_hat, resid = poison((B, d), dtype), poison((2, B, d), dtype)
+    losses = poison((tiles, B, G), acc_dtype(dtype))
+    call(cuda_emulated, f"nested_loss_forward_{name}", x, b_dec, values, indices, order, group,
+         W_dec, B, k, d, ctypes.c_int(G), out_x_hat, losses, resid)
+    assert relative_error(out_x_hat, x_hat.detach()) <= tol
+    assert relative_error(losses.double().sum(0).mean(0), prefix_losses.detach()) <= tol
+    # hi + lo keeps about 16 significant bits in bfloat16, 22 in float16.
+    assert relative_error(resid.double().sum(0), (x64 - x_hat).detach()) <= min(tol, 1e-4)
+
+    grad_x = poison((B, d), dtype)
+    S = poison((G, B, d), SUFFIX_SUM[dtype])
+    dots = poison((tiles, B, k), acc_dtype(dtype))
+    call(cuda_emulated, f"nested_loss_backward_{name}", resid, values, indices, order, group,
+         W_dec, grad_x_hat, scale, B, k, d, ctypes.c_int(G), grad_x, S, dots)
+    assert relative_error(grad_x, grads[0]) <= tol
+    assert relative_error(-dots.double().sum(0), grads[1]) <= tol
+    # grad_W_dec as the host glue makes it: -values * the row of S of each slot's group (rows
+    # of groups a row has no slot in stay unwritten, NaN, and are never read).
+    rows = S[group.long(), torch.arange(B)[:, None]]  # [B, k, d]
+    grad_W = torch.zeros(n, d, dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), (-values.double()[..., None] * rows.double()).reshape(-1, d))
+    assert relative_error(grad_W, grads[2]) <= tol

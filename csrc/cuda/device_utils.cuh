@@ -8,6 +8,16 @@
 
 #include "kernels.cuh"
 
+// Kernel launches are written SPARSECODE_LAUNCH(kernel, grid, block, stream)(arguments...):
+// kernel<<<grid, block, 0, stream>>>(arguments...) under nvcc. Compiled as host C++
+// (tests/test_cuda_emulated.py), they call emulated_launch(kernel, grid, block), which the
+// test's warp emulator defines, to run every thread of the grid on the CPU.
+#if defined(__CUDACC__)
+#define SPARSECODE_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#else
+#define SPARSECODE_LAUNCH(kernel, grid, block, stream) emulated_launch(kernel, (grid), (block))
+#endif
+
 namespace sparsecode::cuda {
 
 constexpr int kWarp = 32;

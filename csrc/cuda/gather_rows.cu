@@ -102,8 +102,8 @@ cudaError_t gather_rows_sum(const Acc<T>* coef, const int64_t* indices, const T*
     return cudaErrorInvalidConfiguration;
   }
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
-  gather_rows_sum_kernel<T><<<grid, kColTile, 0, stream>>>(coef, indices, rows, bias, k, d,
-                                                           skip_zero, out);
+  SPARSECODE_LAUNCH(gather_rows_sum_kernel<T>, grid, kColTile, stream)(coef, indices, rows, bias,
+                                                                     k, d, skip_zero, out);
   return cudaGetLastError();
 }
 
@@ -119,7 +119,7 @@ cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStrea
   }
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
   const dim3 block(kTransposeTile, kTransposeRows);
-  transpose_kernel<T><<<grid, block, 0, stream>>>(in, rows, cols, out);
+  SPARSECODE_LAUNCH(transpose_kernel<T>, grid, block, stream)(in, rows, cols, out);
   return cudaGetLastError();
 }
 

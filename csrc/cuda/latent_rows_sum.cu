@@ -38,7 +38,8 @@
 // for the nested grad_W_dec: 0.26 ms. The B k d src reads (2.4 GB bf16, 4.8 GB for the fp32 S)
 // are served by L2. On an H100 (bf16) a call takes 0.49 ms, 0.68 ms transposed, against 1.10
 // and 1.35 ms with 2-byte loads one pair at a time (about 2.2 TB/s of L2 reads: latency-bound).
-// A latent used by very many rows is summed by one warp per column tile, so a latent active in every row of the batch costs about B sequential steps.
+// A latent used by very many rows is summed by one warp per column tile, so a latent active in
+// every row of the batch costs about B sequential steps.
 // The dots add, per pair, V multiply-adds per lane with the latent's weights (read once per
 // latent and column tile: n d s, 302 MB bf16), 1.5 shuffles and one 4-byte store per column
 // tile ([tiles, P] fp32, 19 MB bf16), in place of a second gather of the same B k d elements
@@ -201,14 +202,10 @@ cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
   if (!segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  const int threads = kSegWarps * kWarp;
-  if (transposed) {
-    latent_rows_sum_kernel<Src, Out, true, false, V><<<grid, threads, 0, stream>>>(
-        offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
-  } else {
-    latent_rows_sum_kernel<Src, Out, false, false, V><<<grid, threads, 0, stream>>>(
-        offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
-  }
+  const auto kernel = transposed ? latent_rows_sum_kernel<Src, Out, true, false, V>
+                                 : latent_rows_sum_kernel<Src, Out, false, false, V>;
+  SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
+      offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
   return cudaGetLastError();
 }
 
@@ -225,7 +222,8 @@ cudaError_t launch_latent_rows_sum_dots(const int64_t* offsets, const int64_t* r
   if (!segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  latent_rows_sum_kernel<T, T, false, true, V><<<grid, kSegWarps * kWarp, 0, stream>>>(
+  const auto kernel = latent_rows_sum_kernel<T, T, false, true, V>;
+  SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
       offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs, partial_dots);
   return cudaGetLastError();
 }
@@ -258,7 +256,7 @@ cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                            num_pairs, out, partial_dots, stream);
 }
 
-// src in the storage type, and in the accumulation type (the nested loss's fp32 S).
+// src in the storage type, and in float for float16 out (the nested loss's float32 S).
 #define SPARSECODE_INSTANTIATE(Src, Out)                                                  \
   template cudaError_t latent_rows_sum<Src, Out>(const int64_t*, const int64_t*,         \
                                                  const Acc<Out>*, const Src*, int64_t,   \
@@ -268,7 +266,6 @@ SPARSECODE_INSTANTIATE(double, double)
 SPARSECODE_INSTANTIATE(__half, __half)
 SPARSECODE_INSTANTIATE(float, __half)
 SPARSECODE_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
-SPARSECODE_INSTANTIATE(float, __nv_bfloat16)
 #undef SPARSECODE_INSTANTIATE
 
 #define SPARSECODE_INSTANTIATE(T)                                                          \

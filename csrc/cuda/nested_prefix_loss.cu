@@ -428,9 +428,6 @@ bool vector_rows(int64_t d, std::initializer_list<const void*> pointers) {
 
 }  // namespace
 
-// The launches need nvcc; tests/test_cuda_emulated.py compiles the kernels above as host code.
-#if defined(__CUDACC__)
-
 cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
                              const PrefixSizes& sizes, int32_t* order, int32_t* group,
                              cudaStream_t stream) {
@@ -441,8 +438,8 @@ cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
   if (!grid_fits(blocks, 1)) {
     return cudaErrorInvalidConfiguration;
   }
-  prefix_walk_plan_kernel<<<static_cast<unsigned>(blocks), kPlanThreads, 0, stream>>>(
-      indices, B, k, sizes, order, group);
+  SPARSECODE_LAUNCH(prefix_walk_plan_kernel, static_cast<unsigned>(blocks), kPlanThreads,
+                    stream)(indices, B, k, sizes, order, group);
   return cudaGetLastError();
 }
 
@@ -478,8 +475,9 @@ cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
   const auto kernel = vector_rows<T>(d, {x, b_dec, W_dec, x_hat, resid, resid + B * d})
                           ? nested_loss_forward_kernel<T, true>
                           : nested_loss_forward_kernel<T, false>;
-  kernel<<<grid, threads, 0, stream>>>(x, b_dec, values, indices, order, group, W_dec, B, k, d,
-                                       G, x_hat, partial_losses, resid);
+  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(x, b_dec, values, indices, order, group,
+                                                   W_dec, B, k, d, G, x_hat, partial_losses,
+                                                   resid);
   return cudaGetLastError();
 }
 
@@ -499,8 +497,9 @@ cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t*
                       vector_rows<SuffixSum<T>>(d, {S});
   const auto kernel = vector ? nested_loss_backward_kernel<T, SuffixSum<T>, true>
                              : nested_loss_backward_kernel<T, SuffixSum<T>, false>;
-  kernel<<<grid, threads, 0, stream>>>(resid, values, indices, order, group, W_dec, grad_x_hat,
-                                       scale, B, k, d, G, grad_x, S, partial_dots);
+  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(resid, values, indices, order, group, W_dec,
+                                                   grad_x_hat, scale, B, k, d, G, grad_x, S,
+                                                   partial_dots);
   return cudaGetLastError();
 }
 
@@ -516,7 +515,5 @@ cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t*
                                                cudaStream_t);
 SPARSECODE_FOR_EACH_TYPE(SPARSECODE_INSTANTIATE)
 #undef SPARSECODE_INSTANTIATE
-
-#endif  // defined(__CUDACC__)
 
 }  // namespace sparsecode::cuda
