@@ -189,22 +189,33 @@ extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
                                    n, d, num_pairs, static_cast<T*>(out),                      \
                                    static_cast<Acc<T>*>(partial_dots), nullptr);               \
   }                                                                                            \
-  extern "C" int nested_loss_forward_##NAME(                                                   \
-      const void* x, const void* b_dec, const void* values, const int64_t* indices,            \
-      const int32_t* order, const int32_t* group, const void* W_dec, int64_t B, int64_t k,     \
-      int64_t d, int G, void* x_hat, void* partial_losses, void* resid) {                      \
+  extern "C" int prefix_walk_plan_##NAME(const int64_t* indices, const void* values, int64_t B,  \
+                                         int64_t k, const int64_t* sizes, int G,              \
+                                         int32_t* group, void* walk) {                        \
+    PrefixSizes prefix{};                                                                      \
+    prefix.count = G;                                                                          \
+    for (int g = 0; g < G; ++g) {                                                              \
+      prefix.m[g] = sizes[g];                                                                  \
+    }                                                                                          \
+    return prefix_walk_plan<T>(indices, static_cast<const T*>(values), B, k, prefix, group,    \
+                               static_cast<WalkSlot<T>*>(walk), nullptr);                      \
+  }                                                                                            \
+  extern "C" int nested_loss_forward_##NAME(const void* x, const void* b_dec, const void* walk, \
+                                            const void* W_dec, int64_t B, int64_t k,           \
+                                            int64_t d, int G, void* x_hat,                     \
+                                            void* partial_losses, void* resid) {               \
     return nested_loss_forward<T>(                                                             \
-        static_cast<const T*>(x), static_cast<const T*>(b_dec), static_cast<const T*>(values), \
-        indices, order, group, static_cast<const T*>(W_dec), B, k, d, G,                       \
+        static_cast<const T*>(x), static_cast<const T*>(b_dec),                                \
+        static_cast<const WalkSlot<T>*>(walk), static_cast<const T*>(W_dec), B, k, d, G,       \
         static_cast<T*>(x_hat), static_cast<Acc<T>*>(partial_losses), static_cast<T*>(resid), \
         nullptr);                                                                              \
   }                                                                                            \
   extern "C" int nested_loss_backward_##NAME(                                                  \
-      const void* resid, const void* values, const int64_t* indices, const int32_t* order,     \
-      const int32_t* group, const void* W_dec, const void* grad_x_hat, const double* scale,    \
-      int64_t B, int64_t k, int64_t d, int G, void* grad_x, void* S, void* partial_dots) {     \
+      const void* resid, const void* walk, const void* W_dec, const void* grad_x_hat,          \
+      const double* scale, int64_t B, int64_t k, int64_t d, int G, void* grad_x, void* S,      \
+      void* partial_dots) {                                                                    \
     return nested_loss_backward<T>(                                                            \
-        static_cast<const T*>(resid), static_cast<const T*>(values), indices, order, group,    \
+        static_cast<const T*>(resid), static_cast<const WalkSlot<T>*>(walk),                   \
         static_cast<const T*>(W_dec), static_cast<const T*>(grad_x_hat), scale, B, k, d, G,    \
         static_cast<T*>(grad_x), static_cast<SuffixSum<T>*>(S),                                \
         static_cast<Acc<T>*>(partial_dots), nullptr);                                          \
@@ -224,16 +235,6 @@ extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* ro
                                         static_cast<__half*>(coef_sum), nullptr);
 }
 
-extern "C" int prefix_walk_plan_all(const int64_t* indices, int64_t B, int64_t k,
-                                    const int64_t* sizes, int G, int32_t* order,
-                                    int32_t* group) {
-  PrefixSizes prefix{};
-  prefix.count = G;
-  for (int g = 0; g < G; ++g) {
-    prefix.m[g] = sizes[g];
-  }
-  return prefix_walk_plan(indices, B, k, prefix, order, group, nullptr);
-}
 """
 
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16",
@@ -242,6 +243,9 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2,
              torch.float16: 2e-2}
 COL_TILE = 128  # kColTile in csrc/cuda/kernels.cuh
+# sizeof(WalkSlot<T>) in csrc/cuda/kernels.cuh by accumulation type: int32 index, group and
+# slot, then the value (after 4 bytes of padding for float64).
+WALK_SLOT_BYTES = {torch.float32: 16, torch.float64: 24}
 # SuffixSum<T> in csrc/cuda/kernels.cuh: the nested loss's S.
 SUFFIX_SUM = {torch.float32: torch.float32, torch.float64: torch.float64,
               torch.bfloat16: torch.bfloat16, torch.float16: torch.float32}
@@ -445,8 +449,9 @@ NESTED = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,ks,sizes", NESTED)
 def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype):
-    """The walk plan, the forward walk and the backward's reverse walk against the float64
-    reference's losses, reconstruction and gradients (grad_W_dec as the host glue sums S)."""
+    """The walk plan (each row's slots in index order, with their groups and values), the
+    forward walk and the backward's reverse walk against the float64 reference's losses,
+    reconstruction and gradients (grad_W_dec as the host glue sums S)."""
     (k,) = ks
     G = len(sizes)
     generator = torch.Generator().manual_seed(B * 1000 + d + n + k)
@@ -471,19 +476,25 @@ def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype):
     grads = torch.autograd.grad([loss, prefix_losses, x_hat], [x64, v64, W64],
                                 [grad_loss, grad_prefix, grad_x_hat.double()])
 
-    order, group = torch.full((B, k), -1, dtype=torch.int32), torch.full((B, k), -1, dtype=torch.int32)
-    call(cuda_emulated, "prefix_walk_plan_all", indices, B, k, torch.tensor(sizes),
-         ctypes.c_int(G), order, group)
-    assert torch.equal(torch.sort(order.long(), 1).values, torch.arange(k).expand(B, k))
-    walked = indices.gather(1, order.long())
-    assert bool((walked[:, 1:] >= walked[:, :-1]).all()), "the walk is in index order"
+    group = torch.full((B, k), -1, dtype=torch.int32)
+    walk = torch.full((B, k, WALK_SLOT_BYTES[acc_dtype(dtype)]), 255, dtype=torch.uint8)
+    call(cuda_emulated, f"prefix_walk_plan_{name}", indices, values, B, k, torch.tensor(sizes),
+         ctypes.c_int(G), group, walk)
     assert torch.equal(group.long(), torch.bucketize(indices, torch.tensor(sizes), right=True))
+    walk_index, walk_group, slot = (walk[..., 4 * f:4 * f + 4].contiguous().view(torch.int32)
+                                    .squeeze(-1).long() for f in range(3))
+    walk_value = walk[..., -acc_dtype(dtype).itemsize:].contiguous().view(acc_dtype(dtype))
+    assert torch.equal(torch.sort(slot, 1).values, torch.arange(k).expand(B, k))
+    assert torch.equal(walk_index, indices.gather(1, slot))
+    assert bool((walk_index[:, 1:] >= walk_index[:, :-1]).all()), "the walk is in index order"
+    assert torch.equal(walk_group, group.long().gather(1, slot))
+    assert torch.equal(walk_value.squeeze(-1), values.gather(1, slot).to(acc_dtype(dtype)))
 
     tiles = -(-d // COL_TILE)
     out_x_hat, resid = poison((B, d), dtype), poison((2, B, d), dtype)
     losses = poison((tiles, B, G), acc_dtype(dtype))
-    call(cuda_emulated, f"nested_loss_forward_{name}", x, b_dec, values, indices, order, group,
-         W_dec, B, k, d, ctypes.c_int(G), out_x_hat, losses, resid)
+    call(cuda_emulated, f"nested_loss_forward_{name}", x, b_dec, walk, W_dec, B, k, d,
+         ctypes.c_int(G), out_x_hat, losses, resid)
     assert relative_error(out_x_hat, x_hat.detach()) <= tol
     assert relative_error(losses.double().sum(0).mean(0), prefix_losses.detach()) <= tol
     # hi + lo keeps about 16 significant bits in bfloat16, 22 in float16.
@@ -492,8 +503,8 @@ def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype):
     grad_x = poison((B, d), dtype)
     S = poison((G, B, d), SUFFIX_SUM[dtype])
     dots = poison((tiles, B, k), acc_dtype(dtype))
-    call(cuda_emulated, f"nested_loss_backward_{name}", resid, values, indices, order, group,
-         W_dec, grad_x_hat, scale, B, k, d, ctypes.c_int(G), grad_x, S, dots)
+    call(cuda_emulated, f"nested_loss_backward_{name}", resid, walk, W_dec, grad_x_hat, scale, B,
+         k, d, ctypes.c_int(G), grad_x, S, dots)
     assert relative_error(grad_x, grads[0]) <= tol
     assert relative_error(-dots.double().sum(0), grads[1]) <= tol
     # grad_W_dec as the host glue makes it: -values * the row of S of each slot's group (rows

@@ -97,12 +97,24 @@ cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                  const T* weights, int64_t n, int64_t d, int64_t num_pairs,
                                  T* out, Acc<T>* partial_dots, cudaStream_t stream);
 
-// The walk plan of the nested loss (nested_prefix_loss.cu), from indices [B, k]:
-//   order [B, k]: order[b, q] is the slot at position q of row b sorted by (index, slot);
+// One slot of a row in the nested loss's walk order: its latent (d_sae < 2^31), its prefix
+// group, its place j in the row, and its value in the accumulation type. 16 bytes (24 for
+// double), so that a lane reads it with one vector load.
+template <typename T>
+struct alignas(sizeof(Acc<T>) == 4 ? 16 : 8) WalkSlot {
+  int32_t index;
+  int32_t group;
+  int32_t slot;
+  Acc<T> value;
+};
+
+// The walk plan of the nested loss (nested_prefix_loss.cu), from indices and values [B, k]:
 //   group [B, k]: group[b, j] is the prefix group of slot j, the first g with
-//                 indices[b, j] < sizes.m[g].
-cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
-                             const PrefixSizes& sizes, int32_t* order, int32_t* group,
+//                 indices[b, j] < sizes.m[g];
+//   walk [B, k]:  walk[b, q] is the slot at position q of row b sorted by (index, slot).
+template <typename T>
+cudaError_t prefix_walk_plan(const int64_t* indices, const T* values, int64_t B, int64_t k,
+                             const PrefixSizes& sizes, int32_t* group, WalkSlot<T>* walk,
                              cudaStream_t stream);
 
 // Nested loss forward: x_hat [B, d]; per column tile, the squared norms of each row's residual
@@ -110,11 +122,9 @@ cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
 // r = x - x_hat for the backward, as resid [2, B, d] in T: resid[0] = r rounded to T,
 // resid[1] = r - resid[0] rounded (about 16 significant bits in bf16, exact in fp32 / fp64).
 template <typename T>
-cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
-                                const int64_t* indices, const int32_t* order,
-                                const int32_t* group, const T* W_dec, int64_t B, int64_t k,
-                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses, T* resid,
-                                cudaStream_t stream);
+cudaError_t nested_loss_forward(const T* x, const T* b_dec, const WalkSlot<T>* walk,
+                                const T* W_dec, int64_t B, int64_t k, int64_t d, int G, T* x_hat,
+                                Acc<T>* partial_losses, T* resid, cudaStream_t stream);
 
 // The storage type of the nested loss's suffix sums S, which only the per-latent sum of
 // grad_W_dec reads (the dots use them in registers): bf16 for bf16 (float's exponent range,
@@ -139,8 +149,7 @@ using SuffixSum = typename SuffixSumOf<T>::type;
 //   partial_dots [num_col_tiles(d), B, k]: W_dec[indices[b, j]] . (S_{group of slot j}[b] -
 //                grad_x_hat[b]) per column tile, in Acc<T> (grad_values is minus their sum).
 template <typename T>
-cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t* indices,
-                                 const int32_t* order, const int32_t* group, const T* W_dec,
+cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const T* W_dec,
                                  const T* grad_x_hat, const double* scale, int64_t B, int64_t k,
                                  int64_t d, int G, T* grad_x, SuffixSum<T>* S,
                                  Acc<T>* partial_dots, cudaStream_t stream);

@@ -6,9 +6,11 @@
 //   r_g[b] = x[b] - b_dec - sum over slots of groups <= g of values[b, j] W_dec[indices[b, j]].
 // x [B, d], values / indices [B, k], W_dec [n, d], b_dec [d].
 //
-//   prefix_walk_plan:     each row's slots sorted by (index, slot) -> order [B, k], and each
-//                         slot's group -> group [B, k]. One thread per slot counts the slots
-//                         that sort before it: O(B k^2) integer work on L1-resident rows.
+//   prefix_walk_plan:     each slot's group -> group [B, k] (for the host's grad_W_dec), and
+//                         each row's slots sorted by (index, slot) -> walk [B, k] of WalkSlot
+//                         (latent, group, slot, value: 16 bytes, one vector load). One thread
+//                         per slot counts the slots that sort before it: O(B k^2) integer work
+//                         on L1-resident rows.
 //   nested_loss_forward:  walks the sorted slots once, r starting at x - b_dec; at each group
 //                         boundary the squared norm of r is recorded, and x_hat = b_dec + the
 //                         sum of all slots is accumulated on the way. Out: x_hat [B, d],
@@ -29,10 +31,12 @@
 // Strategy: one warp per (row, tile of kColTile = 128 columns), 4 rows of one column tile per
 // block; a lane holds 4 columns of the tile: 4 consecutive ones, read and written with one
 // vector access, when d is a multiple of 4 and the rows are aligned to that, else 4 columns a
-// warp apart (any d). A warp reads its row's slots 32 at a time, one per lane, and broadcasts
-// them with shuffles (index, value and group as 32-bit words; the backward also the slot); the
-// walks issue the W_dec loads of 8 slots before they use the first, so that several L2 reads
-// are in flight per lane. No shared memory, no barrier. Reductions over columns are a lane's 4
+// warp apart (any d). A warp reads its row's walk 32 slots at a time, one per lane, loading the
+// next 32 before it uses these (a walk used to wait for two dependent loads, the slot order and
+// then the slot's latent, at every 32 slots), and broadcasts them with shuffles (latent, value
+// and group as 32-bit words; the backward also the slot); the walks issue the W_dec loads of 8
+// slots before they use the first, so that several L2 reads are in flight per lane. No shared
+// memory, no barrier. Reductions over columns are a lane's 4
 // columns, then warp shuffles in a fixed tree, then the caller's sum over the column tiles: a
 // fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight belong to one
 // column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
@@ -46,7 +50,8 @@
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64, G = 6 (s = bytes per element: 2 bf16, 4 fp32):
 //   forward:  2 B k d x2 = 4.8 GFLOP. DRAM floor: x (B d s), W_dec (n d s), x_hat and resid
-//             (3 B d s), slots: 0.45 GB bf16 (0.9 GB fp32): 0.15 ms at 3 TB/s (0.3 ms).
+//             (3 B d s), walk (B k 16, 8 MB): 0.45 GB bf16 (0.9 GB fp32): 0.15 ms at 3 TB/s
+//             (0.3 ms).
 //   backward: 4 B k d = 4.8 GFLOP (walk and dots). DRAM floor: resid (2 B d s), W_dec, grad_x
 //             and grad_x_hat (B d s each), S written once (at most G B d s: 226 MB in bf16, whose
 //             S is bf16; fp16 keeps a float32 S): 0.7 GB bf16 (1.4 GB fp32): 0.23 ms (0.45 ms);
@@ -64,10 +69,11 @@ constexpr int kWalkUnroll = 8;               // slots whose loads the walk issue
 static_assert(kLaneCols == 4, "a lane's columns are one 4-element vector");
 static_assert(kWalkUnroll % 4 == 0, "the backward reduces its dots 4 slots at a time");
 
+template <typename T>
 __global__ void __launch_bounds__(kPlanThreads)
-    prefix_walk_plan_kernel(const int64_t* __restrict__ indices, int64_t B, int64_t k,
-                            PrefixSizes sizes, int32_t* __restrict__ order,
-                            int32_t* __restrict__ group) {
+    prefix_walk_plan_kernel(const int64_t* __restrict__ indices, const T* __restrict__ values,
+                            int64_t B, int64_t k, PrefixSizes sizes, int32_t* __restrict__ group,
+                            WalkSlot<T>* __restrict__ walk) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kPlanThreads + threadIdx.x;
   if (p >= B * k) {
     return;
@@ -81,12 +87,17 @@ __global__ void __launch_bounds__(kPlanThreads)
     const int64_t other = row[t];
     rank += (other < i || (other == i && t < j)) ? 1 : 0;
   }
-  order[b * k + rank] = static_cast<int32_t>(j);
   int g = 0;
   while (g < sizes.count && i >= sizes.m[g]) {
     ++g;
   }
   group[p] = g;
+  WalkSlot<T> slot;
+  slot.index = static_cast<int32_t>(i);  // d_sae < 2^31 (checked by the host)
+  slot.group = g;
+  slot.slot = static_cast<int32_t>(j);
+  slot.value = to_acc(values[p]);
+  walk[b * k + rank] = slot;
 }
 
 // The v-th column (within the tile) of a lane: with kVector 4 consecutive columns, else
@@ -144,20 +155,17 @@ __device__ __forceinline__ void store_cols(T* row, int64_t e0, int64_t d, int la
   }
 }
 
-// One row's code: walk order, latents, values and groups of its k slots.
+// The walk-ordered slots of a row, 32 at a time, one per lane: lane t gets position begin + t
+// when t < count, else an empty slot. The walks load the next 32 before they use these, so that
+// their latency overlaps the current ones' gathers.
 template <typename T>
-struct RowCode {
-  const int32_t* order;
-  const int64_t* index;
-  const T* value;
-  const int32_t* group;
-};
-
-template <typename T>
-__device__ __forceinline__ RowCode<T> row_code(const int32_t* order, const int64_t* indices,
-                                               const T* values, const int32_t* group, int64_t b,
-                                               int64_t k) {
-  return {order + b * k, indices + b * k, values + b * k, group + b * k};
+__device__ __forceinline__ WalkSlot<T> load_slots(const WalkSlot<T>* row, int64_t begin,
+                                                  int64_t count, int lane) {
+  WalkSlot<T> slot{};
+  if (lane < count) {
+    slot = row[begin + lane];
+  }
+  return slot;
 }
 
 // The start of the walk for one warp's row b and column tile e0: bias = the lane's columns of
@@ -174,30 +182,23 @@ __device__ __forceinline__ void start_walk(const T* x, const T* b_dec, int64_t b
   }
 }
 
-// The walk both kernels share, for one warp's row and column tile (e0): r holds the lane's
-// columns of x - b_dec; the walk subtracts each slot's values * W_dec[index] in walk order
-// and calls at_boundary(g) when r is the residual of prefix g, once per g in order. Every lane
-// of the warp calls it (columns past d hold zeros), so at_boundary may use warp shuffles. With
-// kRecon, recon also accumulates the slots' sum.
-template <bool kVector, bool kRecon, typename T, typename AtBoundary>
-__device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, int64_t k,
+// The forward's walk, for one warp's row and column tile (e0): r holds the lane's columns of
+// x - b_dec; the walk subtracts each slot's values * W_dec[index] in walk order, adds it to
+// recon, and calls at_boundary(g) when r is the residual of prefix g, once per g in order.
+// Every lane of the warp calls it (columns past d hold zeros), so at_boundary may use warp
+// shuffles.
+template <bool kVector, typename T, typename AtBoundary>
+__device__ __forceinline__ void walk_row(const T* W_dec, const WalkSlot<T>* row, int64_t k,
                                          int64_t d, int64_t e0, int lane, int G,
                                          Acc<T> (&r)[kLaneCols], Acc<T> (&recon)[kLaneCols],
                                          AtBoundary at_boundary) {
   using A = Acc<T>;
   int g = 0;
+  WalkSlot<T> ahead = load_slots(row, 0, k, lane);
   for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
     const int count = static_cast<int>(min64(kWarp, k - q0));
-    // Lane t holds the slot at walk position q0 + t.
-    int lane_index = 0;  // d_sae < 2^31 (checked by the host)
-    A lane_value = 0;
-    int lane_group = 0;
-    if (lane < count) {
-      const int slot = row.order[q0 + lane];
-      lane_index = static_cast<int>(row.index[slot]);
-      lane_value = to_acc(row.value[slot]);
-      lane_group = row.group[slot];
-    }
+    const WalkSlot<T> mine = ahead;  // lane t: the slot at walk position q0 + t
+    ahead = load_slots(row, q0 + kWarp, k - q0 - kWarp, lane);
     for (int u0 = 0; u0 < count; u0 += kWalkUnroll) {
       A value[kWalkUnroll];
       int group[kWalkUnroll];
@@ -205,9 +206,9 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, 
 #pragma unroll
       for (int u = 0; u < kWalkUnroll; ++u) {
         const int from = (u0 + u) % kWarp;
-        const int64_t i = __shfl_sync(kFullMask, lane_index, from);
-        value[u] = __shfl_sync(kFullMask, lane_value, from);
-        group[u] = __shfl_sync(kFullMask, lane_group, from);
+        const int64_t i = __shfl_sync(kFullMask, mine.index, from);
+        value[u] = __shfl_sync(kFullMask, mine.value, from);
+        group[u] = __shfl_sync(kFullMask, mine.group, from);
         if (u0 + u >= count) {
           value[u] = 0;
         }
@@ -227,9 +228,7 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, 
 #pragma unroll
           for (int v = 0; v < kLaneCols; ++v) {
             r[v] -= value[u] * w[u][v];
-            if constexpr (kRecon) {
-              recon[v] += value[u] * w[u][v];
-            }
+            recon[v] += value[u] * w[u][v];
           }
         }
       }
@@ -243,11 +242,10 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const RowCode<T>& row, 
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     nested_loss_forward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
-                               const T* __restrict__ values, const int64_t* __restrict__ indices,
-                               const int32_t* __restrict__ order,
-                               const int32_t* __restrict__ group, const T* __restrict__ W_dec,
-                               int64_t B, int64_t k, int64_t d, int G, T* __restrict__ x_hat,
-                               Acc<T>* __restrict__ partial_losses, T* __restrict__ resid) {
+                               const WalkSlot<T>* __restrict__ walk,
+                               const T* __restrict__ W_dec, int64_t B, int64_t k, int64_t d,
+                               int G, T* __restrict__ x_hat, Acc<T>* __restrict__ partial_losses,
+                               T* __restrict__ resid) {
   using A = Acc<T>;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -259,18 +257,17 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   A recon[kLaneCols];  // starts at b_dec
   start_walk<kVector>(x, b_dec, b, d, e0, lane, r, recon);
   A* losses = partial_losses + (blockIdx.y * B + b) * G;
-  walk_row<kVector, true>(W_dec, row_code(order, indices, values, group, b, k), k, d, e0, lane,
-                          G, r, recon, [&](int g) {
-                            A square = 0;
+  walk_row<kVector>(W_dec, walk + b * k, k, d, e0, lane, G, r, recon, [&](int g) {
+    A square = 0;
 #pragma unroll
-                            for (int v = 0; v < kLaneCols; ++v) {
-                              square += r[v] * r[v];
-                            }
-                            square = warp_sum(square);
-                            if (lane == 0) {
-                              losses[g] = square;
-                            }
-                          });
+    for (int v = 0; v < kLaneCols; ++v) {
+      square += r[v] * r[v];
+    }
+    square = warp_sum(square);
+    if (lane == 0) {
+      losses[g] = square;
+    }
+  });
   store_cols<kVector>(x_hat + b * d, e0, d, lane, recon);
   // The final residual for the backward, as hi + lo in T: hi = r rounded, lo = r - hi rounded.
   A hi[kLaneCols];
@@ -298,10 +295,8 @@ __device__ __forceinline__ double scale_sum(const double* scale, int from, int t
 // up to the last one passed, and acc then holds all of S_h + grad_x_hat.
 template <typename T, typename ST, bool kVector>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
-    nested_loss_backward_kernel(const T* __restrict__ resid, const T* __restrict__ values,
-                                const int64_t* __restrict__ indices,
-                                const int32_t* __restrict__ order,
-                                const int32_t* __restrict__ group, const T* __restrict__ W_dec,
+    nested_loss_backward_kernel(const T* __restrict__ resid,
+                                const WalkSlot<T>* __restrict__ walk, const T* __restrict__ W_dec,
                                 const T* __restrict__ grad_x_hat,
                                 const double* __restrict__ scale, int64_t B, int64_t k,
                                 int64_t d, int G, T* __restrict__ grad_x, ST* __restrict__ S,
@@ -313,7 +308,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     return;  // the whole warp
   }
   const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kColTile;
-  const RowCode<T> row = row_code(order, indices, values, group, b, k);
+  const WalkSlot<T>* row = walk + b * k;
   A r[kLaneCols];
   A lo[kLaneCols];
   load_cols<kVector>(resid + b * d, e0, d, lane, r);
@@ -329,20 +324,13 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   }
   int passed = G;  // the groups >= passed are in acc
   Acc<T>* dots = partial_dots + (blockIdx.y * B + b) * k;
+  // Chunks of 32 walk positions from the top: [base, top), lane t holding position base + t.
+  WalkSlot<T> ahead = load_slots(row, k - min64(kWarp, k), min64(kWarp, k), lane);
   for (int64_t top = k; top > 0; top -= kWarp) {
     const int count = static_cast<int>(min64(kWarp, top));
     const int64_t base = top - count;
-    // Lane t holds the slot at walk position base + t.
-    int lane_slot = 0;
-    int lane_index = 0;  // d_sae < 2^31 (checked by the host)
-    A lane_value = 0;
-    int lane_group = 0;
-    if (lane < count) {
-      lane_slot = row.order[base + lane];
-      lane_index = static_cast<int>(row.index[lane_slot]);
-      lane_value = to_acc(row.value[lane_slot]);
-      lane_group = row.group[lane_slot];
-    }
+    const WalkSlot<T> mine = ahead;
+    ahead = load_slots(row, base - min64(kWarp, base), min64(kWarp, base), lane);
     // Positions u0 - 1, u0 - 2, ... of this chunk, kWalkUnroll at a time, their loads first.
     for (int u0 = count; u0 > 0; u0 -= kWalkUnroll) {
       A value[kWalkUnroll];
@@ -354,10 +342,10 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
       for (int u = 0; u < kWalkUnroll; ++u) {
         const int at = u0 - 1 - u;
         const int from = at >= 0 ? at : 0;
-        const int64_t i = __shfl_sync(kFullMask, lane_index, from);
-        value[u] = __shfl_sync(kFullMask, lane_value, from);
-        slot[u] = __shfl_sync(kFullMask, lane_slot, from);
-        grp[u] = __shfl_sync(kFullMask, lane_group, from);
+        const int64_t i = __shfl_sync(kFullMask, mine.index, from);
+        value[u] = __shfl_sync(kFullMask, mine.value, from);
+        slot[u] = __shfl_sync(kFullMask, mine.slot, from);
+        grp[u] = __shfl_sync(kFullMask, mine.group, from);
         if (at >= 0) {  // every slot's row: a zero value still has a gradient
           load_cols<kVector>(W_dec + i * d, e0, d, lane, w[u]);
         }
@@ -428,8 +416,9 @@ bool vector_rows(int64_t d, std::initializer_list<const void*> pointers) {
 
 }  // namespace
 
-cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
-                             const PrefixSizes& sizes, int32_t* order, int32_t* group,
+template <typename T>
+cudaError_t prefix_walk_plan(const int64_t* indices, const T* values, int64_t B, int64_t k,
+                             const PrefixSizes& sizes, int32_t* group, WalkSlot<T>* walk,
                              cudaStream_t stream) {
   const int64_t blocks = (B * k + kPlanThreads - 1) / kPlanThreads;
   if (blocks == 0) {
@@ -438,8 +427,8 @@ cudaError_t prefix_walk_plan(const int64_t* indices, int64_t B, int64_t k,
   if (!grid_fits(blocks, 1)) {
     return cudaErrorInvalidConfiguration;
   }
-  SPARSECODE_LAUNCH(prefix_walk_plan_kernel, static_cast<unsigned>(blocks), kPlanThreads,
-                    stream)(indices, B, k, sizes, order, group);
+  SPARSECODE_LAUNCH(prefix_walk_plan_kernel<T>, static_cast<unsigned>(blocks), kPlanThreads,
+                    stream)(indices, values, B, k, sizes, group, walk);
   return cudaGetLastError();
 }
 
@@ -461,11 +450,9 @@ bool walk_grid(int64_t B, int64_t d, int G, dim3& grid, cudaError_t& status) {
 }
 
 template <typename T>
-cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
-                                const int64_t* indices, const int32_t* order,
-                                const int32_t* group, const T* W_dec, int64_t B, int64_t k,
-                                int64_t d, int G, T* x_hat, Acc<T>* partial_losses, T* resid,
-                                cudaStream_t stream) {
+cudaError_t nested_loss_forward(const T* x, const T* b_dec, const WalkSlot<T>* walk,
+                                const T* W_dec, int64_t B, int64_t k, int64_t d, int G, T* x_hat,
+                                Acc<T>* partial_losses, T* resid, cudaStream_t stream) {
   dim3 grid;
   cudaError_t status;
   if (!walk_grid(B, d, G, grid, status)) {
@@ -475,15 +462,13 @@ cudaError_t nested_loss_forward(const T* x, const T* b_dec, const T* values,
   const auto kernel = vector_rows<T>(d, {x, b_dec, W_dec, x_hat, resid, resid + B * d})
                           ? nested_loss_forward_kernel<T, true>
                           : nested_loss_forward_kernel<T, false>;
-  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(x, b_dec, values, indices, order, group,
-                                                   W_dec, B, k, d, G, x_hat, partial_losses,
-                                                   resid);
+  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(x, b_dec, walk, W_dec, B, k, d, G, x_hat,
+                                                   partial_losses, resid);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t* indices,
-                                 const int32_t* order, const int32_t* group, const T* W_dec,
+cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const T* W_dec,
                                  const T* grad_x_hat, const double* scale, int64_t B, int64_t k,
                                  int64_t d, int G, T* grad_x, SuffixSum<T>* S,
                                  Acc<T>* partial_dots, cudaStream_t stream) {
@@ -497,21 +482,21 @@ cudaError_t nested_loss_backward(const T* resid, const T* values, const int64_t*
                       vector_rows<SuffixSum<T>>(d, {S});
   const auto kernel = vector ? nested_loss_backward_kernel<T, SuffixSum<T>, true>
                              : nested_loss_backward_kernel<T, SuffixSum<T>, false>;
-  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(resid, values, indices, order, group, W_dec,
-                                                   grad_x_hat, scale, B, k, d, G, grad_x, S,
-                                                   partial_dots);
+  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(resid, walk, W_dec, grad_x_hat, scale, B, k, d,
+                                                   G, grad_x, S, partial_dots);
   return cudaGetLastError();
 }
 
-#define SPARSECODE_INSTANTIATE(T)                                                             \
-  template cudaError_t nested_loss_forward<T>(const T*, const T*, const T*, const int64_t*,   \
-                                              const int32_t*, const int32_t*, const T*,       \
-                                              int64_t, int64_t, int64_t, int, T*, Acc<T>*, T*, \
-                                              cudaStream_t);                                  \
-  template cudaError_t nested_loss_backward<T>(const T*, const T*, const int64_t*,            \
-                                               const int32_t*, const int32_t*, const T*,      \
-                                               const T*, const double*, int64_t, int64_t,     \
-                                               int64_t, int, T*, SuffixSum<T>*, Acc<T>*,      \
+#define SPARSECODE_INSTANTIATE(T)                                                              \
+  template cudaError_t prefix_walk_plan<T>(const int64_t*, const T*, int64_t, int64_t,         \
+                                           const PrefixSizes&, int32_t*, WalkSlot<T>*,          \
+                                           cudaStream_t);                                      \
+  template cudaError_t nested_loss_forward<T>(const T*, const T*, const WalkSlot<T>*,          \
+                                              const T*, int64_t, int64_t, int64_t, int, T*,    \
+                                              Acc<T>*, T*, cudaStream_t);                      \
+  template cudaError_t nested_loss_backward<T>(const T*, const WalkSlot<T>*, const T*,         \
+                                               const T*, const double*, int64_t, int64_t,      \
+                                               int64_t, int, T*, SuffixSum<T>*, Acc<T>*,       \
                                                cudaStream_t);
 SPARSECODE_FOR_EACH_TYPE(SPARSECODE_INSTANTIATE)
 #undef SPARSECODE_INSTANTIATE

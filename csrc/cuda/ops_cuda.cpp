@@ -384,8 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(
 struct NestedProblem {
   int64_t B, k, n, d, G;
   at::Tensor x, values, indices, W_dec, b_dec;
-  at::Tensor order, group;  // [B, k] int32: walk order of the slots, group of each slot
-  at::Tensor weights;       // [G] float64 on the device
+  at::Tensor group;    // [B, k] int32: the group of each slot
+  at::Tensor walk;     // [B, k] WalkSlot<T> as bytes: each row's slots in walk order
+  at::Tensor weights;  // [G] float64 on the device
 };
 
 // Nothing here waits for the GPU, since the op runs inside every Matryoshka training step: the
@@ -411,11 +412,15 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
   kernels::PrefixSizes prefix{};
   prefix.count = static_cast<int>(p.G);
   std::copy(sizes.begin(), sizes.end(), prefix.m);
-  p.order = at::empty({p.B, p.k}, x.options().dtype(at::kInt));
   p.group = at::empty({p.B, p.k}, x.options().dtype(at::kInt));
-  C10_CUDA_CHECK(kernels::prefix_walk_plan(in<int64_t>(p.indices), p.B, p.k, prefix,
-                                           out<int32_t>(p.order), out<int32_t>(p.group),
-                                           c10::cuda::getCurrentCUDAStream()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "prefix_walk_plan_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    using Slot = kernels::WalkSlot<T>;
+    p.walk = at::empty({p.B, p.k, static_cast<int64_t>(sizeof(Slot))}, x.options().dtype(at::kByte));
+    C10_CUDA_CHECK(kernels::prefix_walk_plan<T>(
+        in<int64_t>(p.indices), in<T>(p.values), p.B, p.k, prefix, out<int32_t>(p.group),
+        out<Slot>(p.walk), c10::cuda::getCurrentCUDAStream()));
+  });
   p.weights = at::tensor(std::vector<double>(weights.begin(), weights.end()),
                          at::TensorOptions().dtype(at::kDouble))
                   .pin_memory()
@@ -437,9 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_fo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nested_prefix_loss_forward_cuda", [&] {
     using T = cuda_t<scalar_t>;
     C10_CUDA_CHECK(kernels::nested_loss_forward<T>(
-        in<T>(p.x), in<T>(p.b_dec), in<T>(p.values), in<int64_t>(p.indices),
-        in<int32_t>(p.order), in<int32_t>(p.group), in<T>(p.W_dec), p.B, p.k, p.d,
-        static_cast<int>(p.G), out<T>(x_hat), out<kernels::Acc<T>>(partial), out<T>(resid),
+        in<T>(p.x), in<T>(p.b_dec), in<kernels::WalkSlot<T>>(p.walk), in<T>(p.W_dec), p.B, p.k,
+        p.d, static_cast<int>(p.G), out<T>(x_hat), out<kernels::Acc<T>>(partial), out<T>(resid),
         c10::cuda::getCurrentCUDAStream()));
   });
   const at::Tensor row_losses = partial.to(at::kDouble).sum(0);  // [B, G]
@@ -487,10 +491,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
     at::Tensor S = at::empty({p.G * p.B, p.d},
                              x.options().dtype(std::is_same_v<ST, T> ? x.scalar_type() : acc));
     C10_CUDA_CHECK(kernels::nested_loss_backward<T>(
-        in<T>(r), in<T>(p.values), in<int64_t>(p.indices), in<int32_t>(p.order),
-        in<int32_t>(p.group), in<T>(p.W_dec), has_grad_x_hat ? in<T>(g_hat) : nullptr,
-        in<double>(scale), p.B, p.k, p.d, static_cast<int>(p.G), out<T>(grad_x), out<ST>(S),
-        out<A>(partial), c10::cuda::getCurrentCUDAStream()));
+        in<T>(r), in<kernels::WalkSlot<T>>(p.walk), in<T>(p.W_dec),
+        has_grad_x_hat ? in<T>(g_hat) : nullptr, in<double>(scale), p.B, p.k, p.d,
+        static_cast<int>(p.G), out<T>(grad_x), out<ST>(S), out<A>(partial),
+        c10::cuda::getCurrentCUDAStream()));
     // grad_W_dec[i] = sum over latent i's pairs of -values * S_{group} row b.
     const at::Tensor coef = -p.values.to(acc).reshape(-1);
     const at::Tensor src_rows =
