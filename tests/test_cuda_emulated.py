@@ -212,11 +212,11 @@ extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
   }                                                                                            \
   extern "C" int nested_loss_backward_##NAME(                                                  \
       const void* resid, const void* walk, const void* W_dec, const void* grad_x_hat,          \
-      const double* scale, int64_t B, int64_t k, int64_t d, int G, void* grad_x, void* S,      \
+      const double* cum_scale, int64_t B, int64_t k, int64_t d, int G, void* grad_x, void* S,  \
       void* partial_dots) {                                                                    \
     return nested_loss_backward<T>(                                                            \
         static_cast<const T*>(resid), static_cast<const WalkSlot<T>*>(walk),                   \
-        static_cast<const T*>(W_dec), static_cast<const T*>(grad_x_hat), scale, B, k, d, G,    \
+        static_cast<const T*>(W_dec), static_cast<const T*>(grad_x_hat), cum_scale, B, k, d, G,\
         static_cast<T*>(grad_x), static_cast<SuffixSum<T>*>(S),                                \
         static_cast<Acc<T>*>(partial_dots), nullptr);                                          \
   }
@@ -503,8 +503,9 @@ def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype):
     grad_x = poison((B, d), dtype)
     S = poison((G, B, d), SUFFIX_SUM[dtype])
     dots = poison((tiles, B, k), acc_dtype(dtype))
-    call(cuda_emulated, f"nested_loss_backward_{name}", resid, walk, W_dec, grad_x_hat, scale, B,
-         k, d, ctypes.c_int(G), grad_x, S, dots)
+    cum_scale = torch.cat([torch.zeros(1, dtype=torch.float64), scale.cumsum(0)])
+    call(cuda_emulated, f"nested_loss_backward_{name}", resid, walk, W_dec, grad_x_hat, cum_scale,
+         B, k, d, ctypes.c_int(G), grad_x, S, dots)
     assert relative_error(grad_x, grads[0]) <= tol
     assert relative_error(-dots.double().sum(0), grads[1]) <= tol
     # grad_W_dec as the host glue makes it: -values * the row of S of each slot's group (rows

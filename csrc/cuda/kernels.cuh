@@ -142,7 +142,8 @@ template <typename T>
 using SuffixSum = typename SuffixSumOf<T>::type;
 
 // Nested loss backward, from the forward's resid, given scale[g] = 2 (grad_loss w_g +
-// grad_prefix_losses[g]) / B (device, [G]) and grad_x_hat [B, d] (or null):
+// grad_prefix_losses[g]) / B as cum_scale [G + 1] (device: cum_scale[g] = the sum of scale
+// below g) and grad_x_hat [B, d] (or null):
 //   S_g = sum_{g' >= g} scale[g'] r_{g'},  grad_x = S_0,
 //   S [G, B, d]: S_g - grad_x_hat, written for the groups that have a slot in row b (the
 //                only rows the per-latent sum reads),
@@ -150,8 +151,8 @@ using SuffixSum = typename SuffixSumOf<T>::type;
 //                grad_x_hat[b]) per column tile, in Acc<T> (grad_values is minus their sum).
 template <typename T>
 cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const T* W_dec,
-                                 const T* grad_x_hat, const double* scale, int64_t B, int64_t k,
-                                 int64_t d, int G, T* grad_x, SuffixSum<T>* S,
+                                 const T* grad_x_hat, const double* cum_scale, int64_t B,
+                                 int64_t k, int64_t d, int G, T* grad_x, SuffixSum<T>* S,
                                  Acc<T>* partial_dots, cudaStream_t stream);
 
 }  // namespace sparsecode::cuda

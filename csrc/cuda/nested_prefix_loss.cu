@@ -280,25 +280,17 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   store_cols<kVector>(resid + (B + b) * d, e0, d, lane, r);
 }
 
-// The sum of scale[g] over the groups from <= g < to, in float64.
-__device__ __forceinline__ double scale_sum(const double* scale, int from, int to) {
-  double sum = 0;
-  for (int g = from; g < to; ++g) {
-    sum += scale[g];
-  }
-  return sum;
-}
-
 // The backward walks each row's slots in reverse order, from the forward's final residual
 // (hi + lo) and adding each slot back. acc is the sum of scale_g r_g over the groups passed;
 // on reaching the last slot (in walk order) of group h, r is the residual of every group from h
-// up to the last one passed, and acc then holds all of S_h + grad_x_hat.
+// up to the last one passed, whose scales sum to cum_scale[passed] - cum_scale[h], and acc then
+// holds all of S_h + grad_x_hat.
 template <typename T, typename ST, bool kVector>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     nested_loss_backward_kernel(const T* __restrict__ resid,
                                 const WalkSlot<T>* __restrict__ walk, const T* __restrict__ W_dec,
                                 const T* __restrict__ grad_x_hat,
-                                const double* __restrict__ scale, int64_t B, int64_t k,
+                                const double* __restrict__ cum_scale, int64_t B, int64_t k,
                                 int64_t d, int G, T* __restrict__ grad_x, ST* __restrict__ S,
                                 Acc<T>* __restrict__ partial_dots) {
   using A = Acc<T>;
@@ -357,7 +349,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
           continue;  // the same for the whole warp
         }
         if (grp[u] < passed) {
-          const A c = static_cast<A>(scale_sum(scale, grp[u], passed));
+          const A c = static_cast<A>(cum_scale[passed] - cum_scale[grp[u]]);
           A S_h[kLaneCols];
 #pragma unroll
           for (int v = 0; v < kLaneCols; ++v) {
@@ -391,7 +383,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
       }
     }
   }
-  const A c = static_cast<A>(scale_sum(scale, 0, passed));
+  const A c = static_cast<A>(cum_scale[passed]);
 #pragma unroll
   for (int v = 0; v < kLaneCols; ++v) {
     acc[v] += c * r[v];
@@ -469,8 +461,8 @@ cudaError_t nested_loss_forward(const T* x, const T* b_dec, const WalkSlot<T>* w
 
 template <typename T>
 cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const T* W_dec,
-                                 const T* grad_x_hat, const double* scale, int64_t B, int64_t k,
-                                 int64_t d, int G, T* grad_x, SuffixSum<T>* S,
+                                 const T* grad_x_hat, const double* cum_scale, int64_t B,
+                                 int64_t k, int64_t d, int G, T* grad_x, SuffixSum<T>* S,
                                  Acc<T>* partial_dots, cudaStream_t stream) {
   dim3 grid;
   cudaError_t status;
@@ -482,8 +474,8 @@ cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const 
                       vector_rows<SuffixSum<T>>(d, {S});
   const auto kernel = vector ? nested_loss_backward_kernel<T, SuffixSum<T>, true>
                              : nested_loss_backward_kernel<T, SuffixSum<T>, false>;
-  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(resid, walk, W_dec, grad_x_hat, scale, B, k, d,
-                                                   G, grad_x, S, partial_dots);
+  SPARSECODE_LAUNCH(kernel, grid, threads, stream)(resid, walk, W_dec, grad_x_hat, cum_scale, B,
+                                                   k, d, G, grad_x, S, partial_dots);
   return cudaGetLastError();
 }
 

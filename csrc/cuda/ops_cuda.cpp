@@ -472,12 +472,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
   if (has_grad_x_hat) {
     g_hat = grad_x_hat->contiguous().to(x.scalar_type());
   }
-  // scale[g] = 2 c_g / B with c_g = grad_loss * w_g + grad_prefix_losses[g], in float64.
+  // scale[g] = 2 c_g / B with c_g = grad_loss * w_g + grad_prefix_losses[g], in float64, as
+  // cum_scale[g] = the sum of scale below g ([G + 1]).
   const at::TensorOptions on_device_f64 = x.options().dtype(at::kDouble);
   const at::Tensor scale =
       (grad_loss.reshape({}).to(on_device_f64) * p.weights +
        grad_prefix_losses.reshape({p.G}).to(on_device_f64)) *
       2.0 / static_cast<double>(p.B);
+  const at::Tensor cum_scale = at::cat({at::zeros({1}, on_device_f64), scale.cumsum(0)});
 
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   at::Tensor grad_x = at::empty({p.B, p.d}, x.options());
@@ -492,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
                              x.options().dtype(std::is_same_v<ST, T> ? x.scalar_type() : acc));
     C10_CUDA_CHECK(kernels::nested_loss_backward<T>(
         in<T>(r), in<kernels::WalkSlot<T>>(p.walk), in<T>(p.W_dec),
-        has_grad_x_hat ? in<T>(g_hat) : nullptr, in<double>(scale), p.B, p.k, p.d,
+        has_grad_x_hat ? in<T>(g_hat) : nullptr, in<double>(cum_scale), p.B, p.k, p.d,
         static_cast<int>(p.G), out<T>(grad_x), out<ST>(S), out<A>(partial),
         c10::cuda::getCurrentCUDAStream()));
     // grad_W_dec[i] = sum over latent i's pairs of -values * S_{group} row b.
