@@ -35,8 +35,9 @@
 // next 32 before it uses these (a walk used to wait for two dependent loads, the slot order and
 // then the slot's latent, at every 32 slots), and broadcasts them with shuffles (latent, value
 // and group as 32-bit words; the backward also the slot); the walks issue the W_dec loads of 8
-// slots before they use the first, so that several L2 reads are in flight per lane. No shared
-// memory, no barrier. Reductions over columns are a lane's 4
+// slots before they use the first, so that several L2 reads are in flight per lane, and keep
+// them as loaded until used; at 80 registers a thread, 24 warps fit on an SM. No shared memory,
+// no barrier. Reductions over columns are a lane's 4
 // columns, then warp shuffles in a fixed tree, then the caller's sum over the column tiles: a
 // fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight belong to one
 // column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
@@ -65,9 +66,18 @@ namespace {
 constexpr int kLaneCols = kColTile / kWarp;  // columns per lane
 constexpr int kRowsPerBlock = 4;             // warps per block, one row each
 constexpr int kPlanThreads = 256;
-constexpr int kWalkUnroll = 8;               // slots whose loads the walk issues together
 static_assert(kLaneCols == 4, "a lane's columns are one 4-element vector");
-static_assert(kWalkUnroll % 4 == 0, "the backward reduces its dots 4 slots at a time");
+
+// The slots whose W_dec loads a walk issues together, a multiple of 4 (the backward's dots go
+// 4 at a time). Their rows are held as loaded (a lane's 4 elements: 2 registers in 16 bits)
+// until used.
+constexpr int kWalkBatch = 8;
+// At most 80 registers a thread (no spills in sm_90's 16-bit and float32 walks; 96 unbounded),
+// so that 6 blocks, 24 warps, fit on an SM as for the Triton decode whose gathers these are:
+// the walks are latency-bound. (16 slots a batch at 4 blocks an SM take 128 registers.)
+// float64 needs about 160 registers: 3 blocks.
+template <typename T>
+constexpr int kWalkBlocksPerSM = sizeof(T) == 8 ? 3 : 6;
 
 template <typename T>
 __global__ void __launch_bounds__(kPlanThreads)
@@ -107,26 +117,36 @@ __device__ __forceinline__ int lane_col(int lane, int v) {
   return kVector ? lane * kLaneCols + v : lane + v * kWarp;
 }
 
-// out[v] = row[e0 + lane_col(lane, v)] in the accumulation type, zero past d.
+// The lane's columns of row as stored: out.v[v] = row[e0 + lane_col(lane, v)], zero past d.
 template <bool kVector, typename T>
-__device__ __forceinline__ void load_cols(const T* row, int64_t e0, int64_t d, int lane,
-                                          Acc<T> (&out)[kLaneCols]) {
+__device__ __forceinline__ Pack<T, kLaneCols> load_pack(const T* row, int64_t e0, int64_t d,
+                                                        int lane) {
+  Pack<T, kLaneCols> out{};
   if constexpr (kVector) {
     const int64_t c = e0 + lane * kLaneCols;
-    Pack<T, kLaneCols> p{};
     if (c < d) {  // d is a multiple of 4: the lane's columns are all inside or all outside
-      p = *reinterpret_cast<const Pack<T, kLaneCols>*>(row + c);
-    }
-#pragma unroll
-    for (int v = 0; v < kLaneCols; ++v) {
-      out[v] = c < d ? to_acc(p.v[v]) : Acc<T>(0);
+      out = *reinterpret_cast<const Pack<T, kLaneCols>*>(row + c);
     }
   } else {
 #pragma unroll
     for (int v = 0; v < kLaneCols; ++v) {
       const int64_t c = e0 + lane_col<false>(lane, v);
-      out[v] = c < d ? to_acc(row[c]) : Acc<T>(0);
+      if (c < d) {
+        out.v[v] = row[c];
+      }
     }
+  }
+  return out;
+}
+
+// out[v] = row[e0 + lane_col(lane, v)] in the accumulation type, zero past d.
+template <bool kVector, typename T>
+__device__ __forceinline__ void load_cols(const T* row, int64_t e0, int64_t d, int lane,
+                                          Acc<T> (&out)[kLaneCols]) {
+  const Pack<T, kLaneCols> p = load_pack<kVector>(row, e0, d, lane);
+#pragma unroll
+  for (int v = 0; v < kLaneCols; ++v) {
+    out[v] = to_acc(p.v[v]);
   }
 }
 
@@ -193,42 +213,43 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const WalkSlot<T>* row,
                                          Acc<T> (&r)[kLaneCols], Acc<T> (&recon)[kLaneCols],
                                          AtBoundary at_boundary) {
   using A = Acc<T>;
+  constexpr int kBatch = kWalkBatch;
   int g = 0;
   WalkSlot<T> ahead = load_slots(row, 0, k, lane);
   for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
     const int count = static_cast<int>(min64(kWarp, k - q0));
     const WalkSlot<T> mine = ahead;  // lane t: the slot at walk position q0 + t
     ahead = load_slots(row, q0 + kWarp, k - q0 - kWarp, lane);
-    for (int u0 = 0; u0 < count; u0 += kWalkUnroll) {
-      A value[kWalkUnroll];
-      int group[kWalkUnroll];
-      A w[kWalkUnroll][kLaneCols];
+    for (int u0 = 0; u0 < count; u0 += kBatch) {
+      A value[kBatch];
+      Pack<T, kLaneCols> w[kBatch];
 #pragma unroll
-      for (int u = 0; u < kWalkUnroll; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
         const int from = (u0 + u) % kWarp;
         const int64_t i = __shfl_sync(kFullMask, mine.index, from);
         value[u] = __shfl_sync(kFullMask, mine.value, from);
-        group[u] = __shfl_sync(kFullMask, mine.group, from);
         if (u0 + u >= count) {
           value[u] = 0;
         }
         if (value[u] != A(0)) {  // a zero value adds nothing: its row is not read
-          load_cols<kVector>(W_dec + i * d, e0, d, lane, w[u]);
+          w[u] = load_pack<kVector>(W_dec + i * d, e0, d, lane);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kWalkUnroll; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
+        const int group = __shfl_sync(kFullMask, mine.group, (u0 + u) % kWarp);
         if (u0 + u >= count) {
           break;  // the same for the whole warp
         }
-        for (; g < group[u]; ++g) {
+        for (; g < group; ++g) {
           at_boundary(g);
         }
         if (value[u] != A(0)) {
 #pragma unroll
           for (int v = 0; v < kLaneCols; ++v) {
-            r[v] -= value[u] * w[u][v];
-            recon[v] += value[u] * w[u][v];
+            const A wv = to_acc(w[u].v[v]);
+            r[v] -= value[u] * wv;
+            recon[v] += value[u] * wv;
           }
         }
       }
@@ -240,7 +261,7 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const WalkSlot<T>* row,
 }
 
 template <typename T, bool kVector>
-__global__ void __launch_bounds__(kRowsPerBlock * kWarp)
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp, kWalkBlocksPerSM<T>)
     nested_loss_forward_kernel(const T* __restrict__ x, const T* __restrict__ b_dec,
                                const WalkSlot<T>* __restrict__ walk,
                                const T* __restrict__ W_dec, int64_t B, int64_t k, int64_t d,
@@ -286,7 +307,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
 // up to the last one passed, whose scales sum to cum_scale[passed] - cum_scale[h], and acc then
 // holds all of S_h + grad_x_hat.
 template <typename T, typename ST, bool kVector>
-__global__ void __launch_bounds__(kRowsPerBlock * kWarp)
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp, kWalkBlocksPerSM<T>)
     nested_loss_backward_kernel(const T* __restrict__ resid,
                                 const WalkSlot<T>* __restrict__ walk, const T* __restrict__ W_dec,
                                 const T* __restrict__ grad_x_hat,
@@ -294,6 +315,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
                                 int64_t d, int G, T* __restrict__ grad_x, ST* __restrict__ S,
                                 Acc<T>* __restrict__ partial_dots) {
   using A = Acc<T>;
+  constexpr int kBatch = kWalkBatch;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (b >= B) {
@@ -323,62 +345,56 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     const int64_t base = top - count;
     const WalkSlot<T> mine = ahead;
     ahead = load_slots(row, base - min64(kWarp, base), min64(kWarp, base), lane);
-    // Positions u0 - 1, u0 - 2, ... of this chunk, kWalkUnroll at a time, their loads first.
-    for (int u0 = count; u0 > 0; u0 -= kWalkUnroll) {
-      A value[kWalkUnroll];
-      int slot[kWalkUnroll];
-      int grp[kWalkUnroll];
-      A w[kWalkUnroll][kLaneCols];
-      A part[kWalkUnroll];
+    // Positions u0 - 1, u0 - 2, ... of this chunk, kBatch at a time, their loads first.
+    for (int u0 = count; u0 > 0; u0 -= kBatch) {
+      Pack<T, kLaneCols> w[kBatch];
+      A part[kBatch];
 #pragma unroll
-      for (int u = 0; u < kWalkUnroll; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
         const int at = u0 - 1 - u;
-        const int from = at >= 0 ? at : 0;
-        const int64_t i = __shfl_sync(kFullMask, mine.index, from);
-        value[u] = __shfl_sync(kFullMask, mine.value, from);
-        slot[u] = __shfl_sync(kFullMask, mine.slot, from);
-        grp[u] = __shfl_sync(kFullMask, mine.group, from);
+        const int64_t i = __shfl_sync(kFullMask, mine.index, at >= 0 ? at : 0);
         if (at >= 0) {  // every slot's row: a zero value still has a gradient
-          load_cols<kVector>(W_dec + i * d, e0, d, lane, w[u]);
+          w[u] = load_pack<kVector>(W_dec + i * d, e0, d, lane);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kWalkUnroll; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
+        const int at = u0 - 1 - u;
+        const A value = __shfl_sync(kFullMask, mine.value, at >= 0 ? at : 0);
+        const int group = __shfl_sync(kFullMask, mine.group, at >= 0 ? at : 0);
         part[u] = 0;
-        if (u0 - 1 - u < 0) {
+        if (at < 0) {
           continue;  // the same for the whole warp
         }
-        if (grp[u] < passed) {
-          const A c = static_cast<A>(cum_scale[passed] - cum_scale[grp[u]]);
+        if (group < passed) {
+          const A c = static_cast<A>(cum_scale[passed] - cum_scale[group]);
           A S_h[kLaneCols];
 #pragma unroll
           for (int v = 0; v < kLaneCols; ++v) {
             acc[v] += c * r[v];
             S_h[v] = acc[v] - g_hat[v];
           }
-          passed = grp[u];
+          passed = group;
           store_cols<kVector>(S + (passed * B + b) * d, e0, d, lane, S_h);
         }
 #pragma unroll
         for (int v = 0; v < kLaneCols; ++v) {
-          part[u] += w[u][v] * (acc[v] - g_hat[v]);
-          r[v] += value[u] * w[u][v];
+          const A wv = to_acc(w[u].v[v]);
+          part[u] += wv * (acc[v] - g_hat[v]);
+          r[v] += value * wv;
         }
       }
-      // Each slot's dot over the tile's columns (lanes 8 apart hold the 4 of a half).
+      // Each slot's dot over the tile's columns, 4 slots at a time: lanes 0, 8, 16 and 24 hold
+      // the 4 dots, and fetch the slot (place in the row) of theirs.
 #pragma unroll
-      for (int half = 0; half < kWalkUnroll / 4; ++half) {
-        const A four[4] = {part[4 * half], part[4 * half + 1], part[4 * half + 2],
-                           part[4 * half + 3]};
+      for (int quad = 0; quad < kBatch / 4; ++quad) {
+        const A four[4] = {part[4 * quad], part[4 * quad + 1], part[4 * quad + 2],
+                           part[4 * quad + 3]};
         const A dot = warp_dots4(four, lane);
-        const int kept = 4 * half + kept_pair(lane);
-        int kept_slot = slot[4 * half];
-#pragma unroll
-        for (int u = 1; u < 4; ++u) {
-          kept_slot = kept == 4 * half + u ? slot[4 * half + u] : kept_slot;
-        }
-        if (lane % 8 == 0 && u0 - 1 - kept >= 0) {
-          dots[kept_slot] = dot;
+        const int at = u0 - 1 - (4 * quad + kept_pair(lane));
+        const int slot = __shfl_sync(kFullMask, mine.slot, at >= 0 ? at : 0);
+        if (lane % 8 == 0 && at >= 0) {
+          dots[slot] = dot;
         }
       }
     }
