@@ -38,8 +38,11 @@
 // for the nested grad_W_dec: 0.26 ms. The B k d src reads (2.4 GB bf16, 4.8 GB for the fp32 S)
 // are served by L2. On an H100 (bf16) a call takes 0.49 ms, 0.68 ms transposed, against 1.10
 // and 1.35 ms with 2-byte loads one pair at a time (about 2.2 TB/s of L2 reads: latency-bound).
-// A latent used by very many rows is summed by one warp per column tile, so a latent active in
-// every row of the batch costs about B sequential steps.
+// A latent with more than kLongSegment = 256 pairs (a dense latent, active in many rows) is
+// summed by a second launch in which all 8 warps of a block share its pairs: a latent active in
+// every row of the batch costs about B / 32 sequential steps of 4 pairs, not the B / 4 of one
+// warp, which held its whole block until done. Random codes have no such latents; a trained
+// SAE's codes have a few.
 // The dots add, per pair, V multiply-adds per lane with the latent's weights (read once per
 // latent and column tile: n d s, 302 MB bf16), 1.5 shuffles and one 4-byte store per column
 // tile ([tiles, P] fp32, 19 MB bf16), in place of a second gather of the same B k d elements
@@ -52,13 +55,88 @@ namespace {
 constexpr int kLatentTile = 32;
 constexpr int kSegWarps = 8;
 constexpr int kUnroll = 4;  // pairs in flight per lane: one warp_dots4
+constexpr int64_t kLongSegment = 256;  // pairs; a longer latent is summed by the whole block
+
+// Adds the pairs begin..end-1 of latent i, in order, to acc (the lane's V columns of their
+// coef * src rows) and total (their coefs); with kDots also writes each pair's dot with weight
+// (the lane's V columns of the latent's weights row) to partial_dots. Every lane of the warp
+// calls it.
+template <typename Src, bool kDots, int V, typename A>
+__device__ __forceinline__ void sum_pairs(int64_t begin, int64_t end,
+                                          const int64_t* __restrict__ rows,
+                                          const A* __restrict__ coef, const Src* __restrict__ src,
+                                          int64_t d, int64_t c, bool active,
+                                          const A (&weight)[V],
+                                          const int64_t* __restrict__ pair_ids,
+                                          int64_t num_pairs, A* __restrict__ partial_dots,
+                                          int lane, A (&acc)[V], A& total) {
+  for (int64_t q0 = begin; q0 < end; q0 += kWarp) {
+    const int count = static_cast<int>(min64(kWarp, end - q0));
+    long long lane_row = 0;
+    A lane_coef = 0;
+    if (lane < count) {
+      lane_row = rows[q0 + lane];
+      lane_coef = coef[q0 + lane];
+    }
+    for (int u0 = 0; u0 < count; u0 += kUnroll) {
+      A cs[kUnroll];
+      Pack<Src, V> w[kUnroll] = {};
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const long long r = __shfl_sync(kFullMask, lane_row, (u0 + u) % kWarp);
+        cs[u] = __shfl_sync(kFullMask, lane_coef, (u0 + u) % kWarp);
+        const bool pair = u0 + u < count;
+        if (!pair) {
+          cs[u] = 0;
+        }
+        // A zero coefficient adds nothing and its row is not read (the same for the whole
+        // warp): BatchTopK codes carry many. The dots need every pair's row.
+        if (active && (kDots ? pair : cs[u] != A(0))) {
+          w[u] = *reinterpret_cast<const Pack<Src, V>*>(src + r * d + c);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (cs[u] != A(0)) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            acc[v] += cs[u] * to_acc(w[u].v[v]);
+          }
+          total += cs[u];
+        }
+      }
+      if constexpr (kDots) {
+        A part[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          part[u] = 0;
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            part[u] += to_acc(w[u].v[v]) * weight[v];
+          }
+        }
+        const A dot = warp_dots4(part, lane);
+        const int u = kept_pair(lane);
+        if (lane % 8 == 0 && u0 + u < count) {
+          partial_dots[static_cast<int64_t>(blockIdx.y) * num_pairs + pair_ids[q0 + u0 + u]] =
+              dot;
+        }
+      }
+    }
+  }
+}
 
 // kDots: also partial_dots[blockIdx.y * num_pairs + pair_ids[q]] = src[rows[q]] . weights[i]
 // over the block's columns, for every pair q of latent i (zero coefficients included).
 // At most 64 registers, so that 4 blocks (32 warps) fit on an SM: the pair loads are L2
 // latency-bound. The sums alone need no more; with the dots ptxas would take 80 (3 blocks) and
 // at 64 keeps two words of the pair-chunk loop's state in local memory (sm_90, bf16).
-template <typename Src, typename Out, bool kTransposed, bool kDots, int V>
+// Each call launches the kernel twice. kLongPass false: each warp sums whole latents of its
+// block's tile, those with at most kLongSegment pairs. kLongPass true: the latents with more
+// (dense latents, active in many rows; usually none) are summed by all 8 warps of the block,
+// each taking an eighth of the pairs in order, and the 8 sums are added in warp order: still a
+// fixed order, in about an eighth of the time that one warp would take.
+template <typename Src, typename Out, bool kTransposed, bool kDots, bool kLongPass, int V>
 __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
     latent_rows_sum_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ rows,
                            const Acc<Out>* __restrict__ coef, const Src* __restrict__ src,
@@ -69,6 +147,9 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
   using A = Acc<Out>;
   constexpr int kCols = kWarp * V;  // columns per block
   __shared__ A tile[kTransposed ? kLatentTile : 1][kCols + 1];
+  // A long latent's sums over each warp's share of its pairs.
+  __shared__ A split[kLongPass ? kSegWarps : 1][kLongPass ? kCols : 1];
+  __shared__ A split_total[kSegWarps];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kLatentTile;
@@ -76,77 +157,27 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
   const int64_t c = e0 + static_cast<int64_t>(lane) * V;  // this lane's first column
   // With V > 1, d is a multiple of V, so a lane's V columns are all inside or all outside.
   const bool active = c < d;
-  for (int t = warp; t < kLatentTile; t += kSegWarps) {
-    const int64_t i = i0 + t;
-    A acc[V] = {};
-    A total = 0;
-    if (i < n) {
-      A weight[V] = {};
-      if constexpr (kDots) {
-        if (active) {
-          const Pack<Src, V> row = *reinterpret_cast<const Pack<Src, V>*>(weights + i * d + c);
+  // Whether this pass sums latent i (< n).
+  auto ours = [&](int64_t i) {
+    return (offsets[i + 1] - offsets[i] > kLongSegment) == kLongPass;
+  };
+
+  // The lane's V columns of latent i's weights row (zero without kDots).
+  auto load_weight = [&](int64_t i, A (&weight)[V]) {
+    if constexpr (kDots) {
+      if (active) {
+        const Pack<Src, V> row = *reinterpret_cast<const Pack<Src, V>*>(weights + i * d + c);
 #pragma unroll
-          for (int v = 0; v < V; ++v) {
-            weight[v] = to_acc(row.v[v]);
-          }
-        }
-      }
-      const int64_t end = offsets[i + 1];
-      for (int64_t q0 = offsets[i]; q0 < end; q0 += kWarp) {
-        const int count = static_cast<int>(min64(kWarp, end - q0));
-        long long lane_row = 0;
-        A lane_coef = 0;
-        if (lane < count) {
-          lane_row = rows[q0 + lane];
-          lane_coef = coef[q0 + lane];
-        }
-        for (int u0 = 0; u0 < count; u0 += kUnroll) {
-          A cs[kUnroll];
-          Pack<Src, V> w[kUnroll] = {};
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const long long r = __shfl_sync(kFullMask, lane_row, (u0 + u) % kWarp);
-            cs[u] = __shfl_sync(kFullMask, lane_coef, (u0 + u) % kWarp);
-            const bool pair = u0 + u < count;
-            if (!pair) {
-              cs[u] = 0;
-            }
-            // A zero coefficient adds nothing and its row is not read (the same for the whole
-            // warp): BatchTopK codes carry many. The dots need every pair's row.
-            if (active && (kDots ? pair : cs[u] != A(0))) {
-              w[u] = *reinterpret_cast<const Pack<Src, V>*>(src + r * d + c);
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            if (cs[u] != A(0)) {
-#pragma unroll
-              for (int v = 0; v < V; ++v) {
-                acc[v] += cs[u] * to_acc(w[u].v[v]);
-              }
-              total += cs[u];
-            }
-          }
-          if constexpr (kDots) {
-            A part[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              part[u] = 0;
-#pragma unroll
-              for (int v = 0; v < V; ++v) {
-                part[u] += to_acc(w[u].v[v]) * weight[v];
-              }
-            }
-            const A dot = warp_dots4(part, lane);
-            const int u = kept_pair(lane);
-            if (lane % 8 == 0 && u0 + u < count) {
-              partial_dots[static_cast<int64_t>(blockIdx.y) * num_pairs +
-                           pair_ids[q0 + u0 + u]] = dot;
-            }
-          }
+        for (int v = 0; v < V; ++v) {
+          weight[v] = to_acc(row.v[v]);
         }
       }
     }
+  };
+  // Latent t of the tile is summed: its row of out (through the shared tile when transposed)
+  // and its coef_sum.
+  auto finish = [&](int t, A (&acc)[V], A total) {
+    const int64_t i = i0 + t;
     if constexpr (kTransposed) {
       // Written in the same order by every lane, the v-th stores of lanes 32 / V apart would
       // fall in one bank (8-way conflicts for bf16); each lane starts at its own place instead,
@@ -163,6 +194,64 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
     if (coef_sum != nullptr && blockIdx.y == 0 && lane == 0 && i < n) {
       coef_sum[i] = from_acc<Out>(total);
     }
+  };
+
+  if constexpr (!kLongPass) {
+    for (int t = warp; t < kLatentTile; t += kSegWarps) {
+      const int64_t i = i0 + t;
+      A acc[V] = {};
+      A total = 0;
+      if (i < n) {
+        if (!ours(i)) {
+          continue;
+        }
+        A weight[V] = {};
+        load_weight(i, weight);
+        sum_pairs<Src, kDots>(offsets[i], offsets[i + 1], rows, coef, src, d, c, active, weight,
+                              pair_ids, num_pairs, partial_dots, lane, acc, total);
+      }
+      finish(t, acc, total);
+    }
+  } else {
+    for (int t = 0; t < kLatentTile && i0 + t < n; ++t) {  // the same for the whole block
+      const int64_t i = i0 + t;
+      if (!ours(i)) {
+        continue;
+      }
+      const int64_t begin = offsets[i];
+      const int64_t length = offsets[i + 1] - begin;
+      A acc[V] = {};
+      A total = 0;
+      A weight[V] = {};
+      load_weight(i, weight);
+      sum_pairs<Src, kDots>(begin + length * warp / kSegWarps,
+                            begin + length * (warp + 1) / kSegWarps, rows, coef, src, d, c,
+                            active, weight, pair_ids, num_pairs, partial_dots, lane, acc, total);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        split[warp][lane * V + v] = acc[v];
+      }
+      if (lane == 0) {
+        split_total[warp] = total;
+      }
+      __syncthreads();
+      if (warp == t % kSegWarps) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          acc[v] = 0;
+        }
+        total = 0;
+        for (int w = 0; w < kSegWarps; ++w) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            acc[v] += split[w][lane * V + v];
+          }
+          total += split_total[w];
+        }
+        finish(t, acc, total);
+      }
+      __syncthreads();  // split is free again
+    }
   }
   if constexpr (kTransposed) {
     __syncthreads();
@@ -171,7 +260,7 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
       const int t = idx % kLatentTile;
       const int64_t e = e0 + col;
       const int64_t i = i0 + t;
-      if (e < d && i < n) {
+      if (e < d && i < n && ours(i)) {
         out[e * n + i] = from_acc<Out>(tile[t][col]);
       }
     }
@@ -202,10 +291,14 @@ cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
   if (!segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  const auto kernel = transposed ? latent_rows_sum_kernel<Src, Out, true, false, V>
-                                 : latent_rows_sum_kernel<Src, Out, false, false, V>;
-  SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
-      offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
+  for (const auto kernel :
+       {transposed ? latent_rows_sum_kernel<Src, Out, true, false, false, V>
+                   : latent_rows_sum_kernel<Src, Out, false, false, false, V>,
+        transposed ? latent_rows_sum_kernel<Src, Out, true, false, true, V>
+                   : latent_rows_sum_kernel<Src, Out, false, false, true, V>}) {
+    SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
+        offsets, rows, coef, src, n, d, out, coef_sum, nullptr, nullptr, 0, nullptr);
+  }
   return cudaGetLastError();
 }
 
@@ -222,9 +315,12 @@ cudaError_t launch_latent_rows_sum_dots(const int64_t* offsets, const int64_t* r
   if (!segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  const auto kernel = latent_rows_sum_kernel<T, T, false, true, V>;
-  SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
-      offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs, partial_dots);
+  for (const auto kernel : {latent_rows_sum_kernel<T, T, false, true, false, V>,
+                            latent_rows_sum_kernel<T, T, false, true, true, V>}) {
+    SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
+        offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs,
+        partial_dots);
+  }
   return cudaGetLastError();
 }
 
