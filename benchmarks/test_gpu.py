@@ -406,6 +406,12 @@ def test_sparse_decode(report: Report, problem: Problem) -> None:
                          C.latent_rows_sum(p.values, p.indices, g, W.shape[0])))
     report.time("decode backward: latent_rows_sum_dots (one walk)",
                 lambda: C.latent_rows_sum_dots(p.values, p.indices, g, W))
+    # A trained SAE has dense latents, which random codes lack: latent 0 in every row (8192
+    # pairs, summed by a whole block rather than one warp; see csrc/cuda/latent_rows_sum.cu).
+    dense = p.indices.clone()
+    dense[:, 0] = 0
+    report.time("decode backward: latent_rows_sum_dots, latent 0 in every row",
+                lambda: C.latent_rows_sum_dots(p.values, dense, g, W))
     report.fail_on_errors_since(errors)
 
 
