@@ -37,10 +37,10 @@
 // and group as 32-bit words; the backward also the slot); the walks issue the W_dec loads of 8
 // slots before they use the first, so that several L2 reads are in flight per lane, and keep
 // them as loaded until used; at 80 registers a thread, 24 warps fit on an SM. No shared memory,
-// no barrier. Reductions over columns are a lane's 4
-// columns, then warp shuffles in a fixed tree, then the caller's sum over the column tiles: a
-// fixed order. Blocks are numbered row-fastest, so the W_dec rows in flight belong to one
-// column tile (n x 128 columns, 17 MB bf16 / 34 MB fp32 at n = 65536) and stay in L2.
+// no barrier. Reductions over columns are a lane's 4 columns, then warp shuffles in a fixed
+// tree, then the caller's sum over the column tiles: a fixed order. Blocks are numbered
+// row-fastest, so the W_dec rows in flight belong to one column tile (n x 128 columns, 17 MB
+// bf16 / 34 MB fp32 at n = 65536) and stay in L2.
 //
 // History on an H100 at the size below (bf16): forward 1.34 ms and backward 2.09 ms (2026-11-26,
 // a backward that walked forward again, kept r_g in shared memory, and then gathered every
@@ -213,18 +213,17 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const WalkSlot<T>* row,
                                          Acc<T> (&r)[kLaneCols], Acc<T> (&recon)[kLaneCols],
                                          AtBoundary at_boundary) {
   using A = Acc<T>;
-  constexpr int kBatch = kWalkBatch;
   int g = 0;
   WalkSlot<T> ahead = load_slots(row, 0, k, lane);
   for (int64_t q0 = 0; q0 < k; q0 += kWarp) {
     const int count = static_cast<int>(min64(kWarp, k - q0));
     const WalkSlot<T> mine = ahead;  // lane t: the slot at walk position q0 + t
     ahead = load_slots(row, q0 + kWarp, k - q0 - kWarp, lane);
-    for (int u0 = 0; u0 < count; u0 += kBatch) {
-      A value[kBatch];
-      Pack<T, kLaneCols> w[kBatch];
+    for (int u0 = 0; u0 < count; u0 += kWalkBatch) {
+      A value[kWalkBatch];
+      Pack<T, kLaneCols> w[kWalkBatch];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < kWalkBatch; ++u) {
         const int from = (u0 + u) % kWarp;
         const int64_t i = __shfl_sync(kFullMask, mine.index, from);
         value[u] = __shfl_sync(kFullMask, mine.value, from);
@@ -236,7 +235,7 @@ __device__ __forceinline__ void walk_row(const T* W_dec, const WalkSlot<T>* row,
         }
       }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < kWalkBatch; ++u) {
         const int group = __shfl_sync(kFullMask, mine.group, (u0 + u) % kWarp);
         if (u0 + u >= count) {
           break;  // the same for the whole warp
@@ -315,7 +314,6 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, kWalkBlocksPerSM<T>)
                                 int64_t d, int G, T* __restrict__ grad_x, ST* __restrict__ S,
                                 Acc<T>* __restrict__ partial_dots) {
   using A = Acc<T>;
-  constexpr int kBatch = kWalkBatch;
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (b >= B) {
@@ -345,12 +343,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, kWalkBlocksPerSM<T>)
     const int64_t base = top - count;
     const WalkSlot<T> mine = ahead;
     ahead = load_slots(row, base - min64(kWarp, base), min64(kWarp, base), lane);
-    // Positions u0 - 1, u0 - 2, ... of this chunk, kBatch at a time, their loads first.
-    for (int u0 = count; u0 > 0; u0 -= kBatch) {
-      Pack<T, kLaneCols> w[kBatch];
-      A part[kBatch];
+    // Positions u0 - 1, u0 - 2, ... of this chunk, kWalkBatch at a time, their loads first.
+    for (int u0 = count; u0 > 0; u0 -= kWalkBatch) {
+      Pack<T, kLaneCols> w[kWalkBatch];
+      A part[kWalkBatch];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < kWalkBatch; ++u) {
         const int at = u0 - 1 - u;
         const int64_t i = __shfl_sync(kFullMask, mine.index, at >= 0 ? at : 0);
         if (at >= 0) {  // every slot's row: a zero value still has a gradient
@@ -358,7 +356,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, kWalkBlocksPerSM<T>)
         }
       }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < kWalkBatch; ++u) {
         const int at = u0 - 1 - u;
         const A value = __shfl_sync(kFullMask, mine.value, at >= 0 ? at : 0);
         const int group = __shfl_sync(kFullMask, mine.group, at >= 0 ? at : 0);
@@ -387,7 +385,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, kWalkBlocksPerSM<T>)
       // Each slot's dot over the tile's columns, 4 slots at a time: lanes 0, 8, 16 and 24 hold
       // the 4 dots, and fetch the slot (place in the row) of theirs.
 #pragma unroll
-      for (int quad = 0; quad < kBatch / 4; ++quad) {
+      for (int quad = 0; quad < kWalkBatch / 4; ++quad) {
         const A four[4] = {part[4 * quad], part[4 * quad + 1], part[4 * quad + 2],
                            part[4 * quad + 3]};
         const A dot = warp_dots4(four, lane);
