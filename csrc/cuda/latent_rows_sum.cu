@@ -57,7 +57,7 @@ constexpr int kSegWarps = 8;
 constexpr int kUnroll = 4;  // pairs in flight per lane: one warp_dots4
 constexpr int64_t kLongSegment = 256;  // pairs; a longer latent is summed by the whole block
 
-// Adds the pairs begin..end-1 of latent i, in order, to acc (the lane's V columns of their
+// Adds the pairs begin..end-1 of one latent, in order, to acc (the lane's V columns of their
 // coef * src rows) and total (their coefs); with kDots also writes each pair's dot with weight
 // (the lane's V columns of the latent's weights row) to partial_dots. Every lane of the warp
 // calls it.

@@ -416,7 +416,8 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "prefix_walk_plan_cuda", [&] {
     using T = cuda_t<scalar_t>;
     using Slot = kernels::WalkSlot<T>;
-    p.walk = at::empty({p.B, p.k, static_cast<int64_t>(sizeof(Slot))}, x.options().dtype(at::kByte));
+    p.walk = at::empty({p.B, p.k, static_cast<int64_t>(sizeof(Slot))},
+                       x.options().dtype(at::kByte));
     C10_CUDA_CHECK(kernels::prefix_walk_plan<T>(
         in<int64_t>(p.indices), in<T>(p.values), p.B, p.k, prefix, out<int32_t>(p.group),
         out<Slot>(p.walk), c10::cuda::getCurrentCUDAStream()));
