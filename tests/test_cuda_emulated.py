@@ -321,11 +321,11 @@ def random_code(generator: torch.Generator, B: int, n: int, k: int) -> torch.Ten
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (3, 64, 500, 300)])
-def test_gather_rows_sum(cuda_emulated, B, d, n, k, dtype):
+def test_gather_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     """out[b] = bias + sum_j coef[b, j] rows[indices[b, j]]; k = 300 spans two staged chunks of
     256 pairs. The one pair with a zero coefficient has a row of its own, NaN: with skip_zero
     it is not read, without it the sum must be NaN."""
-    generator = torch.Generator().manual_seed(B + d + n + k)
+    generator = torch.Generator().manual_seed(seed)
     coef = torch.randn(B, k, generator=generator, dtype=acc_dtype(dtype))
     coef[0, 0] = 0.0
     indices = torch.randint(0, n - 1, (B, k), generator=generator)
@@ -343,13 +343,14 @@ def test_gather_rows_sum(cuda_emulated, B, d, n, k, dtype):
     out = poison((B, d), dtype)
     call(cuda_emulated, f"gather_rows_sum_{SUFFIX[dtype]}", coef, indices, rows, bias, B, k, d,
          ctypes.c_int(0), out)
-    assert bool(out[0].isnan().all()) and relative_error(out[1:], want[1:] + bias.double()) <= (
-        TOLERANCE[dtype]) or B == 1
+    assert bool(out[0].isnan().all()), "without skip_zero the NaN row is read"
+    if B > 1:
+        assert relative_error(out[1:], want[1:] + bias.double()) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 1), (33, 70), (64, 32)])
-def test_transpose(cuda_emulated, rows, cols, dtype):
+def test_transpose(cuda_emulated, rows, cols, dtype, seed):
     matrix = torch.randn(rows, cols).to(dtype)
     out = poison((cols, rows), dtype)
     call(cuda_emulated, f"transpose_{SUFFIX[dtype]}", matrix, rows, cols, out)
@@ -375,13 +376,13 @@ def vector_width(d: int, dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (33, 64, 70, 32),
                                      (300, 16, 40, 2)])
-def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype):
+def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     """out[i] = sum over latent i's pairs of coef * src[row] (plain, transposed with coef_sum,
     and fused with the pairs' dots against weights), with src_rows into a taller src, zero
     coefficients and empty latents; d = 64 and 16 take the vector path in every dtype. Latent 0
     is in every row: at B = 300 its 300 pairs (over kLongSegment, 256) take the pass in which
     the whole block sums one latent."""
-    generator = torch.Generator().manual_seed(B * d + n + k)
+    generator = torch.Generator().manual_seed(seed)
     indices = random_code(generator, B, n, k)
     indices[:, 0] = 0  # latent 0 in every row: a long segment
     order, offsets = latent_pairs(indices, n)
@@ -419,9 +420,9 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype):
     assert relative_error(partial.double().sum(0), want_dots) <= tol
 
 
-def test_latent_rows_sum_of_float_rows_into_half(cuda_emulated):
+def test_latent_rows_sum_of_float_rows_into_half(cuda_emulated, seed):
     """The float16 nested loss's grad_W_dec: float32 src (its S) summed into float16 out."""
-    generator = torch.Generator().manual_seed(7)
+    generator = torch.Generator().manual_seed(seed)
     B, d, n, k = 9, 36, 50, 4
     indices = random_code(generator, B, n, k)
     order, offsets = latent_pairs(indices, n)
@@ -451,13 +452,13 @@ NESTED = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,ks,sizes", NESTED)
-def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype):
+def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype, seed):
     """The walk plan (each row's slots in index order, with their groups and values), the
     forward walk and the backward's reverse walk against the float64 reference's losses,
     reconstruction and gradients (grad_W_dec as the host glue sums S)."""
     (k,) = ks
     G = len(sizes)
-    generator = torch.Generator().manual_seed(B * 1000 + d + n + k)
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=generator).to(dtype)
     W_dec = (torch.randn(n, d, generator=generator) / d**0.5).to(dtype)
     b_dec = (torch.randn(d, generator=generator) * 0.1).to(dtype)
