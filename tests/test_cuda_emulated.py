@@ -1,14 +1,18 @@
-"""The CUDA kernels of csrc/cuda/*.cu, run on the CPU through their launchers: every .cu file is
-compiled by nvcc as host C++ with a warp emulator (one std::thread per GPU thread, warp
-shuffles through a per-warp exchange between barriers, __syncthreads as a block barrier,
-__shared__ arrays shared by the block's threads, one block at a time) into a shared library
-that ctypes calls on torch CPU tensors. Each kernel is checked against float64 on awkward
-shapes.
+"""The CUDA backend run on the CPU. Every .cu file of csrc/cuda is compiled by nvcc as host C++
+over a warp emulator (one std::thread per GPU thread, warp shuffles through a per-warp exchange
+between barriers, __syncthreads as a block barrier, __shared__ arrays shared by the block's
+threads, one block at a time). Two libraries are built from them:
+- the launchers of kernels.cuh behind C entry points, called with ctypes on torch CPU tensors:
+  each kernel against float64 on awkward shapes;
+- csrc/cuda/ops_cuda.cpp, the backend's host glue, over the same kernels, with stand-ins for
+  its three c10/cuda headers, registered for CPU tensors as torch.ops.sparsecode_emulated:
+  each op against the cpp backend's.
 
-This checks the kernels' logic (indexing, tails, vector and strided paths, walk order, group
-boundaries, shuffle reductions, what is written) and the launchers' grids and path choices
-where no GPU is present. It says nothing of speed, of memory ordering between threads that do
-not synchronise, or of the device's own rounding. Skips without nvcc.
+This checks the logic (indexing, tails, vector and strided paths, walk order, group
+boundaries, shuffle reductions, what is written, the glue's grouping and reductions) and the
+launchers' grids and path choices where no GPU is present. It says nothing of speed, of memory
+ordering between threads that do not synchronise, or of the device's own rounding. Skips
+without nvcc.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from torch.utils import cpp_extension
 
 from sparsecode import reference
 from tests.test_cuda_compile import CUDA_SOURCES, find_nvcc
@@ -237,6 +243,10 @@ extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* ro
 
 """
 
+# The ops that csrc/cuda/ops_cuda.cpp registers.
+OPS = ["topk_encode_forward", "topk_encode_backward", "sparse_decode_forward",
+       "sparse_decode_backward", "nested_prefix_loss_forward", "nested_prefix_loss_backward",
+       "latent_rows_sum", "latent_rows_sum_dots"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16",
           torch.bfloat16: "bf16"}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -251,9 +261,52 @@ SUFFIX_SUM = {torch.float32: torch.float32, torch.float64: torch.float64,
               torch.bfloat16: torch.bfloat16, torch.float16: torch.float32}
 
 
+# Stand-ins for the three c10/cuda headers that csrc/cuda/ops_cuda.cpp includes (the CPU torch
+# wheel ships them, but not the library behind them): no device guard, the null stream, and a
+# launch check.
+CUDA_HEADER_STUBS = {
+    "CUDAGuard.h": """#pragma once
+#include <c10/core/Device.h>
+namespace c10::cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+}  // namespace c10::cuda
+""",
+    "CUDAStream.h": """#pragma once
+#include <cuda_runtime.h>
+namespace c10::cuda {
+inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+}  // namespace c10::cuda
+""",
+    "CUDAException.h": """#pragma once
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+#define C10_CUDA_CHECK(expression) \\
+  TORCH_CHECK((expression) == cudaSuccess, "emulated CUDA call failed: ", #expression)
+""",
+}
+
+
+def host_compile(nvcc: str, source: Path, out: Path, *flags: str) -> None:
+    """source -> out as host C++ by nvcc (-x c++: no __CUDACC__, CUDA's headers on the path)."""
+    built = subprocess.run([nvcc, "-x", "c++", "-std=c++20", "-O1", "-Xcompiler", "-fPIC,-pthread",
+                            *flags, "-c", str(source), "-o", str(out)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, f"{source.name}:\n{built.stderr[-4000:]}"
+
+
+def link(nvcc: str, out: Path, objects: list[Path], *flags: str) -> Path:
+    linked = subprocess.run([nvcc, "-shared", "-cudart=none", "-Xcompiler", "-pthread", "-o",
+                             str(out), *map(str, objects), *flags], capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr[-4000:]
+    return out
+
+
 @pytest.fixture(scope="module")
-def cuda_emulated(tmp_path_factory) -> ctypes.CDLL:
-    """The kernels and launchers of csrc/cuda/*.cu as a host library, built once per session."""
+def emulated_build(tmp_path_factory) -> tuple[str, Path, list[Path]]:
+    """(nvcc, build folder, objects): csrc/cuda/*.cu and the C entry points compiled as host C++
+    over the warp emulator, once per session."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
@@ -261,24 +314,49 @@ def cuda_emulated(tmp_path_factory) -> ctypes.CDLL:
     (where / "emulator.h").write_text(EMULATOR)
     (where / "entry_points.cpp").write_text(ENTRY_POINTS)
     sources = [*sorted(CUDA_SOURCES.glob("*.cu")), where / "entry_points.cpp"]
-    # -x c++: nvcc hands each file to the host compiler (no __CUDACC__) with CUDA's headers.
-    flags = ["-x", "c++", "-std=c++20", "-O1", "-Xcompiler", "-fPIC,-pthread",
-             "-include", str(where / "emulator.h"), f"-I{CUDA_SOURCES}"]
-
-    def compile_one(source: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([nvcc, *flags, "-c", str(source), "-o",
-                               str(where / f"{source.stem}.o")], capture_output=True, text=True)
-
+    objects = [where / f"{source.stem}.o" for source in sources]
+    flags = ("-include", str(where / "emulator.h"), f"-I{CUDA_SOURCES}")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for built in pool.map(compile_one, sources):
-            assert built.returncode == 0, built.stderr[-4000:]
-    library = where / "libcuda_emulated.so"
-    linked = subprocess.run([nvcc, "-shared", "-cudart=none", "-Xcompiler", "-pthread", "-o",
-                             str(library),
-                             *[str(where / f"{s.stem}.o") for s in sources]],
-                            capture_output=True, text=True)
-    assert linked.returncode == 0, linked.stderr[-4000:]
-    return ctypes.CDLL(str(library))
+        list(pool.map(lambda so: host_compile(nvcc, *so, *flags), zip(sources, objects)))
+    return nvcc, where, objects
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated(emulated_build) -> ctypes.CDLL:
+    """Every launcher of csrc/cuda/kernels.cuh, through the C entry points, for ctypes."""
+    nvcc, where, objects = emulated_build
+    return ctypes.CDLL(str(link(nvcc, where / "libcuda_emulated.so", objects)))
+
+
+@pytest.fixture(scope="module")
+def cuda_ops(emulated_build):
+    """The cuda backend's ops (csrc/cuda/ops_cuda.cpp over the emulated kernels) for CPU
+    tensors, as torch.ops.sparsecode_emulated.*, with the schemas of torch.ops.sparsecode_C."""
+    nvcc, where, objects = emulated_build
+    stubs = where / "stubs"
+    (stubs / "c10" / "cuda").mkdir(parents=True)
+    for name, text in CUDA_HEADER_STUBS.items():
+        (stubs / "c10" / "cuda" / name).write_text(text)
+    abi = int(torch.compiled_with_cxx11_abi())
+    flags = (f"-I{stubs}", *(f"-I{p}" for p in cpp_extension.include_paths()),
+             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DSPARSECODE_CUDA_OPS_LIBRARY=sparsecode_emulated",
+             "-DSPARSECODE_CUDA_OPS_KEY=CPU")
+    glue = [CUDA_SOURCES / "ops_cuda.cpp", CUDA_SOURCES.parent / "checks.cpp"]
+    glue_objects = [where / f"glue_{source.stem}.o" for source in glue]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda so: host_compile(nvcc, *so, *flags), zip(glue, glue_objects)))
+    torch_lib = Path(torch.__file__).parent / "lib"
+    library = link(nvcc, where / "libcuda_ops_emulated.so", [*objects, *glue_objects],
+                   f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Xlinker=-rpath,{torch_lib}")
+    import sparsecode  # noqa: F401  (loads sparsecode._C, whose schemas are copied)
+
+    definitions = torch.library.Library("sparsecode_emulated", "DEF")
+    for name in OPS:
+        schema = str(getattr(torch.ops.sparsecode_C, name).default._schema)
+        definitions.define(schema.removeprefix("sparsecode_C::"))
+    torch.ops.load_library(str(library))
+    yield torch.ops.sparsecode_emulated
+    del definitions
 
 
 def call(lib: ctypes.CDLL, name: str, *arguments) -> None:
@@ -518,3 +596,64 @@ def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype, seed):
     grad_W = torch.zeros(n, d, dtype=torch.float64).index_add_(
         0, indices.reshape(-1), (-values.double()[..., None] * rows.double()).reshape(-1, d))
     assert relative_error(grad_W, grads[2]) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (9, 64, 100, 20)])
+def test_cuda_backend_ops_match_cpp(cuda_ops, B, d, n, k, dtype, seed):
+    """Every op of the cuda backend (host glue and kernels) on CPU tensors against the cpp
+    backend's on the same inputs: the encode's selected values and reconstruction, then, for
+    the cpp code, each backward, the decode, the per-latent sums (with src_rows, and latent 0
+    in every row) and the nested loss forward and backward. (The kernel tests above cover the
+    dense-latent pass, which needs more rows than these.)"""
+    C = torch.ops.sparsecode_C
+    tol = 2 * TOLERANCE[dtype]  # each backend is within TOLERANCE of float64
+
+    def check(got, want, what: str) -> None:
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype, what
+            assert relative_error(g, w) <= tol, what
+
+    x = torch.randn(B, d).to(dtype)
+    W_enc = (torch.randn(d, n) / d**0.5).to(dtype)
+    b_enc = (torch.randn(n) * 0.1).to(dtype)
+    b_dec = (torch.randn(d) * 0.1).to(dtype)
+    W_dec = (torch.randn(n, d) / d**0.5).to(dtype)
+
+    values, indices = C.topk_encode_forward(x, W_enc, b_enc, b_dec, k)
+    got_values, got_indices = cuda_ops.topk_encode_forward(x, W_enc, b_enc, b_dec, k)
+    assert relative_error(got_values.sort(1).values, values.sort(1).values) <= tol
+    if dtype in (torch.float32, torch.float64):  # 16-bit rounding of the two GEMMs can swap
+        # latents whose pre-activations nearly tie, each a valid top k of its own GEMM
+        assert relative_error(C.sparse_decode_forward(got_values, got_indices, W_dec, b_dec),
+                              C.sparse_decode_forward(values, indices, W_dec, b_dec)) <= tol
+    indices[:, 0] = 0  # latent 0 in every row, then the cpp code for both backends
+    grad_values, grad_out = torch.randn(B, k).to(dtype), torch.randn(B, d).to(dtype)
+    check(cuda_ops.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices),
+          C.topk_encode_backward(grad_values, x, W_enc, b_dec, values, indices),
+          "topk_encode_backward")
+    check([cuda_ops.sparse_decode_forward(values, indices, W_dec, b_dec)],
+          [C.sparse_decode_forward(values, indices, W_dec, b_dec)], "sparse_decode_forward")
+    check(cuda_ops.sparse_decode_backward(grad_out, values, indices, W_dec),
+          C.sparse_decode_backward(grad_out, values, indices, W_dec), "sparse_decode_backward")
+    coef = torch.randn(B, k)
+    src_rows = torch.randint(0, 2 * B, (B, k))
+    src = torch.randn(2 * B, d).to(dtype)
+    check([cuda_ops.latent_rows_sum(coef, indices, src, n, src_rows)],
+          [C.latent_rows_sum(coef, indices, src, n, src_rows)], "latent_rows_sum")
+    check(cuda_ops.latent_rows_sum_dots(coef, indices, src, W_dec, src_rows),
+          C.latent_rows_sum_dots(coef, indices, src, W_dec, src_rows), "latent_rows_sum_dots")
+
+    sizes, weights = [max(1, n // 4), n // 2, n], [0.5, 0.3, 0.2]
+    got = cuda_ops.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes, weights)
+    want = C.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes, weights)
+    check(got[:3], want[:3], "nested_prefix_loss_forward")
+    assert got[3].shape == (2, B, d) and want[3].shape == (2, 0, d)
+    upstream = (torch.randn(()).to(dtype), torch.randn(3).to(dtype), grad_out / B)
+    check(cuda_ops.nested_prefix_loss_backward(*upstream, x, values, indices, W_dec, b_dec, sizes,
+                                               weights, got[3]),
+          C.nested_prefix_loss_backward(*upstream, x, values, indices, W_dec, b_dec, sizes,
+                                        weights, want[3]), "nested_prefix_loss_backward")
+    with pytest.raises(RuntimeError, match="pass the fourth output of nested_prefix_loss_forward"):
+        cuda_ops.nested_prefix_loss_backward(*upstream, x, values, indices, W_dec, b_dec, sizes,
+                                             weights, want[3])

@@ -422,10 +422,11 @@ NestedProblem prepare_nested(const at::Tensor& x, const at::Tensor& values,
         in<int64_t>(p.indices), in<T>(p.values), p.B, p.k, prefix, out<int32_t>(p.group),
         out<Slot>(p.walk), c10::cuda::getCurrentCUDAStream()));
   });
-  p.weights = at::tensor(std::vector<double>(weights.begin(), weights.end()),
-                         at::TensorOptions().dtype(at::kDouble))
-                  .pin_memory()
-                  .to(x.device(), at::kDouble, /*non_blocking=*/true);
+  const at::Tensor host_weights = at::tensor(std::vector<double>(weights.begin(), weights.end()),
+                                             at::TensorOptions().dtype(at::kDouble));
+  p.weights = x.is_cuda() ? host_weights.pin_memory().to(x.device(), at::kDouble,
+                                                         /*non_blocking=*/true)
+                          : host_weights;  // CPU tensors: tests/test_cuda_emulated.py
   return p;
 }
 
@@ -514,7 +515,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
 }  // namespace
 }  // namespace sparsecode::cuda_ops
 
-TORCH_LIBRARY_IMPL(sparsecode_C, CUDA, m) {
+// The library and dispatch key are macros so that tests/test_cuda_emulated.py can register
+// this file, built as host C++ over emulated kernels, for CPU tensors under another name.
+#ifndef SPARSECODE_CUDA_OPS_LIBRARY
+#define SPARSECODE_CUDA_OPS_LIBRARY sparsecode_C
+#define SPARSECODE_CUDA_OPS_KEY CUDA
+#endif
+// TORCH_LIBRARY_IMPL stringifies and pastes its arguments: expand the macros first.
+#define SPARSECODE_LIBRARY_IMPL(library, key, m) TORCH_LIBRARY_IMPL(library, key, m)
+
+SPARSECODE_LIBRARY_IMPL(SPARSECODE_CUDA_OPS_LIBRARY, SPARSECODE_CUDA_OPS_KEY, m) {
   m.impl("topk_encode_forward", &sparsecode::cuda_ops::topk_encode_forward);
   m.impl("topk_encode_backward", &sparsecode::cuda_ops::topk_encode_backward);
   m.impl("sparse_decode_forward", &sparsecode::cuda_ops::sparse_decode_forward);
