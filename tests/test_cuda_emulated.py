@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torch.utils import cpp_extension
 
 from sparsecode import reference
@@ -348,8 +347,6 @@ def cuda_ops(emulated_build):
     torch_lib = Path(torch.__file__).parent / "lib"
     library = link(nvcc, where / "libcuda_ops_emulated.so", [*objects, *glue_objects],
                    f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Xlinker=-rpath,{torch_lib}")
-    import sparsecode  # noqa: F401  (loads sparsecode._C, whose schemas are copied)
-
     definitions = torch.library.Library("sparsecode_emulated", "DEF")
     for name in OPS:
         schema = str(getattr(torch.ops.sparsecode_C, name).default._schema)
