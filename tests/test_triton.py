@@ -195,6 +195,23 @@ def test_encode_exact_ties_keep_the_lowest_ids(k, fold, dtype, seed):
     assert torch.equal(values.float(), torch.relu(pre.gather(1, indices))), "values not exact"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fold", FOLDS)
+@pytest.mark.parametrize("unchecked", [1, 3, 256])
+def test_encode_unchecked_steps_change_nothing(unchecked, fold, dtype, seed):
+    """Insertion steps taken before the fold tests whether any row is left
+    (EncodeConfig.unchecked_steps; 256, more than a tile's columns: the count of entries above
+    the threshold alone) give the same values and indices bit for bit, on random rows and on
+    rows full of exact ties."""
+    tiles = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, **FOLDS[fold])
+    for inputs in (make_inputs(5, 32, 130, dtype),
+                   [t.to(dtype) for t in exact_tie_inputs(5, 16, 130)]):
+        expected = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles))
+        got = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, unchecked_steps=unchecked))
+        assert torch.equal(got[1], expected[1])
+        assert torch.equal(got[0], expected[0])
+
+
 def test_encode_all_negative_preactivations_give_zero_values(seed):
     x, W_enc, b_enc, b_dec = make_inputs(5, 7, 33, torch.float32)
     values, indices = ops.topk_encode(x, W_enc, b_enc - 100.0, b_dec, 3, backend="triton")

@@ -47,19 +47,25 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
         variants = [topk_encode.default_tiles(dtype, tma) for tma in tma_options]
         if name == "bfloat16":  # the benchmark's sweep also folds the pointer tiles by halves
             variants.append(dataclasses.replace(variants[0], select_halves=True))
+            # and takes insertion steps before testing across warps (some, or the count alone)
+            variants += [dataclasses.replace(variants[len(tma_options) - 1],
+                                             unchecked_steps=steps) for steps in (16, 128)]
         for tiles in variants:
             tma = tiles.tma
-            for k_pad in (1, 64, 256) if name == "bfloat16" else (1, 64):
+            k_pads = (1, 64, 256) if name == "bfloat16" else (1, 64)
+            for k_pad in k_pads if tiles.unchecked_steps == 0 else (64,):
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
-                    f"K_PAD={k_pad}", topk_encode._encode_kernel,
+                    f"unchecked_steps={tiles.unchecked_steps} K_PAD={k_pad}",
+                    topk_encode._encode_kernel,
                     {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "B": "i32", "d": "i32",
                      "n": "i32", "k": "i32", "tiles_per_split": "i32"},
                     {"BLOCK_B": tiles.block_b, "BLOCK_N": tiles.block_n,
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
                      "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1,
-                     "KEYED": topk_encode._keyed(dtype, tiles)},
+                     "KEYED": topk_encode._keyed(dtype, tiles),
+                     "UNCHECKED": tiles.unchecked_steps},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         found.append((
