@@ -82,8 +82,11 @@ SWEEP = [
 # sweep's own default rows. Then the default with insertion steps taken before the test across
 # warps (unchecked_steps: 16, and the count alone); whole tiles at 4 stages (at 3 they beat
 # the halves, 5.05 against 5.24 ms), also with the count alone; three ranges per row block;
-# 128-deep d steps (96 KB of tiles per stage). Swept last (test_encode_tma_sweep), so that a
-# fault there cannot spoil the other measurements of the run.
+# 128-deep d steps (96 KB of tiles per stage); 64-row tiles over 4 warps at 2 stages (82 KB of
+# shared memory and 255 registers a thread, so two programs fit on an SM and one can select
+# while the other multiplies, at the cost of loading each W_enc tile for 64 rows instead of
+# 128), as the default and with the count alone. Swept last (test_encode_tma_sweep), so that
+# a fault there cannot spoil the other measurements of the run.
 TMA_TILES = {**TILES, "block_n": 256, "tma": True, "num_stages": 4}
 TMA_DEFAULT = {**TMA_TILES, "select_halves": True}
 TMA_SWEEP = [
@@ -94,6 +97,8 @@ TMA_SWEEP = [
     {**TMA_TILES, "select_halves": False, "unchecked_steps": 256},
     {**TMA_DEFAULT, "splits": 3},
     {**TMA_DEFAULT, "block_d": 128, "num_stages": 2},
+    {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2},
+    {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2, "unchecked_steps": 128},
 ]
 
 
