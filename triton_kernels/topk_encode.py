@@ -184,16 +184,16 @@ def _fold_tile(pre, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.conste
     That test reduces over all the program's rows, so across its warps: through shared memory
     and barriers, before every step (sm_90 SASS of the bf16 TMA tiles: a step is 428
     instructions with 3 barriers under Triton 3.6, 412 with 2 under 3.9, and 403 without the
-    test under either). With UNCHECKED > 0 the fold first counts each
-    row's entries above its threshold and takes min(UNCHECKED, the largest count) steps without
-    the test. None of them changes the result: a row's entries above its threshold are its
-    largest, each step takes out the row's best whether or not it goes in, and a row with
-    nothing left above its threshold (which only rises) just drops entries at or below it.
-    UNCHECKED >= WIDTH takes the counted steps alone, never testing. Simulated on random rows
-    (k = 64, 32768-column ranges, 128-column folds): 16 unchecked steps take 3% more steps than
-    the test alone and 57% fewer reductions across warps; the count alone, 16% more steps and
-    82% fewer. The count costs two operations per entry. Which wins depends on whether a step
-    waits on the barriers or on its arithmetic: the GPU benchmark's sweep times both."""
+    test under either). With UNCHECKED > 0 the fold first counts each row's entries above its
+    threshold and takes min(UNCHECKED, the largest count) steps without the test. None of them
+    changes the result: a row's entries above its threshold are its largest, each step takes out
+    the row's best whether or not it goes in, and a row with nothing left above its threshold
+    (which only rises) just drops entries at or below it. UNCHECKED >= WIDTH takes the counted
+    steps alone, never testing. Simulated on random rows (k = 64, 32768-column ranges,
+    128-column folds): 16 unchecked steps take 3% more steps than the test alone and 57% fewer
+    reductions across warps; the count alone, 16% more steps and 82% fewer. The count costs two
+    operations per entry. Which wins depends on whether a step waits on the barriers or on its
+    arithmetic: the GPU benchmark's sweep times both."""
     cand = _fold_input(pre, WIDTH, KEYED)
     best = tl.max(cand, axis=1)
     if UNCHECKED > 0:
