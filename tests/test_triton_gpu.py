@@ -3,7 +3,8 @@
 Real sizes (B=8192; d_model, d_sae and k each take every value of the Triton issue's lists) in
 float32, bfloat16 and float16; tiny awkward shapes and exact ties in bfloat16, which the CPU
 interpreter cannot run; the nested-prefix loss (its Triton forward walk) at the benchmarks' size
-and the tiny shapes; and a torch.compile'd Matryoshka training step against the eager one.
+and the tiny shapes; the encode's result-preserving options against its default at the
+benchmarks' size; and a torch.compile'd Matryoshka training step against the eager one.
 Marked ``gpu`` and skipped where torch sees no CUDA device.
 
 Each shape and dtype compiles kernels, so the file checks a covering subset of the size grid
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -236,6 +238,33 @@ def test_exact_ties_bf16(k: int, seed: int) -> None:
     pre = check_exact_ties(inputs, values, indices, k)
     check_selection(pre, indices, k, slack=0.0)
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
+
+
+# Fused-encode options that must not change its result (EncodeConfig fields), with the dtype
+# each is checked in: the keyed 16-bit path and float32's value ranking.
+ENCODE_OPTIONS = [
+    pytest.param({"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
+    pytest.param({"unchecked_steps": 128}, torch.bfloat16, id="unchecked128-bfloat16"),
+    pytest.param({"unchecked_steps": 128}, torch.float32, id="unchecked128-float32"),
+    pytest.param({"sort_merge": True}, torch.bfloat16, id="sort_merge-bfloat16"),
+    pytest.param({"sort_merge": True}, torch.float16, id="sort_merge-float16"),
+]
+
+
+@pytest.mark.parametrize("option,dtype", ENCODE_OPTIONS)
+def test_encode_options_match_the_default(option: dict, dtype: torch.dtype, seed: int) -> None:
+    """Insertion steps before the test across warps and the merge by sorts give the default
+    encode's values and indices bit for bit at the benchmarks' size (every output poisoned)."""
+    from sparsecode.triton_kernels import topk_encode as module
+
+    d, n, k = ISSUE_SIZE
+    inputs = make_encoder(REAL_BATCH, d, n, dtype)
+    config = dataclasses.replace(module.default_config(inputs[0], inputs[1]), **option)
+    expected = module.topk_encode_forward(*inputs, k)
+    with poisoned_memory():
+        values, indices = module.topk_encode_forward(*inputs, k, config)
+    assert torch.equal(indices, expected[1])
+    assert torch.equal(values, expected[0])
 
 
 @pytest.mark.parametrize("nested_backend", ["triton", "cuda"])
