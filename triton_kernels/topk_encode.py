@@ -301,7 +301,7 @@ def _merge_sort_kernel(cand_v_ptr, cand_i_ptr, val_ptr, idx_ptr, B, k, width,
     """ROWS rows: each row's k best of its `width` candidates (the lower id among equal values),
     sorted by id, as _merge_kernel's, from two sorts of W_PAD int64 keys per row: by (value, -id)
     descending, whose first k are chosen, then the chosen by id. O(W_PAD log^2 W_PAD) compares
-    a row where _merge_kernel makes W_PAD^2 (sm_90 SASS at W_PAD = 128: 538 instructions a
+    a row where _merge_kernel makes W_PAD^2 (sm_90 SASS at W_PAD = 128: 548 instructions a
     thread a row over 4 warps, against 1648)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pos = tl.arange(0, W_PAD)
@@ -399,9 +399,11 @@ def _split_columns(n: int, rows_blocks: int, config: EncodeConfig, device: torch
 MERGE_WIDTH = 128
 
 
-# The widest candidate list that _merge_sort_kernel sorts in registers: 16 int64 keys a thread
-# over 4 warps, one row a program; narrower lists take several rows a program.
-SORT_MERGE_WIDTH = 2048
+# The widest candidate list that _merge_sort_kernel sorts in registers: 8 int64 keys a thread
+# over 4 warps, one row a program; narrower lists take several rows a program, 1024 keys in
+# all. (Each sort is unrolled: 2048 keys a program took 18 s to compile for sm_90 and 98 s for
+# sm_80 with Triton 3.9 on this project's 2-core CI machines; 1024 keys, 10 s and 19 s.)
+SORT_MERGE_WIDTH = 1024
 
 
 def _sort_merge_rows(w_pad: int) -> int:
