@@ -129,6 +129,12 @@ def test_encode_merge_of_wide_candidate_lists_matches(splits, monkeypatch, seed)
     assert torch.equal(in_kernel[0], with_torch[0])
 
 
+def random_and_tied_inputs(dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """Encoder inputs (x, W_enc, b_enc, b_dec) in dtype twice: random rows, and small integers
+    whose pre-activations are exact and full of ties."""
+    return [make_inputs(5, 32, 130, dtype), [t.to(dtype) for t in exact_tie_inputs(5, 16, 130)]]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits,k", [(1, 3), (3, 8)])
 def test_encode_sort_merge_matches_the_other_merges(splits, k, dtype, monkeypatch, seed):
@@ -139,8 +145,7 @@ def test_encode_sort_merge_matches_the_other_merges(splits, k, dtype, monkeypatc
     from sparsecode.triton_kernels import topk_encode as module
 
     tiles = dict(block_b=16, block_n=16, block_d=16, splits=splits, num_warps=1)
-    for inputs in (make_inputs(5, 32, 130, dtype),
-                   [t.to(dtype) for t in exact_tie_inputs(5, 16, 130)]):
+    for inputs in random_and_tied_inputs(dtype):
         by_ranks = topk_encode_forward(*inputs, k, EncodeConfig(**tiles))
         by_sorts = topk_encode_forward(*inputs, k, EncodeConfig(**tiles, sort_merge=True))
         assert torch.equal(by_sorts[1], by_ranks[1])
@@ -165,19 +170,14 @@ def test_merge_sort_kernel_matches_merge_kernel(B, k, width, seed):
     if width > 2 * k:
         values[1, -2:], ids[1, -2:] = float("-inf"), torch.tensor([-1, -2], dtype=torch.int32)
     w_pad = triton.next_power_of_2(width)
-    results = []
-    for merge in ("ranks", "sorts"):
-        out_v = torch.full((B, k), 7.0, dtype=torch.bfloat16)
-        out_i = torch.full((B, k), -99, dtype=torch.int64)
-        if merge == "ranks":
-            module._merge_kernel[(B,)](values, ids, out_v, out_i, k, width, W_PAD=w_pad)
-        else:
-            rows = module._sort_merge_rows(w_pad)
-            module._merge_sort_kernel[(triton.cdiv(B, rows),)](
-                values, ids, out_v, out_i, B, k, width, ROWS=rows, W_PAD=w_pad)
-        results.append((out_v, out_i))
-    assert torch.equal(results[1][1], results[0][1])
-    assert torch.equal(results[1][0], results[0][0])
+    ranked, sorted_ = [(torch.full((B, k), 7.0, dtype=torch.bfloat16),
+                        torch.full((B, k), -99, dtype=torch.int64)) for _ in range(2)]
+    module._merge_kernel[(B,)](values, ids, *ranked, k, width, W_PAD=w_pad)
+    rows = module._sort_merge_rows(w_pad)
+    module._merge_sort_kernel[(triton.cdiv(B, rows),)](values, ids, *sorted_, B, k, width,
+                                                       ROWS=rows, W_PAD=w_pad)
+    assert torch.equal(sorted_[1], ranked[1])
+    assert torch.equal(sorted_[0], ranked[0])
 
 
 # EncodeConfig(tma=True) under the interpreter: triton's interpreter runs tensor descriptors as
@@ -255,8 +255,7 @@ def test_encode_unchecked_steps_change_nothing(unchecked, fold, dtype, seed):
     the threshold alone) give the same values and indices bit for bit, on random rows and on
     rows full of exact ties."""
     tiles = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, **FOLDS[fold])
-    for inputs in (make_inputs(5, 32, 130, dtype),
-                   [t.to(dtype) for t in exact_tie_inputs(5, 16, 130)]):
+    for inputs in random_and_tied_inputs(dtype):
         expected = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles))
         got = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, unchecked_steps=unchecked))
         assert torch.equal(got[1], expected[1])

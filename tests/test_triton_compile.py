@@ -44,16 +44,18 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     for name, t in TRITON_DTYPES.items():
         dtype = getattr(torch, name)
         tma_options = (False, True) if arch >= 90 and name != "float32" else (False,)
-        variants = [topk_encode.default_tiles(dtype, tma) for tma in tma_options]
-        if name == "bfloat16":  # the benchmark's sweep also folds the pointer tiles by halves
-            variants.append(dataclasses.replace(variants[0], select_halves=True))
-            # and takes insertion steps before testing across warps (some, or the count alone)
-            variants += [dataclasses.replace(variants[len(tma_options) - 1],
-                                             unchecked_steps=steps) for steps in (16, 128)]
-        for tiles in variants:
+        pads = (1, 64, 256) if name == "bfloat16" else (1, 64)
+        variants = [(topk_encode.default_tiles(dtype, tma), pads) for tma in tma_options]
+        if name == "bfloat16":
+            # The benchmark's sweep also folds the pointer tiles by halves, and takes insertion
+            # steps before testing across warps (some, or the count alone) with the last tiles.
+            pointer, last = variants[0][0], variants[-1][0]
+            variants.append((dataclasses.replace(pointer, select_halves=True), pads))
+            variants += [(dataclasses.replace(last, unchecked_steps=steps), (64,))
+                         for steps in (16, 128)]
+        for tiles, k_pads in variants:
             tma = tiles.tma
-            k_pads = (1, 64, 256) if name == "bfloat16" else (1, 64)
-            for k_pad in k_pads if tiles.unchecked_steps == 0 else (64,):
+            for k_pad in k_pads:
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
                     f"unchecked_steps={tiles.unchecked_steps} K_PAD={k_pad}",
