@@ -432,6 +432,15 @@ def test_sparse_decode(report: Report, problem: Problem) -> None:
     dense[:, 0] = 0
     report.time("decode backward: latent_rows_sum_dots, latent 0 in every row",
                 lambda: C.latent_rows_sum_dots(p.values, dense, g, W))
+    # The forward's gathers pipelined at the depth the autotuner picks, against depth 1, the walk
+    # that waits for each slot's rows before it issues the next slot's (sparse_decode.autotuned).
+    from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
+
+    bias = b_dec.detach()
+    for stages in (None, 1):
+        report.time(f"decode forward: triton, {'autotuned' if stages is None else 'STAGES=1'}",
+                    lambda stages=stages: sparse_decode_forward(p.values, p.indices, W, bias,
+                                                                stages=stages))
     report.fail_on_errors_since(errors)
 
 
@@ -539,9 +548,37 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
+    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_forward
+
+    with torch.no_grad():
+        report.time("nested_prefix_loss forward: triton, STAGES=1",
+                    lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
+                                                       PREFIX_SIZES, PREFIX_WEIGHTS, stages=1))
+    report.add("Triton walks: pipelining depths the autotuner picked", chosen_depths())
     report.check("issue 7: nested loss / one decode, fwd+bwd", report.ratio(NESTED, DECODE_AUTO),
                  1.2, at_least=False)
     report.fail_on_errors_since(errors)
+
+
+def chosen_depths() -> str:
+    """The pipelining depths (STAGES) that the autotuner has picked so far for each Triton walk
+    kernel (sparse_decode.autotuned), over the problem shapes it has seen."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+    from sparsecode.triton_kernels import sparse_decode as decode
+    from sparsecode.triton_kernels.sparse_decode import autotuned, walk_registers
+
+    cap = walk_registers(DTYPE)
+    tuners = {
+        "decode": autotuned(decode._decode_kernel, decode._WARPS, cap, decode.DECODE_STAGES),
+        "grad_values": autotuned(decode._grad_values_kernel, decode._WARPS, cap,
+                                 decode.DECODE_STAGES),
+        "nested forward": autotuned(nested._forward_kernel, nested._WARPS, cap,
+                                    nested.FORWARD_STAGES),
+        "nested backward": autotuned(nested._backward_kernel, nested._WARPS, cap,
+                                     nested.BACKWARD_STAGES),
+    }
+    return "; ".join(f"{name} {sorted({c.kwargs['STAGES'] for c in tuner.cache.values()})}"
+                     for name, tuner in tuners.items())
 
 
 class TrainStep:

@@ -358,6 +358,10 @@ def test_nested_loss_rejects_what_it_cannot_run(seed):
     with pytest.raises(ValueError, match="values and indices must be"):
         nested_prefix_loss_and_decode(x, values[:, :2], indices, W_dec, b_dec, [40], [1.0],
                                       backend="triton")
+    huge = W_dec[:1].expand(2**31, -1)  # no memory: every row is the first one
+    with pytest.raises(ValueError, match="d_sae < 2\\^31"):
+        nested_prefix_loss_and_decode(x, values, indices, huge, b_dec, [2**31], [1.0],
+                                      backend="triton")
 
 
 def test_matryoshka_step_compiles_without_graph_breaks(seed):

@@ -70,38 +70,40 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                      "UNCHECKED": tiles.unchecked_steps},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
-        found.append((
-            f"sparse_decode {name}", sparse_decode._decode_kernel,
-            {"val_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "bias_ptr": f"*{t}",
-             "out_ptr": f"*{t}", "B": "i32", "k": "i32", "d": "i32"},
-            {"BLOCK_B": block_b, "BLOCK_D": block_d}, {},
-        ))
-        found.append((
-            f"sparse_decode grad_values {name}", sparse_decode._grad_values_kernel,
-            {"g_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "partial_ptr": "*fp32",
-             "B": "i32", "k": "i32", "d": "i32"},
-            {"BLOCK_B": block_b, "BLOCK_D": block_d}, {},
-        ))
-        found.append((
-            f"nested_prefix_loss forward {name}", nested_prefix_loss._forward_kernel,
-            {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
-             "order_ptr": "*i32", "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
-             "resid_ptr": f"*{t}", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
-             "G": "i32"},
-            {"BLOCK_B": block_b, "BLOCK_D": block_d, "G_PAD": 8},
-            {"num_warps": nested_prefix_loss._WARPS},
-        ))
-        for has_gxh in (False, True):
-            found.append((
-                f"nested_prefix_loss backward {name} HAS_GXH={has_gxh}",
-                nested_prefix_loss._backward_kernel,
-                {"resid_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*i64",
-                 "order_ptr": "*i32", "group_ptr": "*i32", "w_ptr": f"*{t}", "gxh_ptr": f"*{t}",
-                 "cum_ptr": "*fp32", "gx_ptr": f"*{t}", "s_ptr": f"*{t}",
-                 "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
-                {"HAS_GXH": has_gxh, "BLOCK_B": block_b, "BLOCK_D": block_d},
-                {"num_warps": nested_prefix_loss._WARPS},
-            ))
+        cap = sparse_decode.walk_registers(dtype)
+        walks = [
+            ("sparse_decode", sparse_decode._decode_kernel,
+             {"val_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "bias_ptr": f"*{t}",
+              "out_ptr": f"*{t}", "B": "i32", "k": "i32", "d": "i32"},
+             {}, sparse_decode._WARPS, cap, sparse_decode.DECODE_STAGES),
+            ("sparse_decode grad_values", sparse_decode._grad_values_kernel,
+             {"g_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "partial_ptr": "*fp32",
+              "B": "i32", "k": "i32", "d": "i32"},
+             {}, sparse_decode._WARPS, cap, sparse_decode.DECODE_STAGES),
+            ("nested_prefix_loss forward", nested_prefix_loss._forward_kernel,
+             {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
+              "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}", "resid_ptr": f"*{t}",
+              "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+             {"G_PAD": 8}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.FORWARD_STAGES),
+        ] + [
+            (f"nested_prefix_loss backward HAS_GXH={has_gxh}", nested_prefix_loss._backward_kernel,
+             {"resid_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
+              "group_ptr": "*i32", "order_ptr": "*i32", "w_ptr": f"*{t}", "gxh_ptr": f"*{t}",
+              "cum_ptr": "*fp32", "gx_ptr": f"*{t}", "s_ptr": f"*{t}", "partial_ptr": "*fp32",
+              "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+             {"HAS_GXH": has_gxh}, nested_prefix_loss._WARPS, None if has_gxh else cap,
+             nested_prefix_loss.BACKWARD_STAGES)
+            for has_gxh in (False, True)
+        ]
+        # Every pipelining depth that the autotuner may pick on a GPU, with the launchers'
+        # register caps.
+        for label, kernel, signature, constexprs, warps, max_registers, depths in walks:
+            for depth in depths:
+                found.append((
+                    f"{label} {name} STAGES={depth}", kernel, signature,
+                    {"BLOCK_B": block_b, "BLOCK_D": block_d, **constexprs, "STAGES": depth},
+                    {"num_warps": warps, "maxnreg": max_registers},
+                ))
         found.append((
             f"master_adam {name}", master_adam._master_adam_kernel,
             {"param_ptr": f"*{t}", "grad_ptr": f"*{t}", "master_ptr": "*fp32", "m_ptr": "*fp32",
@@ -129,8 +131,9 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
-            {"idx_ptr": "*i64", "sizes_ptr": "*i64", "order_ptr": "*i32", "group_ptr": "*i32",
-             "B": "i32", "k": "i32", "G": "i32"},
+            {"idx_ptr": "*i64", "val_ptr": "*bf16", "sizes_ptr": "*i64", "order_ptr": "*i32",
+             "group_ptr": "*i32", "latent_ptr": "*i32", "value_ptr": "*fp32", "B": "i32",
+             "k": "i32", "G": "i32"},
             {"BLOCK_P": nested_prefix_loss._plan_rows(k_pad), "K_PAD": k_pad}, {},
         ))
     return found

@@ -3,8 +3,9 @@
 Real sizes (B=8192; d_model, d_sae and k each take every value of the Triton issue's lists) in
 float32, bfloat16 and float16; tiny awkward shapes and exact ties in bfloat16, which the CPU
 interpreter cannot run; the nested-prefix loss (its Triton forward walk) at the benchmarks' size
-and the tiny shapes; the encode's result-preserving options against its default at the
-benchmarks' size; and a torch.compile'd Matryoshka training step against the eager one.
+and the tiny shapes; the encode's result-preserving options against its default, and the walks
+at every pipelining depth, at the benchmarks' size; and a torch.compile'd Matryoshka training
+step against the eager one.
 Marked ``gpu`` and skipped where torch sees no CUDA device.
 
 Each shape and dtype compiles kernels, so the file checks a covering subset of the size grid
@@ -265,6 +266,55 @@ def test_encode_options_match_the_default(option: dict, dtype: torch.dtype, seed
         values, indices = module.topk_encode_forward(*inputs, k, config)
     assert torch.equal(indices, expected[1])
     assert torch.equal(values, expected[0])
+
+
+def shuffled_code(B: int, n: int, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """values [B, k] in (0, 1) and distinct indices [B, k] < n (k <= n), slots in random order."""
+    span = n // k
+    indices = (torch.arange(k, device=DEVICE) * span
+               + torch.randint(0, span, (B, k), device=DEVICE))
+    indices = indices.gather(1, torch.rand(B, k, device=DEVICE).argsort(dim=1))
+    return torch.rand(B, k, device=DEVICE).to(dtype) + 0.01, indices
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+def test_walks_give_the_same_bits_at_every_pipelining_depth(dtype: torch.dtype,
+                                                            seed: int) -> None:
+    """The gathers' pipelining depth, which the autotuner picks (sparse_decode.autotuned), only
+    moves loads: the decode, its grad_values and the nested loss's forward and backward walks
+    (without and with grad_x_hat) give the same bits at every depth, at the benchmarks' size
+    (every output poisoned)."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+    from sparsecode.triton_kernels import sparse_decode as decode
+
+    d, n, k = ISSUE_SIZE
+    sizes = [n // 32, n // 16, n // 8, n // 4, n // 2, n]
+    weights = [1.0 + 0.5 * g for g in range(len(sizes))]
+    W_dec, b_dec = make_decoder(n, d, dtype)
+    values, indices = shuffled_code(REAL_BATCH, n, k, dtype)
+    x, grad_out = (torch.randn(REAL_BATCH, d, device=DEVICE).to(dtype) for _ in range(2))
+    grad_loss = torch.tensor(1.5, device=DEVICE)
+    grad_prefix_losses = torch.rand(len(sizes), device=DEVICE)
+
+    def outputs(stages: int) -> list[Tensor]:
+        with poisoned_memory():
+            forward = nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes,
+                                                        weights, stages=stages)
+            backward = [
+                nested.nested_prefix_loss_backward(
+                    grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
+                    sizes, weights, forward[3], stages=stages)
+                for grad_x_hat in (None, grad_out)
+            ]
+            return [decode.sparse_decode_forward(values, indices, W_dec, b_dec, stages=stages),
+                    decode.sparse_decode_grad_values(grad_out, indices, W_dec, stages=stages),
+                    *forward, *backward[0], *backward[1]]
+
+    first, *others = decode.DECODE_STAGES  # the nested walks' depths are some of these
+    expected = outputs(first)
+    for stages in others:
+        for position, (got, want) in enumerate(zip(outputs(stages), expected)):
+            assert torch.equal(got, want), f"output {position} differs at STAGES={stages}"
 
 
 @pytest.mark.parametrize("nested_backend", ["triton", "cuda"])

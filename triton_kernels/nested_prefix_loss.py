@@ -18,8 +18,14 @@ x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 pref
 outputs in x's dtype, float32 accumulation.
 
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
-group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives order [B, k] (the slot at each
-walk position) and the group at each walk position [B, k]. Reads and writes B*k*12 bytes.
+group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, the
+slot there (order), its group, latent and value ([B, k] each: int32, int32, int32, float32),
+so that a walk loads a position's slot without first loading where it is. Reads B*k*(8 + s)
+bytes (s: the values' element size) and writes B*k*16.
+
+Walks. The forward and the backward below walk the k positions of each row like the sparse
+decode, with the gathers pipelined at the depth the autotuner picks (sparse_decode.autotuned),
+under the same register cap.
 
 Forward (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse
 decode's forward does, and walks the k positions: before the slot of group h it records the
@@ -60,20 +66,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsecode.triton_kernels.sparse_decode import _blocks
+from sparsecode.triton_kernels.sparse_decode import _blocks, launch_walk, walk_registers
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
-# The walk holds the residual and the reconstruction tiles: with the decode's 32 x 128 tiles
-# over 8 warps (16 elements of each per thread) ptxas gives 80 registers for sm_90 bfloat16,
-# against 168 over 4 warps (d, k and B multiples of 16, as Triton specialises them).
+# The walk holds the residual and the reconstruction tiles: the decode's 32 x 128 tiles over 8
+# warps hold 16 elements of each per thread (over 4 warps, 32: 168 registers for sm_90 bfloat16
+# with Triton 3.9, d, k and B multiples of 16 as Triton specialises them).
 _WARPS = 8
+# The walks' pipelining depths that the autotuner tries (sparse_decode.autotuned). At depth 4 the
+# forward spills 80 bytes at the register cap (bfloat16, Triton 3.6, sm_90); at depth 3 Triton's
+# pipeliner (3.6 and 3.9) has the backward wait for each load of a slot as soon as it is issued.
+FORWARD_STAGES = (1, 2, 3)
+BACKWARD_STAGES = (1, 2)
 
 
 def _plan_rows(k_pad: int) -> int:
@@ -84,8 +96,8 @@ def _plan_rows(k_pad: int) -> int:
 
 
 @triton.jit
-def _plan_kernel(idx_ptr, sizes_ptr, order_ptr, group_ptr, B, k, G,
-                 BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
+def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, order_ptr, group_ptr, latent_ptr, value_ptr, B, k,
+                 G, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     slot = tl.arange(0, K_PAD)
     live = (rows < B)[:, None] & (slot < k)[None, :]
@@ -96,8 +108,13 @@ def _plan_kernel(idx_ptr, sizes_ptr, order_ptr, group_ptr, B, k, G,
         group += (index >= tl.load(sizes_ptr + g)).to(tl.int32)
     key = tl.where(live, group, G) * K_PAD + slot[None, :]  # padding sorts last
     key = tl.sort(key, 1)
-    tl.store(order_ptr + at, key % K_PAD, mask=live)
+    order = key % K_PAD
+    tl.store(order_ptr + at, order, mask=live)
     tl.store(group_ptr + at, key // K_PAD, mask=live)
+    src = rows[:, None].to(tl.int64) * k + order
+    tl.store(latent_ptr + at, tl.load(idx_ptr + src, mask=live, other=0).to(tl.int32), mask=live)
+    tl.store(value_ptr + at, tl.load(val_ptr + src, mask=live, other=0.0).to(tl.float32),
+             mask=live)
 
 
 @triton.jit
@@ -113,20 +130,20 @@ def _tile(B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q):
-    """The slot at walk position q of each row: its flat offset in [B, k], value (float32) and
-    latent."""
-    slot = tl.load(order_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
-    src = rows.to(tl.int64) * k + slot
-    v = tl.load(val_ptr + src, mask=row_ok, other=0.0).to(tl.float32)
-    return src, v, tl.load(idx_ptr + src, mask=row_ok, other=0)
+def _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, q, G):
+    """The slot at walk position q of each row: value (float32), latent and group (G past
+    the batch), each a load that does not wait for another."""
+    at = rows.to(tl.int64) * k + q
+    v = tl.load(value_ptr + at, mask=row_ok, other=0.0)
+    i = tl.load(latent_ptr + at, mask=row_ok, other=0).to(tl.int64)
+    return v, i, tl.load(group_ptr + at, mask=row_ok, other=G)
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, bias_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, xhat_ptr, resid_ptr,
+    x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, w_ptr, xhat_ptr, resid_ptr,
     partial_ptr, B, k, d, G,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -136,9 +153,8 @@ def _forward_kernel(
     gcol = tl.arange(0, G_PAD)
     losses = tl.zeros([BLOCK_B, G_PAD], tl.float32)
     recorded = tl.zeros([BLOCK_B], tl.int32)  # groups below this one have their norm
-    for q in range(0, k):
-        _, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, q)
-        group = tl.load(group_ptr + rows.to(tl.int64) * k + q, mask=row_ok, other=0)
+    for q in tl.range(0, k, num_stages=STAGES):
+        v, i, group = _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, q, 0)
         norm = tl.sum(r * r, axis=1)
         due = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < group[:, None])
         losses += tl.where(due, norm[:, None], 0.0)
@@ -162,9 +178,9 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    resid_ptr, val_ptr, idx_ptr, order_ptr, group_ptr, w_ptr, gxh_ptr, cum_ptr,
+    resid_ptr, latent_ptr, value_ptr, group_ptr, order_ptr, w_ptr, gxh_ptr, cum_ptr,
     gx_ptr, s_ptr, partial_ptr, B, k, d, G,
-    HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
     r = (tl.load(resid_ptr + at, mask=tile, other=0.0).to(tl.float32)  # residual of all slots
@@ -178,9 +194,9 @@ def _backward_kernel(
         gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
     passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in A
     partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
-    for q in range(0, k):  # backward: slots in reverse walk order
-        src, v, i = _slot_at(order_ptr, val_ptr, idx_ptr, rows, row_ok, k, k - 1 - q)
-        group = tl.load(group_ptr + rows.to(tl.int64) * k + (k - 1 - q), mask=row_ok, other=G)
+    for q in tl.range(0, k, num_stages=STAGES):  # backward: slots in reverse walk order
+        v, i, group = _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, k - 1 - q, G)
+        slot = tl.load(order_ptr + rows.to(tl.int64) * k + (k - 1 - q), mask=row_ok, other=0)
         # r is the residual of every group from this slot's up to the last one passed: their
         # scales sum to cum[passed] - cum[group] (zero within a group).
         entering = tl.load(cum_ptr + passed) - tl.load(cum_ptr + group)
@@ -194,7 +210,7 @@ def _backward_kernel(
                  mask=first[:, None] & col_ok[None, :])
         passed = tl.minimum(passed, group)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        tl.store(partial + src, tl.sum(w * S, axis=1), mask=row_ok)
+        tl.store(partial + rows.to(tl.int64) * k + slot, tl.sum(w * S, axis=1), mask=row_ok)
         r += v[:, None] * w
     A += tl.load(cum_ptr + passed)[:, None] * r
     tl.store(gx_ptr + at, A.to(gx_ptr.dtype.element_ty), mask=tile)
@@ -222,6 +238,9 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
     if values.shape[0] != B or indices.shape != values.shape:
         raise ValueError(f"values and indices must be [B, k] with B = {B}, got "
                          f"{list(values.shape)} and {list(indices.shape)}")
+    if W_dec.shape[0] >= 2**31:
+        raise ValueError(f"the triton backend takes d_sae < 2^31 (its walks hold latents as int32), "
+                         f"got {W_dec.shape[0]}; use the cpp backend")
     if W_dec.shape[1] != d or b_dec.shape[0] != d:
         raise ValueError(f"W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = {d}, "
                          f"got {list(W_dec.shape)} and {list(b_dec.shape)}")
@@ -253,37 +272,46 @@ def _on_device(numbers: Sequence[float], dtype: torch.dtype, device: torch.devic
     return host.to(device)
 
 
+class _Walk(NamedTuple):
+    """Each row's slots in walk order (sorted by group, then slot), [B, k] each: the slot at each
+    walk position (int32), its group (int32), latent (int32) and value (float32)."""
+
+    order: Tensor
+    group: Tensor
+    latent: Tensor
+    value: Tensor
+
+
 def _checked_plan(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checks the inputs, then (idx, sizes, order, group): indices contiguous, the prefix sizes
-    as an int64 [G] tensor, and [B, k] int32 the slot at each walk position of each row (slots
-    sorted by group, then slot) and its group."""
+) -> tuple[Tensor, Tensor, _Walk]:
+    """Checks the inputs, then (idx, sizes, walk): indices contiguous, the prefix sizes as an
+    int64 [G] tensor, and the walk-ordered slots."""
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     B, k = indices.shape
     idx = indices.contiguous()
     sizes = _on_device(prefix_sizes, torch.int64, x.device)
-    order = torch.empty(B, k, dtype=torch.int32, device=x.device)
-    group = torch.empty(B, k, dtype=torch.int32, device=x.device)
+    walk = _Walk(*(torch.empty(B, k, dtype=torch.int32, device=x.device) for _ in range(3)),
+                 torch.empty(B, k, dtype=torch.float32, device=x.device))
     k_pad = triton.next_power_of_2(max(k, 1))
     block_p = _plan_rows(k_pad)
-    _plan_kernel[(triton.cdiv(B, block_p),)](idx, sizes, order, group, B, k, len(prefix_sizes),
-                                             BLOCK_P=block_p, K_PAD=k_pad)
-    return idx, sizes, order, group
+    _plan_kernel[(triton.cdiv(B, block_p),)](idx, values.contiguous(), sizes, *walk, B, k,
+                                             len(prefix_sizes), BLOCK_P=block_p, K_PAD=k_pad)
+    return idx, sizes, walk
 
 
 def nested_prefix_loss_forward(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-    prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
+    prefix_sizes: Sequence[int], prefix_weights: Sequence[float], stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], and the residual of
     all slots x - x_hat as resid [2, B, d] whose two halves sum to it, all in x's dtype.
 
     Forward only: nested_prefix_loss_backward is its backward, and starts from the residual.
+    stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
     """
-    idx, _, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
-                                         prefix_weights)
+    _, _, walk = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     B, d = x.shape
     k = values.shape[1]
     G = len(prefix_sizes)
@@ -293,10 +321,11 @@ def nested_prefix_loss_forward(
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
     resid = torch.empty(2, B, d, dtype=x.dtype, device=device)
     partial = torch.empty(tiles, B, G, dtype=torch.float32, device=device)
-    _forward_kernel[(triton.cdiv(B, block_b), tiles)](
-        x.contiguous(), b_dec.contiguous(), values.contiguous(), idx, order, group,
-        W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
-        BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G), num_warps=_WARPS,
+    launch_walk(
+        _forward_kernel, (triton.cdiv(B, block_b), tiles), stages, FORWARD_STAGES, _WARPS,
+        walk_registers(x.dtype), x.contiguous(), b_dec.contiguous(), walk.latent, walk.value,
+        walk.group, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
+        BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G),
     )
     means = partial.double().sum(0).sum(0) / B
     weights = _on_device(prefix_weights, torch.float64, device)
@@ -307,19 +336,20 @@ def nested_prefix_loss_backward(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, x: Tensor,
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float], resid: Tensor,
+    stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of the loss,
     prefix losses and x_hat of nested_prefix_loss_forward, given the upstream grad_loss [],
     grad_prefix_losses [G] and grad_x_hat [B, d] (or None), and the forward's residual
     resid [2, B, d]. The walk back through the slots runs here; grad_W_dec is the extension's
-    latent_rows_sum over S."""
+    latent_rows_sum over S. stages: as for nested_prefix_loss_forward."""
     if grad_x_hat is not None and grad_x_hat.shape != x.shape:
         raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
     if resid.shape != (2, *x.shape) or resid.dtype != x.dtype:
         raise ValueError(f"resid must be the forward's [2, B, d_model] residual in x's dtype, got "
                          f"{list(resid.shape)} {resid.dtype}")
-    idx, sizes, order, group = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
-                                             prefix_weights)
+    idx, sizes, walk = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
+                                     prefix_weights)
     B, d = x.shape
     k = values.shape[1]
     G = len(prefix_sizes)
@@ -334,10 +364,13 @@ def nested_prefix_loss_backward(
     S = torch.empty(G * B, d, dtype=x.dtype, device=device)
     partial = torch.empty(tiles, B, k, dtype=torch.float32, device=device)
     gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
-    _backward_kernel[(triton.cdiv(B, block_b), tiles)](
-        resid.contiguous(), values.contiguous(), idx, order, group,
-        W_dec.contiguous(), gxh, cum, grad_x, S, partial, B, k, d, G,
-        HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_WARPS,
+    # With grad_x_hat the walk holds one more tile: capped, it spills 120 to 136 bytes.
+    launch_walk(
+        _backward_kernel, (triton.cdiv(B, block_b), tiles), stages, BACKWARD_STAGES, _WARPS,
+        None if grad_x_hat is not None else walk_registers(x.dtype), resid.contiguous(),
+        walk.latent, walk.value, walk.group, walk.order, W_dec.contiguous(), gxh, cum, grad_x, S,
+        partial, B, k, d, G,
+        HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d,
     )
     grad_values = (-partial.sum(0)).to(x.dtype)
     # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.

@@ -14,6 +14,11 @@ which torch then sums over the tiles. (grad_values as a walk over d for BLOCK_P 
 which loaded a grad_out row once per pair, took 0.72 ms on an H100 at B=8192, d=2304,
 n=65536, k=64, against 0.45 ms for the forward's same gathers.)
 
+Pipelining. The walk over the slots is a tl.range pipelined STAGES deep: the gathers of later
+slots are issued before this slot's are used. The autotuner picks the depth on a kernel's first
+launch for each shape (autotuned), 16-bit tiles capped at WALK_REGISTERS registers a thread. Not
+yet timed on a GPU: the benchmark times the pick against depth 1, the walk measured before.
+
 Cost. Each is 2*B*k*d FLOPs and reads B*k*d weight elements (gathered rows, each segment
 contiguous), plus B*d elements of x_hat written or grad_out read, against the dense decode's
 2*B*n*d FLOPs and dense [B, n] code.
@@ -21,6 +26,7 @@ contiguous), plus B*d elements of x_hat written or grad_out read, against the de
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,6 +35,17 @@ import triton.language as tl
 from torch import Tensor
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The pipelining depths of the decode's walks that the autotuner tries (see autotuned): at
+# depth 4 the bfloat16 decode holds 3 slots' gathers in flight per warp (Triton 3.6, sm_90:
+# 80 registers, no spills).
+DECODE_STAGES = (1, 2, 3, 4)
+# The walks' register cap for 16-bit inputs: 80 a thread lets 24 warps share an SM (6 programs of
+# 4 warps, 3 of 8). Unbounded, Triton 3.6 (sm_90, bfloat16) gives the decode at depth 3 96
+# registers and the nested loss's forward 97 to 127 and its backward 80 to 111; capped, they
+# spill at most 56 bytes. float32 tiles, twice the bytes, are not capped (capped at 80 the nested
+# loss's walks spill 88 to 152 bytes).
+WALK_REGISTERS = 80
+_WARPS = 4
 
 
 def _blocks() -> tuple[int, int]:
@@ -36,10 +53,55 @@ def _blocks() -> tuple[int, int]:
     return (4, 16) if os.environ.get("TRITON_INTERPRET") == "1" else (32, 128)
 
 
+def walk_registers(dtype: torch.dtype) -> int | None:
+    """The register cap of a walk over tiles of dtype (see WALK_REGISTERS)."""
+    return None if dtype == torch.float32 else WALK_REGISTERS
+
+
+@functools.cache
+def autotuned(kernel: triton.JITFunction, num_warps: int, max_registers: int | None,
+              depths: tuple[int, ...]) -> triton.runtime.Autotuner:
+    """kernel (a walk over the k slots with a STAGES constexpr) under Triton's autotuner, which
+    times each of the depths on the first launch for each (B, k, d) and dtypes and keeps the
+    fastest. Under the CPU interpreter, depth 1 only.
+
+    A walk waits for a slot's gathered rows before it issues the next slot's: with STAGES = 1
+    the sm_90 SASS of the decode has one gather in flight per warp, so the walks are
+    latency-bound (0.45 ms for the decode's 2.4 GB of gathers at B=8192, k=64, d=2304 on an
+    H100, about what one 512-byte gather in flight per warp at 24 warps an SM and an L2 latency
+    of some 600 cycles allows). With STAGES = s, Triton's pipeliner copies the rows s - 1 slots
+    ahead into shared memory (cp.async), with a barrier per slot and more registers (or spills
+    under max_registers): which depth is fastest depends on the GPU. Only the loads move, so
+    every depth computes the same bits."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        depths = (1,)
+    configs = [triton.Config({"STAGES": s}, num_warps=num_warps, maxnreg=max_registers)
+               for s in depths]
+    # A few runs per depth: the kernels take milliseconds at most, and the depths differ by more
+    # than the noise if they differ at all.
+    return triton.autotune(
+        configs=configs, key=["B", "k", "d"],
+        do_bench=lambda run, quantiles: triton.testing.do_bench(run, warmup=5, rep=20,
+                                                                quantiles=quantiles),
+    )(kernel)
+
+
+def launch_walk(kernel: triton.JITFunction, grid: tuple[int, ...], stages: int | None,
+                depths: tuple[int, ...], num_warps: int, max_registers: int | None,
+                *args: object, **constexprs: object) -> None:
+    """Launches the walk kernel on grid with args and constexprs (all but STAGES): autotuned over
+    depths when stages is None, else at that depth; max_registers: the cap (None: none)."""
+    if stages is None:
+        autotuned(kernel, num_warps, max_registers, depths)[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, STAGES=stages, num_warps=num_warps, maxnreg=max_registers,
+                     **constexprs)
+
+
 @triton.jit
 def _decode_kernel(
     val_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, B, k, d,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -47,7 +109,7 @@ def _decode_kernel(
     col_ok = cols < d
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32) + bias[None, :]
-    for j in range(0, k):
+    for j in tl.range(0, k, num_stages=STAGES):
         slot = rows.to(tl.int64) * k + j
         v = tl.load(val_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
         i = tl.load(idx_ptr + slot, mask=row_ok, other=0)
@@ -62,7 +124,7 @@ def _decode_kernel(
 @triton.jit
 def _grad_values_kernel(
     g_ptr, idx_ptr, w_ptr, partial_ptr, B, k, d,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -71,7 +133,7 @@ def _grad_values_kernel(
     g = tl.load(g_ptr + rows[:, None].to(tl.int64) * d + cols[None, :], mask=tile,
                 other=0.0).to(tl.float32)
     out = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
-    for j in range(0, k):
+    for j in tl.range(0, k, num_stages=STAGES):
         slot = rows.to(tl.int64) * k + j
         i = tl.load(idx_ptr + slot, mask=row_ok, other=0)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0)
@@ -95,8 +157,11 @@ def _check_code(floats: Tensor, name: str, indices: Tensor, W_dec: Tensor) -> No
                         "indices must lie in [0, d_sae)")
 
 
-def sparse_decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """x_hat [B, d] = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]. Forward only."""
+def sparse_decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+                          stages: int | None = None) -> Tensor:
+    """x_hat [B, d] = b_dec + sum_j values[:, j] * W_dec[indices[:, j]]. Forward only.
+
+    stages: the gathers' pipelining depth (see autotuned); None lets the autotuner choose."""
     _check_code(values, "values", indices, W_dec)
     if values.shape != indices.shape:
         raise ValueError(f"values and indices must both be [B, k], got {list(values.shape)} and "
@@ -109,13 +174,17 @@ def sparse_decode_forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec:
     out = torch.empty(B, d, dtype=values.dtype, device=values.device)
     block_b, block_d = _blocks()
     grid = (triton.cdiv(B, block_b), triton.cdiv(d, block_d))
-    _decode_kernel[grid](values.contiguous(), indices.contiguous(), W_dec.contiguous(),
-                         b_dec.contiguous(), out, B, k, d, BLOCK_B=block_b, BLOCK_D=block_d)
+    launch_walk(_decode_kernel, grid, stages, DECODE_STAGES, _WARPS, walk_registers(values.dtype),
+                values.contiguous(), indices.contiguous(), W_dec.contiguous(),
+                b_dec.contiguous(), out, B, k, d, BLOCK_B=block_b, BLOCK_D=block_d)
     return out
 
 
-def sparse_decode_grad_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """grad_values [B, k] = grad_out[b] . W_dec[indices[b, j]], in grad_out's dtype."""
+def sparse_decode_grad_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor,
+                              stages: int | None = None) -> Tensor:
+    """grad_values [B, k] = grad_out[b] . W_dec[indices[b, j]], in grad_out's dtype.
+
+    stages: the gathers' pipelining depth (see autotuned); None lets the autotuner choose."""
     _check_code(grad_out, "grad_out", indices, W_dec)
     B, k = indices.shape
     d = W_dec.shape[1]
@@ -124,8 +193,8 @@ def sparse_decode_grad_values(grad_out: Tensor, indices: Tensor, W_dec: Tensor) 
     block_b, block_d = _blocks()
     tiles = triton.cdiv(d, block_d)
     partial = torch.empty(tiles, B, k, dtype=torch.float32, device=grad_out.device)
-    _grad_values_kernel[(triton.cdiv(B, block_b), tiles)](
-        grad_out.contiguous(), indices.contiguous(), W_dec.contiguous(), partial, B, k, d,
-        BLOCK_B=block_b, BLOCK_D=block_d,
-    )
+    launch_walk(_grad_values_kernel, (triton.cdiv(B, block_b), tiles), stages, DECODE_STAGES,
+                _WARPS, walk_registers(grad_out.dtype), grad_out.contiguous(),
+                indices.contiguous(), W_dec.contiguous(), partial, B, k, d, BLOCK_B=block_b,
+                BLOCK_D=block_d)
     return partial.sum(0).to(grad_out.dtype)
