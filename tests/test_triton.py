@@ -290,6 +290,35 @@ def test_decode_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
         assert_close(g, r, TOLERANCE[dtype], f"grad {name}")
 
 
+def test_walks_through_the_autotuner_match_the_direct_launch(monkeypatch, seed):
+    """Walks as large ones launch them, through the autotuner (one depth when interpreted), give
+    the bits of the direct launch at depth 1: the decode, grad_values and the nested loss's
+    forward and backward."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+    from sparsecode.triton_kernels import sparse_decode as decode
+
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
+        5, 32, 130, 8, torch.float32)
+    grad_loss, grad_prefix_losses = torch.tensor(1.5), torch.rand(len(sizes))
+
+    def outputs(stages: int | None) -> list[torch.Tensor]:
+        forward = nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes,
+                                                    weights, stages=stages)
+        backward = nested.nested_prefix_loss_backward(
+            grad_loss, grad_prefix_losses, x, x, values, indices, W_dec, b_dec, sizes, weights,
+            forward[3], stages=stages)
+        return [decode.sparse_decode_forward(values, indices, W_dec, b_dec, stages=stages),
+                decode.sparse_decode_grad_values(x, indices, W_dec, stages=stages),
+                *forward, *backward]
+
+    expected = outputs(1)
+    monkeypatch.setattr(decode, "AUTOTUNE_MIN_ELEMENTS", 0)
+    decode.autotuned.cache_clear()
+    for got, want in zip(outputs(None), expected, strict=True):
+        assert torch.equal(got, want)
+    assert decode.autotuned.cache_info().currsize == 4, "the four walks went through autotuned"
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])  # no tl.dot: bf16 runs interpreted
 @pytest.mark.parametrize("B,d,n,k", SHAPES)
 def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):

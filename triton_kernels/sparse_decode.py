@@ -45,6 +45,9 @@ DECODE_STAGES = (1, 2, 3, 4)
 # spill at most 56 bytes. float32 tiles, twice the bytes, are not capped (capped at 80 the nested
 # loss's walks spill 88 to 152 bytes).
 WALK_REGISTERS = 80
+# Walks of fewer gathered elements (B * k * d) run at depth 1 untuned: they take microseconds,
+# and each new shape would cost the autotuner a compile and a timing of every depth.
+AUTOTUNE_MIN_ELEMENTS = 2**22
 _WARPS = 4
 
 
@@ -90,7 +93,12 @@ def launch_walk(kernel: triton.JITFunction, grid: tuple[int, ...], stages: int |
                 depths: tuple[int, ...], num_warps: int, max_registers: int | None,
                 *args: object, **constexprs: object) -> None:
     """Launches the walk kernel on grid with args and constexprs (all but STAGES): autotuned over
-    depths when stages is None, else at that depth; max_registers: the cap (None: none)."""
+    depths when stages is None (at depth 1 below AUTOTUNE_MIN_ELEMENTS gathered elements
+    B * k * d, read from the kernel's arguments of those names), else at that depth;
+    max_registers: the cap (None: none)."""
+    named = dict(zip(kernel.arg_names, args))
+    if stages is None and named["B"] * named["k"] * named["d"] < AUTOTUNE_MIN_ELEMENTS:
+        stages = 1
     if stages is None:
         autotuned(kernel, num_warps, max_registers, depths)[grid](*args, **constexprs)
     else:
