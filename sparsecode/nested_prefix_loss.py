@@ -12,8 +12,9 @@ on a GPU the residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum i
 which the backward walks back through the slots (empty, [2, 0, d], on the CPU, whose backward
 walks to it again). The ``triton`` backend runs the forward and the backward as Triton walks
 of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_prefix_loss.py),
-with the extension's per-latent sum for grad_W_dec; where the extension has no kernels for the
-device, the whole op runs as the reference. ``auto`` on CUDA tensors picks ``cuda`` before
+with the extension's per-latent sum for grad_W_dec, or that sum as torch ops where the extension
+has no kernels for the device (sparse_grad.latent_rows_sum); other dtypes on the ``triton``
+backend run as the extension's kernels, or as the reference where it has none. ``auto`` on CUDA tensors picks ``cuda`` before
 ``triton`` for this op: on an H100 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27)
 the CUDA kernels' forward and backward took 4.87 ms against the Triton walks' 5.33 ms, before
 the CUDA backward became one reverse walk like the Triton one (not yet timed).
@@ -38,6 +39,13 @@ _GPU_ORDER = ("cuda", "triton")
 def _walks_in_triton(x: Tensor, backend: str) -> bool:
     """Whether the Triton walks run the op for backend `backend` on x (else the extension)."""
     return backend == "triton" and x.dtype in _TRITON_DTYPES
+
+
+def _runs_as_reference(x: Tensor, backend: str) -> bool:
+    """Whether backend `backend` runs the op as the reference on x: the reference itself, or
+    the triton backend on a dtype its walks do not take where the extension has no kernels."""
+    return backend == "reference" or (backend == "triton" and not _walks_in_triton(x, backend)
+                                      and compiled_kernels(x.device) is None)
 
 
 @torch.library.custom_op("sparsecode::nested_prefix_loss", mutates_args=())
@@ -149,7 +157,7 @@ def nested_prefix_loss_and_decode(
     name = resolve_backend(backend, x.device, _GPU_ORDER)
     sizes = [int(m) for m in prefix_sizes]
     weights = [float(w) for w in prefix_weights]
-    if name == "reference" or (name == "triton" and compiled_kernels(x.device) is None):
+    if _runs_as_reference(x, name):
         loss, prefix_losses = reference.nested_prefix_loss(
             x, values, indices, W_dec, b_dec, sizes, weights
         )
@@ -175,7 +183,7 @@ def nested_prefix_loss(
     Differentiable in x, values, W_dec and b_dec.
     """
     name = resolve_backend(backend, x.device, _GPU_ORDER)
-    if name == "reference" or (name == "triton" and compiled_kernels(x.device) is None):
+    if _runs_as_reference(x, name):
         return reference.nested_prefix_loss(
             x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
         )

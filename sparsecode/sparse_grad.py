@@ -6,7 +6,8 @@ active (row, latent) pairs by latent come from the compiled extension
 grad_values from the same pass over the pairs. Where it has none (Triton installed, extension
 built without CUDA) grad_values is the Triton gather kernel and the sums run as plain torch ops
 over chunks of rows, so no tensor larger than about ``_CHUNK_ELEMENTS`` is made and no dense
-``[B, d_sae]`` matrix ever is. Shapes: x [B, d], W_enc [d, n], W_dec [n, d],
+``[B, d_sae]`` matrix ever is; the nested-prefix loss's Triton backward takes its grad_W_dec
+from the same sums. Shapes: x [B, d], W_enc [d, n], W_dec [n, d],
 values/indices [B, k].
 """
 
@@ -25,18 +26,22 @@ def _row_chunks(rows: int, width: int) -> range:
     return range(0, rows, max(1, _CHUNK_ELEMENTS // max(1, width)))
 
 
-def latent_rows_sum(coef: Tensor, indices: Tensor, src: Tensor, d_sae: int) -> Tensor:
+def latent_rows_sum(coef: Tensor, indices: Tensor, src: Tensor, d_sae: int,
+                    src_rows: Tensor | None = None) -> Tensor:
     """out [d_sae, d] (src's dtype): out[i] = sum of coef[b, j] * src[b] over pairs with
-    indices[b, j] == i; coef, indices [B, k], src [B, d]."""
+    indices[b, j] == i; coef, indices [B, k], src [B, d]. With src_rows [B, k] (int64), pair
+    (b, j) reads src[src_rows[b, j]] instead (src [R, d], any R)."""
     found = compiled_kernels(src.device)
     if found is not None:
-        return found.latent_rows_sum(coef, indices, src, d_sae)
-    k, d = indices.shape[1], src.shape[1]
+        return found.latent_rows_sum(coef, indices, src, d_sae, src_rows)
+    B, k = indices.shape
+    d = src.shape[1]
     out = torch.zeros(d_sae, d, dtype=torch.float32, device=src.device)
-    chunks = _row_chunks(src.shape[0], k * d)
+    chunks = _row_chunks(B, k * d)
     for r0 in chunks:
         rows = slice(r0, r0 + chunks.step)
-        contrib = coef[rows, :, None].float() * src[rows, None, :].float()
+        read = src[rows, None, :] if src_rows is None else src[src_rows[rows]]
+        contrib = coef[rows, :, None].float() * read.float()
         out.index_add_(0, indices[rows].reshape(-1), contrib.reshape(-1, d))
     return out.to(src.dtype)
 

@@ -16,6 +16,7 @@ import torch
 triton = pytest.importorskip("triton",
                              reason="the triton package is not installed (pip install triton)")
 
+from sparsecode import nested_prefix_loss as nested_module  # noqa: E402
 from sparsecode import ops, reference, sparse_grad  # noqa: E402
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode  # noqa: E402
 from sparsecode.backends import BackendUnavailableError, resolve_backend  # noqa: E402
@@ -41,9 +42,11 @@ FOLDS = {"whole": {}, "halves": {"select_halves": True}}
 
 @pytest.fixture(params=GRAD_PATHS)
 def grad_path(request, monkeypatch) -> str:
-    """Runs the test with the sparse gradients from the extension, then from plain torch ops."""
+    """Runs the test with the sparse gradients from the extension, then from plain torch ops
+    (as where the extension has no kernels for the device)."""
     if request.param == "torch":
         monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
+        monkeypatch.setattr(nested_module, "compiled_kernels", lambda device: None)
     return request.param
 
 
@@ -321,7 +324,7 @@ def test_walks_through_the_autotuner_match_the_direct_launch(monkeypatch, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])  # no tl.dot: bf16 runs interpreted
 @pytest.mark.parametrize("B,d,n,k", SHAPES)
-def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):
+def test_nested_loss_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
     """The Triton forward walk (loss, prefix losses, x_hat) and the op's gradients, on rows
     whose slots are not in index order, with a zero value, a one-latent group and a prefix
     smaller than k."""
@@ -334,6 +337,35 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, seed, poisoned):
                                             sizes, weights, backend="triton")
     nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights,
                                          TOLERANCE[dtype])
+
+
+def test_nested_loss_runs_its_walks_where_the_extension_has_no_kernels(monkeypatch, seed):
+    """Without the extension's kernels for the device the triton backend still runs its walks,
+    with grad_W_dec from torch ops (sparse_grad.latent_rows_sum), not the dense reference;
+    float64, which the walks do not take, runs as the reference."""
+    monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
+    monkeypatch.setattr(nested_module, "compiled_kernels", lambda device: None)
+
+    class NoReference:
+        def __getattr__(self, name):
+            raise AssertionError(f"the op ran reference.{name}")
+
+    problem = nested_tests.make_problem(5, 32, 130, 8, torch.float32)
+    x, values, indices, W_dec, b_dec, sizes, weights = problem
+    leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    with monkeypatch.context() as patched:
+        patched.setattr(nested_module, "reference", NoReference())
+        outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
+                                                leaves[3], sizes, weights, backend="triton")
+    nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights,
+                                         TOLERANCE[torch.float32])
+
+    as_float64 = [t.detach().double() for t in (x, values, W_dec, b_dec)]
+    with monkeypatch.context() as patched:
+        patched.setattr(nested_module, "reference", NoReference())
+        with pytest.raises(AssertionError, match="the op ran reference"):
+            nested_prefix_loss_and_decode(as_float64[0], as_float64[1], indices, as_float64[2],
+                                          as_float64[3], sizes, weights, backend="triton")
 
 
 def test_nested_loss_grad_x_keeps_its_bits_under_a_large_grad_x_hat(seed):

@@ -44,8 +44,9 @@ Backward (_backward_kernel). The same tiles: starting from the forward's residua
 a walk back over the positions adds each slot back: entering a group (going down)
 it adds scale_g r for the groups it passes, since r is their residual, writes the row's S of
 that group to S [G * B, d] (x's dtype) for grad_W_dec, and stores the tile's part of each
-slot's dot with S (float32) to partial [tiles, B, k]. grad_W_dec is the extension's
-latent_rows_sum over the pairs with src_rows = group * B + b. S in float32 would be stored
+slot's dot with S (float32) to partial [tiles, B, k]. grad_W_dec is the per-latent sum over
+the pairs with src_rows = group * B + b (sparse_grad.latent_rows_sum: the extension's kernels,
+or torch ops where it has none for the device). S in float32 would be stored
 through a layout conversion at every position (4 floats per thread against the tile's 8
 16-bit elements). The dots are not taken from the stored S (latent_rows_sum_dots would make
 them on the same pass as grad_W_dec): a dot of d rounded elements can cancel, and single-dot
@@ -73,6 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sparsecode.sparse_grad import latent_rows_sum
 from sparsecode.triton_kernels.sparse_decode import _blocks, launch_walk, walk_registers
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -341,8 +343,8 @@ def nested_prefix_loss_backward(
     """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of the loss,
     prefix losses and x_hat of nested_prefix_loss_forward, given the upstream grad_loss [],
     grad_prefix_losses [G] and grad_x_hat [B, d] (or None), and the forward's residual
-    resid [2, B, d]. The walk back through the slots runs here; grad_W_dec is the extension's
-    latent_rows_sum over S. stages: as for nested_prefix_loss_forward."""
+    resid [2, B, d]. The walk back through the slots runs here; grad_W_dec is the per-latent
+    sum over S (sparse_grad.latent_rows_sum). stages: as for nested_prefix_loss_forward."""
     if grad_x_hat is not None and grad_x_hat.shape != x.shape:
         raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
     if resid.shape != (2, *x.shape) or resid.dtype != x.dtype:
@@ -376,7 +378,6 @@ def nested_prefix_loss_backward(
     # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
     slot_group = torch.bucketize(idx, sizes[:-1], right=True)
     src_rows = slot_group * B + torch.arange(B, device=device)[:, None]
-    grad_W_dec = torch.ops.sparsecode_C.latent_rows_sum(-values, idx, S, W_dec.shape[0],
-                                                        src_rows)
+    grad_W_dec = latent_rows_sum(-values, idx, S, W_dec.shape[0], src_rows)
     grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
     return grad_x, grad_values, grad_W_dec, grad_b_dec
