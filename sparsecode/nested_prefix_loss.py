@@ -14,10 +14,11 @@ walks to it again). The ``triton`` backend runs the forward and the backward as 
 of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_prefix_loss.py),
 with the extension's per-latent sum for grad_W_dec, or that sum as torch ops where the extension
 has no kernels for the device (sparse_grad.latent_rows_sum); other dtypes on the ``triton``
-backend run as the extension's kernels, or as the reference where it has none. ``auto`` on CUDA tensors picks ``cuda`` before
-``triton`` for this op: on an H100 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27)
-the CUDA kernels' forward and backward took 4.87 ms against the Triton walks' 5.33 ms, before
-the CUDA backward became one reverse walk like the Triton one (not yet timed).
+backend run as the extension's kernels, or as the reference where it has none. ``auto`` on
+CUDA tensors picks ``cuda`` before ``triton`` for this op: on an H100 (B=8192, d=2304,
+d_sae=65536, k=64, G=6, bf16, 2026-11-27) the CUDA kernels' forward and backward took 4.87 ms
+against the Triton walks' 5.33 ms, before the CUDA backward became one reverse walk like the
+Triton one and the Triton walks were pipelined (neither yet timed).
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 

@@ -241,8 +241,8 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
         raise ValueError(f"values and indices must be [B, k] with B = {B}, got "
                          f"{list(values.shape)} and {list(indices.shape)}")
     if W_dec.shape[0] >= 2**31:
-        raise ValueError(f"the triton backend takes d_sae < 2^31 (its walks hold latents as int32), "
-                         f"got {W_dec.shape[0]}; use the cpp backend")
+        raise ValueError(f"the triton backend takes d_sae < 2^31 (its walks hold latents as "
+                         f"int32), got {W_dec.shape[0]}; use the cpp backend")
     if W_dec.shape[1] != d or b_dec.shape[0] != d:
         raise ValueError(f"W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = {d}, "
                          f"got {list(W_dec.shape)} and {list(b_dec.shape)}")
