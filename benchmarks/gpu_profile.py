@@ -70,12 +70,15 @@ def main() -> None:
               lambda: torch.autograd.grad(x_hat, leaves, grad, retain_graph=True))
     del v, i, x_hat
 
-    def nested() -> object:
-        loss, _ = ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
-                                         PREFIX_WEIGHTS)
-        return torch.autograd.grad(loss, (values, W_dec, b_dec))
+    def nested(backend: str) -> Callable[[], object]:
+        def run() -> object:
+            loss, _ = ops.nested_prefix_loss(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
+                                             PREFIX_WEIGHTS, backend=backend)
+            return torch.autograd.grad(loss, (values, W_dec, b_dec))
+        return run
 
-    breakdown("nested loss fwd+bwd", nested)
+    breakdown("nested loss fwd+bwd", nested("auto"))
+    breakdown("nested loss fwd+bwd, triton (pipelined walks)", nested("triton"))
     del W_enc, W_dec, b_enc, b_dec, values
     torch.cuda.empty_cache()
 
