@@ -573,9 +573,9 @@ def chosen_depths() -> str:
         "grad_values": autotuned(decode._grad_values_kernel, decode._WARPS, cap,
                                  decode.DECODE_STAGES),
         "nested forward": autotuned(nested._forward_kernel, nested._WARPS, cap,
-                                    nested.FORWARD_STAGES),
+                                    nested.NESTED_STAGES),
         "nested backward": autotuned(nested._backward_kernel, nested._WARPS, cap,
-                                     nested.BACKWARD_STAGES),
+                                     nested.NESTED_STAGES),
     }
     return "; ".join(f"{name} {sorted({c.kwargs['STAGES'] for c in tuner.cache.values()})}"
                      for name, tuner in tuners.items())

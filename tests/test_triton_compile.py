@@ -84,7 +84,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
              {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
               "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}", "resid_ptr": f"*{t}",
               "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
-             {"G_PAD": 8}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.FORWARD_STAGES),
+             {"G_PAD": 8}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.NESTED_STAGES),
         ] + [
             (f"nested_prefix_loss backward HAS_GXH={has_gxh}", nested_prefix_loss._backward_kernel,
              {"resid_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
@@ -92,7 +92,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
               "cum_ptr": "*fp32", "gx_ptr": f"*{t}", "s_ptr": f"*{t}", "partial_ptr": "*fp32",
               "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
              {"HAS_GXH": has_gxh}, nested_prefix_loss._WARPS, None if has_gxh else cap,
-             nested_prefix_loss.BACKWARD_STAGES)
+             nested_prefix_loss.NESTED_STAGES)
             for has_gxh in (False, True)
         ]
         # Every pipelining depth that the autotuner may pick on a GPU, with the launchers'

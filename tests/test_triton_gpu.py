@@ -319,8 +319,8 @@ def test_walks_give_the_same_bits_at_every_pipelining_depth(dtype: torch.dtype,
 
     # Each walk at the depths its autotuner tries, against depth 1.
     for outputs, depths in ((decode_outputs, decode.DECODE_STAGES),
-                            (forward_outputs, nested.FORWARD_STAGES),
-                            (backward_outputs, nested.BACKWARD_STAGES)):
+                            (forward_outputs, nested.NESTED_STAGES),
+                            (backward_outputs, nested.NESTED_STAGES)):
         expected = outputs(1)
         for stages in depths[1:]:
             for position, (got, want) in enumerate(zip(outputs(stages), expected, strict=True)):

@@ -83,11 +83,10 @@ MAX_GROUPS = 16
 # warps hold 16 elements of each per thread (over 4 warps, 32: 168 registers for sm_90 bfloat16
 # with Triton 3.9, d, k and B multiples of 16 as Triton specialises them).
 _WARPS = 8
-# The walks' pipelining depths that the autotuner tries (sparse_decode.autotuned). At depth 4 the
-# forward spills 80 bytes at the register cap (bfloat16, Triton 3.6, sm_90); at depth 3 Triton's
-# pipeliner (3.6 and 3.9) has the backward wait for each load of a slot as soon as it is issued.
-FORWARD_STAGES = (1, 2, 3)
-BACKWARD_STAGES = (1, 2)
+# The walks' pipelining depths that the autotuner tries (sparse_decode.autotuned). At the
+# register cap (bfloat16, Triton 3.6, sm_90) the forward spills 0 / 24 / 56 bytes at depths
+# 1 / 2 / 3 (80 at depth 4), the backward 8 / 16 / 64.
+NESTED_STAGES = (1, 2, 3)
 
 
 def _plan_rows(k_pad: int) -> int:
@@ -194,11 +193,16 @@ def _backward_kernel(
     A = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     if HAS_GXH:
         gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
-    passed = tl.zeros([BLOCK_B], tl.int32) + G  # groups >= passed are in A
     partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
+    walk = rows.to(tl.int64) * k
     for q in tl.range(0, k, num_stages=STAGES):  # backward: slots in reverse walk order
-        v, i, group = _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, k - 1 - q, G)
-        slot = tl.load(order_ptr + rows.to(tl.int64) * k + (k - 1 - q), mask=row_ok, other=0)
+        p = k - 1 - q
+        v, i, group = _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, p, G)
+        slot = tl.load(order_ptr + walk + p, mask=row_ok, other=0)
+        # The groups passed are those of the later positions, the smallest of which is the next
+        # position's (groups rise along the walk; G past its end): loaded, not carried over
+        # from the last step, so that the loads of a step depend on none of the last step's.
+        passed = tl.load(group_ptr + walk + p + 1, mask=row_ok & (rows * 0 + p + 1 < k), other=G)
         # r is the residual of every group from this slot's up to the last one passed: their
         # scales sum to cum[passed] - cum[group] (zero within a group).
         entering = tl.load(cum_ptr + passed) - tl.load(cum_ptr + group)
@@ -210,10 +214,11 @@ def _backward_kernel(
         s_at = (group[:, None].to(tl.int64) * B + rows[:, None]) * d + cols[None, :]
         tl.store(s_ptr + s_at, S.to(s_ptr.dtype.element_ty),
                  mask=first[:, None] & col_ok[None, :])
-        passed = tl.minimum(passed, group)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        tl.store(partial + rows.to(tl.int64) * k + slot, tl.sum(w * S, axis=1), mask=row_ok)
+        tl.store(partial + walk + slot, tl.sum(w * S, axis=1), mask=row_ok)
         r += v[:, None] * w
+    # All groups from the first position's on are passed.
+    passed = tl.load(group_ptr + walk, mask=row_ok & (rows * 0 < k), other=G)
     A += tl.load(cum_ptr + passed)[:, None] * r
     tl.store(gx_ptr + at, A.to(gx_ptr.dtype.element_ty), mask=tile)
 
@@ -324,7 +329,7 @@ def nested_prefix_loss_forward(
     resid = torch.empty(2, B, d, dtype=x.dtype, device=device)
     partial = torch.empty(tiles, B, G, dtype=torch.float32, device=device)
     launch_walk(
-        _forward_kernel, (triton.cdiv(B, block_b), tiles), stages, FORWARD_STAGES, _WARPS,
+        _forward_kernel, (triton.cdiv(B, block_b), tiles), stages, NESTED_STAGES, _WARPS,
         walk_registers(x.dtype), x.contiguous(), b_dec.contiguous(), walk.latent, walk.value,
         walk.group, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
         BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G),
@@ -368,7 +373,7 @@ def nested_prefix_loss_backward(
     gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
     # With grad_x_hat the walk holds one more tile: capped, it spills 120 to 136 bytes.
     launch_walk(
-        _backward_kernel, (triton.cdiv(B, block_b), tiles), stages, BACKWARD_STAGES, _WARPS,
+        _backward_kernel, (triton.cdiv(B, block_b), tiles), stages, NESTED_STAGES, _WARPS,
         None if grad_x_hat is not None else walk_registers(x.dtype), resid.contiguous(),
         walk.latent, walk.value, walk.group, walk.order, W_dec.contiguous(), gxh, cum, grad_x, S,
         partial, B, k, d, G,
