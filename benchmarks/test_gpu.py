@@ -548,12 +548,26 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
-    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_forward
+    # The Triton walks at the depths the autotuner picks (the rows above) against depth 1.
+    from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_backward,
+                                                              nested_prefix_loss_forward)
 
     with torch.no_grad():
         report.time("nested_prefix_loss forward: triton, STAGES=1",
                     lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
                                                        PREFIX_SIZES, PREFIX_WEIGHTS, stages=1))
+        resid = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
+                                           PREFIX_WEIGHTS)[3]
+        grad_loss = torch.ones((), device=DEVICE)
+        grad_prefix_losses = torch.zeros(len(PREFIX_SIZES), device=DEVICE)
+        for stages in (None, 1):
+            report.time(
+                f"nested_prefix_loss backward: triton, "
+                f"{'autotuned' if stages is None else 'STAGES=1'}",
+                lambda stages=stages: nested_prefix_loss_backward(
+                    grad_loss, grad_prefix_losses, None, p.x, p.values, p.indices, W_dec, b_dec,
+                    PREFIX_SIZES, PREFIX_WEIGHTS, resid, stages=stages))
+        del resid
     report.add("Triton walks: pipelining depths the autotuner picked", chosen_depths())
     report.check("issue 7: nested loss / one decode, fwd+bwd", report.ratio(NESTED, DECODE_AUTO),
                  1.2, at_least=False)
