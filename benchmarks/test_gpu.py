@@ -568,31 +568,13 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
                     grad_loss, grad_prefix_losses, None, p.x, p.values, p.indices, W_dec, b_dec,
                     PREFIX_SIZES, PREFIX_WEIGHTS, resid, stages=stages))
         del resid
-    report.add("Triton walks: pipelining depths the autotuner picked", chosen_depths())
+    from sparsecode.triton_kernels.sparse_decode import picked_depths
+
+    report.add("Triton walks: pipelining depths the autotuner picked",
+               "; ".join(f"{name} {depths}" for name, depths in picked_depths().items()))
     report.check("issue 7: nested loss / one decode, fwd+bwd", report.ratio(NESTED, DECODE_AUTO),
                  1.2, at_least=False)
     report.fail_on_errors_since(errors)
-
-
-def chosen_depths() -> str:
-    """The pipelining depths (STAGES) that the autotuner has picked so far for each Triton walk
-    kernel (sparse_decode.autotuned), over the problem shapes it has seen."""
-    from sparsecode.triton_kernels import nested_prefix_loss as nested
-    from sparsecode.triton_kernels import sparse_decode as decode
-    from sparsecode.triton_kernels.sparse_decode import autotuned, walk_registers
-
-    cap = walk_registers(DTYPE)
-    tuners = {
-        "decode": autotuned(decode._decode_kernel, decode._WARPS, cap, decode.DECODE_STAGES),
-        "grad_values": autotuned(decode._grad_values_kernel, decode._WARPS, cap,
-                                 decode.DECODE_STAGES),
-        "nested forward": autotuned(nested._forward_kernel, nested._WARPS, cap,
-                                    nested.NESTED_STAGES),
-        "nested backward": autotuned(nested._backward_kernel, nested._WARPS, cap,
-                                     nested.NESTED_STAGES),
-    }
-    return "; ".join(f"{name} {sorted({c.kwargs['STAGES'] for c in tuner.cache.values()})}"
-                     for name, tuner in tuners.items())
 
 
 class TrainStep:

@@ -40,13 +40,18 @@ GRAD_PATHS = ["extension", "torch"]
 FOLDS = {"whole": {}, "halves": {"select_halves": True}}
 
 
+def without_extension_kernels(monkeypatch) -> None:
+    """As where sparsecode._C has no kernels for the device: the sparse gradients, the nested
+    loss's grad_W_dec among them, from plain torch ops."""
+    monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
+    monkeypatch.setattr(nested_module, "compiled_kernels", lambda device: None)
+
+
 @pytest.fixture(params=GRAD_PATHS)
 def grad_path(request, monkeypatch) -> str:
-    """Runs the test with the sparse gradients from the extension, then from plain torch ops
-    (as where the extension has no kernels for the device)."""
+    """Runs the test with the sparse gradients from the extension, then from plain torch ops."""
     if request.param == "torch":
-        monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
-        monkeypatch.setattr(nested_module, "compiled_kernels", lambda device: None)
+        without_extension_kernels(monkeypatch)
     return request.param
 
 
@@ -343,8 +348,7 @@ def test_nested_loss_runs_its_walks_where_the_extension_has_no_kernels(monkeypat
     """Without the extension's kernels for the device the triton backend still runs its walks,
     with grad_W_dec from torch ops (sparse_grad.latent_rows_sum), not the dense reference;
     float64, which the walks do not take, runs as the reference."""
-    monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
-    monkeypatch.setattr(nested_module, "compiled_kernels", lambda device: None)
+    without_extension_kernels(monkeypatch)
 
     class NoReference:
         def __getattr__(self, name):

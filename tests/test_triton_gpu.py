@@ -29,6 +29,7 @@ from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.optim import MasterWeightAdam
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
+from tests.test_cuda_ops import random_code
 from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
 
 pytestmark = [
@@ -268,15 +269,6 @@ def test_encode_options_match_the_default(option: dict, dtype: torch.dtype, seed
     assert torch.equal(values, expected[0])
 
 
-def shuffled_code(B: int, n: int, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """values [B, k] in (0, 1) and distinct indices [B, k] < n (k <= n), slots in random order."""
-    span = n // k
-    indices = (torch.arange(k, device=DEVICE) * span
-               + torch.randint(0, span, (B, k), device=DEVICE))
-    indices = indices.gather(1, torch.rand(B, k, device=DEVICE).argsort(dim=1))
-    return torch.rand(B, k, device=DEVICE).to(dtype) + 0.01, indices
-
-
 # float16 compiles as bfloat16 does, register cap included; float32 tiles are not capped.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
                          ids=lambda t: str(t).removeprefix("torch."))
@@ -293,7 +285,9 @@ def test_walks_give_the_same_bits_at_every_pipelining_depth(dtype: torch.dtype,
     sizes = [n // 32, n // 16, n // 8, n // 4, n // 2, n]
     weights = [1.0 + 0.5 * g for g in range(len(sizes))]
     W_dec, b_dec = make_decoder(n, d, dtype)
-    values, indices = shuffled_code(REAL_BATCH, n, k, dtype)
+    values, indices = random_code(REAL_BATCH, n, k, dtype)
+    shuffle = torch.rand(REAL_BATCH, k, device=DEVICE).argsort(dim=1)  # slots out of order
+    values, indices = values.gather(1, shuffle), indices.gather(1, shuffle)
     x, grad_out = (torch.randn(REAL_BATCH, d, device=DEVICE).to(dtype) for _ in range(2))
     grad_loss = torch.tensor(1.5, device=DEVICE)
     grad_prefix_losses = torch.rand(len(sizes), device=DEVICE)

@@ -42,13 +42,15 @@ DECODE_STAGES = (1, 2, 3, 4)
 # The walks' register cap for 16-bit inputs: 80 a thread lets 24 warps share an SM (6 programs of
 # 4 warps, 3 of 8). Unbounded, Triton 3.6 (sm_90, bfloat16) gives the decode at depth 3 96
 # registers and the nested loss's forward 97 to 127 and its backward 80 to 111; capped, they
-# spill at most 56 bytes. float32 tiles, twice the bytes, are not capped (capped at 80 the nested
+# spill at most 64 bytes. float32 tiles, twice the bytes, are not capped (capped at 80 the nested
 # loss's walks spill 88 to 152 bytes).
 WALK_REGISTERS = 80
 # Walks of fewer gathered elements (B * k * d) run at depth 1 untuned: they take microseconds,
 # and each new shape would cost the autotuner a compile and a timing of every depth.
 AUTOTUNE_MIN_ELEMENTS = 2**22
 _WARPS = 4
+# Every autotuner that `autotuned` has made, with its kernel's name (for picked_depths).
+_TUNERS: list[tuple[str, triton.runtime.Autotuner]] = []
 
 
 def _blocks() -> tuple[int, int]:
@@ -83,11 +85,21 @@ def autotuned(kernel: triton.JITFunction, num_warps: int, max_registers: int | N
                for s in depths]
     # A few runs per depth: the kernels take milliseconds at most, and the depths differ by more
     # than the noise if they differ at all.
-    return triton.autotune(
+    tuner = triton.autotune(
         configs=configs, key=["B", "k", "d"],
         do_bench=lambda run, quantiles: triton.testing.do_bench(run, warmup=5, rep=20,
                                                                 quantiles=quantiles),
     )(kernel)
+    _TUNERS.append((kernel.__name__, tuner))
+    return tuner
+
+
+def picked_depths() -> dict[str, list[int]]:
+    """The depths the autotuner has picked so far, by walk kernel, over the shapes it has met."""
+    picked: dict[str, set[int]] = {}
+    for name, tuner in _TUNERS:
+        picked.setdefault(name, set()).update(c.kwargs["STAGES"] for c in tuner.cache.values())
+    return {name: sorted(depths) for name, depths in picked.items()}
 
 
 def launch_walk(kernel: triton.JITFunction, grid: tuple[int, ...], stages: int | None,
