@@ -143,51 +143,6 @@ def random_and_tied_inputs(dtype: torch.dtype) -> list[list[torch.Tensor]]:
     return [make_inputs(5, 32, 130, dtype), [t.to(dtype) for t in exact_tie_inputs(5, 16, 130)]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("splits,k", [(1, 3), (3, 8)])
-def test_encode_sort_merge_matches_the_other_merges(splits, k, dtype, monkeypatch, seed):
-    """EncodeConfig(sort_merge=True) merges the ranges' candidates by two sorts a row
-    (_merge_sort_kernel): the same values and indices bit for bit as _merge_kernel and as the
-    torch ops that merge lists wider than MERGE_WIDTH, on random rows and on rows full of exact
-    ties, one range or several."""
-    from sparsecode.triton_kernels import topk_encode as module
-
-    tiles = dict(block_b=16, block_n=16, block_d=16, splits=splits, num_warps=1)
-    for inputs in random_and_tied_inputs(dtype):
-        by_ranks = topk_encode_forward(*inputs, k, EncodeConfig(**tiles))
-        by_sorts = topk_encode_forward(*inputs, k, EncodeConfig(**tiles, sort_merge=True))
-        assert torch.equal(by_sorts[1], by_ranks[1])
-        assert torch.equal(by_sorts[0], by_ranks[0])
-        with monkeypatch.context() as patch:
-            patch.setattr(module, "MERGE_WIDTH", 1)  # the other merge by torch ops
-            by_torch = topk_encode_forward(*inputs, k, EncodeConfig(**tiles))
-        assert torch.equal(by_sorts[1], by_torch[1])
-        assert torch.equal(by_sorts[0], by_torch[0])
-
-
-@pytest.mark.parametrize("B,k,width", [(5, 1, 3), (7, 5, 15), (6, 8, 24)])
-def test_merge_sort_kernel_matches_merge_kernel(B, k, width, seed):
-    """The two range merges on candidate lists as the encode writes them, with what it rarely
-    writes: exact ties (integer values), a width not a power of two, rows not a multiple of a
-    program's, and a range's empty slots (value -inf, ids -1 - slot, repeated across ranges)."""
-    from sparsecode.triton_kernels import topk_encode as module
-
-    values = torch.randint(-3, 4, (B, width)).float()
-    ids = torch.stack([torch.randperm(200)[:width] for _ in range(B)]).int()
-    values[0, :2], ids[0, :2] = float("-inf"), torch.tensor([-1, -2], dtype=torch.int32)
-    if width > 2 * k:
-        values[1, -2:], ids[1, -2:] = float("-inf"), torch.tensor([-1, -2], dtype=torch.int32)
-    w_pad = triton.next_power_of_2(width)
-    ranked, sorted_ = [(torch.full((B, k), 7.0, dtype=torch.bfloat16),
-                        torch.full((B, k), -99, dtype=torch.int64)) for _ in range(2)]
-    module._merge_kernel[(B,)](values, ids, *ranked, k, width, W_PAD=w_pad)
-    rows = module._sort_merge_rows(w_pad)
-    module._merge_sort_kernel[(triton.cdiv(B, rows),)](values, ids, *sorted_, B, k, width,
-                                                       ROWS=rows, W_PAD=w_pad)
-    assert torch.equal(sorted_[1], ranked[1])
-    assert torch.equal(sorted_[0], ranked[0])
-
-
 # EncodeConfig(tma=True) under the interpreter: triton's interpreter runs tensor descriptors as
 # masked loads (zero past the edges), and checks their 16-byte alignment as the GPU needs.
 _TMA_TILES = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, num_stages=1)

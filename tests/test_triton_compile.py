@@ -119,15 +119,6 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                  "idx_ptr": "*i64", "k": "i32", "width": "i32"},
                 {"W_PAD": w_pad}, {"num_warps": topk_encode._merge_warps(w_pad)},
             ))
-    # The sort merge in bfloat16 only (the dtype is only the store's): its unrolled sorts take
-    # seconds to compile each.
-    for w_pad in (1, topk_encode.MERGE_WIDTH, topk_encode.SORT_MERGE_WIDTH):
-        found.append((
-            f"topk_encode sort merge bfloat16 W_PAD={w_pad}", topk_encode._merge_sort_kernel,
-            {"cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "val_ptr": "*bf16", "idx_ptr": "*i64",
-             "B": "i32", "k": "i32", "width": "i32"},
-            {"ROWS": topk_encode._sort_merge_rows(w_pad), "W_PAD": w_pad}, {"num_warps": 4},
-        ))
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,

@@ -38,9 +38,7 @@ does not depend on `splits`) and sorts them by id: one program per row counts, f
 candidate, the candidates that rank above it (chosen when fewer than k) and the chosen ones with
 lower ids (its output slot), width^2 comparisons each. Lists wider than MERGE_WIDTH (many
 ranges for a small batch) merge with torch ops, which took about 0.3 ms of the 6.2 ms encode
-in the stop-13 H100 profile (B=8192, 2 ranges, k=64). With EncodeConfig(sort_merge=True),
-_merge_sort_kernel merges lists of up to SORT_MERGE_WIDTH instead, by two bitonic sorts a row
-(not yet timed on a GPU).
+in the stop-13 H100 profile (B=8192, 2 ranges, k=64).
 
 Cost. FLOPs: 2*B*d*n for the GEMM, plus O(B*n) compares and, per row and range, about
 k*(1 + ln(range/k)) insertions of O(BLOCK_N + K_PAD) work. Bytes from memory: x' once per
@@ -81,7 +79,6 @@ class EncodeConfig:
     select_halves: bool = False  # fold each tile into the top k one column half at a time
     keys: bool = True  # 16-bit inputs: rank by int32 keys (see the docstring), not by values
     unchecked_steps: int = 0  # insertion steps per fold before the first "any row left?" test
-    sort_merge: bool = False  # merge the ranges' candidates by two sorts a row (_merge_sort_kernel)
 
     def __post_init__(self) -> None:
         for name in ("block_b", "block_n", "block_d"):
@@ -295,38 +292,6 @@ def _merge_kernel(cand_v_ptr, cand_i_ptr, val_ptr, idx_ptr, k, width, W_PAD: tl.
              mask=chosen)
 
 
-@triton.jit
-def _merge_sort_kernel(cand_v_ptr, cand_i_ptr, val_ptr, idx_ptr, B, k, width,
-                       ROWS: tl.constexpr, W_PAD: tl.constexpr):
-    """ROWS rows: each row's k best of its `width` candidates (the lower id among equal values),
-    sorted by id, as _merge_kernel's, from two sorts of W_PAD int64 keys per row: by (value, -id)
-    descending, whose first k are chosen, then the chosen by id. O(W_PAD log^2 W_PAD) compares
-    a row where _merge_kernel makes W_PAD^2 (sm_90 SASS at W_PAD = 128: 548 instructions a
-    thread a row over 4 warps, against 1648)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    pos = tl.arange(0, W_PAD)
-    row_ok = rows < B
-    live = row_ok[:, None] & (pos < width)[None, :]
-    at = rows[:, None].to(tl.int64) * width + pos[None, :]
-    v = tl.load(cand_v_ptr + at, mask=live, other=float("-inf"))
-    i = tl.load(cand_i_ptr + at, mask=live, other=0).to(tl.int64)
-    # (value's monotone bits, 0x7FFFFFFF - id): the ids in the low word, the lower first among
-    # equal values. Past the width (-inf, id 0) ranks below every candidate, empty slots
-    # (-inf, ids -1 - slot) included.
-    rank = (_ordered_bits(v).to(tl.int64) << 32) | (0x7FFFFFFF - i)
-    rank = tl.sort(rank, 1, descending=True)
-    ids = 0x7FFFFFFF - (rank & 0xFFFFFFFF)
-    by_id = tl.where(pos[None, :] < k, (ids << 32) | ((rank >> 32) & 0xFFFFFFFF),
-                     9223372036854775807)
-    by_id = tl.sort(by_id, 1)
-    value = _ordered_bits((by_id & 0xFFFFFFFF).to(tl.int32)).to(tl.float32, bitcast=True)
-    out = rows[:, None].to(tl.int64) * k + pos[None, :]
-    keep = row_ok[:, None] & (pos < k)[None, :]
-    tl.store(idx_ptr + out, by_id >> 32, mask=keep)
-    tl.store(val_ptr + out, tl.where(value < 0.0, 0.0, value).to(val_ptr.dtype.element_ty),
-             mask=keep)
-
-
 def _keyed(dtype: torch.dtype, config: EncodeConfig) -> bool:
     """Whether the kernel ranks by keys (_fold_input): when config.keys, for 16-bit inputs, whose
     values come back in their own dtype (8 or 11 significant bits, the keys keep 16), and folds
@@ -399,20 +364,6 @@ def _split_columns(n: int, rows_blocks: int, config: EncodeConfig, device: torch
 MERGE_WIDTH = 128
 
 
-# The widest candidate list that _merge_sort_kernel sorts in registers: 8 int64 keys a thread
-# over 4 warps, one row a program; narrower lists take several rows a program, 1024 keys in
-# all. (Each sort is unrolled: 2048 keys a program took 18 s to compile for sm_90 and 98 s for
-# sm_80 with Triton 3.9 on this project's 2-core CI machines; 1024 keys, 10 s and 19 s.)
-SORT_MERGE_WIDTH = 1024
-
-
-def _sort_merge_rows(w_pad: int) -> int:
-    """Rows of a _merge_sort_kernel program for lists padded to w_pad: at most 4 under the CPU
-    interpreter, whose tl.sort is a Python sorting network over every row of the program."""
-    rows = max(1, SORT_MERGE_WIDTH // w_pad)
-    return min(rows, 4) if os.environ.get("TRITON_INTERPRET") == "1" else rows
-
-
 def _merge_warps(w_pad: int) -> int:
     """Warps of a merge program: about 128 of its w_pad^2 comparisons per thread."""
     return max(1, min(4, w_pad * w_pad // (128 * 32)))
@@ -463,8 +414,7 @@ def topk_encode_forward(
     )
     width = splits * k
     w_pad = triton.next_power_of_2(width)
-    sort_merge = config.sort_merge and w_pad <= SORT_MERGE_WIDTH
-    if w_pad > MERGE_WIDTH and not sort_merge:
+    if w_pad > MERGE_WIDTH:
         if splits > 1:
             best = torch.topk(_ordered_keys(cand_v, cand_i), k, dim=1, sorted=False).indices
             cand_v, cand_i = cand_v.gather(1, best), cand_i.gather(1, best)
@@ -472,11 +422,6 @@ def topk_encode_forward(
         return torch.relu(cand_v.gather(1, order)).to(x.dtype), indices
     values = torch.empty(B, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
-    if sort_merge:
-        rows = _sort_merge_rows(w_pad)
-        _merge_sort_kernel[(triton.cdiv(B, rows),)](cand_v, cand_i, values, indices, B, k, width,
-                                                    ROWS=rows, W_PAD=w_pad, num_warps=4)
-    else:
-        _merge_kernel[(B,)](cand_v, cand_i, values, indices, k, width, W_PAD=w_pad,
-                            num_warps=_merge_warps(w_pad))
+    _merge_kernel[(B,)](cand_v, cand_i, values, indices, k, width, W_PAD=w_pad,
+                        num_warps=_merge_warps(w_pad))
     return values, indices
