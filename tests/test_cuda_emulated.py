@@ -85,7 +85,8 @@ class EmulatedBarrier {
 };
 
 struct EmulatedWarp {
-  explicit EmulatedWarp(int lanes) : sync(lanes) {}
+  explicit EmulatedWarp(int count) : lanes(count), sync(count) {}
+  const int lanes;
   EmulatedBarrier sync;
   uint64_t slot[32];
 };
@@ -118,6 +119,16 @@ template <typename V>
 V __shfl_down_sync(unsigned mask, V value, unsigned delta) {
   const int source = emulated_lane + static_cast<int>(delta);
   return __shfl_sync(mask, value, source < 32 ? source : emulated_lane);
+}
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  emulated_warp->slot[emulated_lane] = predicate != 0;
+  emulated_warp->sync.arrive_and_wait();
+  unsigned bits = 0;
+  for (int lane = 0; lane < emulated_warp->lanes; ++lane) {
+    bits |= static_cast<unsigned>(emulated_warp->slot[lane]) << lane;
+  }
+  emulated_warp->sync.arrive_and_wait();
+  return bits;
 }
 inline void __syncthreads() { emulated_block->arrive_and_wait(); }
 template <typename P, typename V>
