@@ -77,7 +77,7 @@ def main() -> None:
             return torch.autograd.grad(loss, (values, W_dec, b_dec))
         return run
 
-    breakdown("nested loss fwd+bwd", nested("auto"))
+    breakdown("nested loss fwd+bwd, cuda", nested("cuda"))
     breakdown("nested loss fwd+bwd, triton (pipelined walks)", nested("triton"))
     del W_enc, W_dec, b_enc, b_dec, values
     torch.cuda.empty_cache()

@@ -5,8 +5,7 @@
 ``auto`` picks per device: CPU tensors use the C++ extension (``cpp``) where it was built,
 else the pure-PyTorch ``reference``; CUDA tensors use ``triton`` where Triton is installed
 (its encode and decode kernels, with the CUDA extension's sparse weight gradients), else
-``cuda`` where the extension was built with CUDA, else ``reference``. The nested-prefix loss
-prefers ``cuda`` to ``triton`` (its CUDA kernels were the faster on an H100). Triton
+``cuda`` where the extension was built with CUDA, else ``reference``. Triton
 kernels run on CPU tensors only interpreted (``TRITON_INTERPRET=1``), which is how CI checks
 them. The ``SPARSECODE_BACKEND`` environment variable overrides whatever a module or call asked
 for. Asking for a backend that is missing raises :class:`BackendUnavailableError` naming what
@@ -133,13 +132,11 @@ def check_backend_name(name: str) -> None:
             )
 
 
-def resolve_backend(requested: str, device: torch.device,
-                    gpu_order: tuple[str, ...] = ("triton", "cuda")) -> str:
+def resolve_backend(requested: str, device: torch.device) -> str:
     """The concrete backend that runs an op on tensors on `device`.
 
     `requested` is overridden by the SPARSECODE_BACKEND environment variable when set. For
-    "auto" on CUDA tensors, the first available backend of `gpu_order` (the op's fastest
-    first), else the reference.
+    "auto" on CUDA tensors, triton where it is available, else cuda, else the reference.
     """
     name = os.environ.get(ENV_VAR) or requested
     check_backend_name(name)
@@ -147,7 +144,7 @@ def resolve_backend(requested: str, device: torch.device,
         if device.type == "cpu":
             return "cpp" if _CPP_MISSING is None else "reference"
         if device.type == "cuda":
-            for candidate in gpu_order:
+            for candidate in ("triton", "cuda"):
                 if _missing(candidate) is None:
                     return candidate
         return "reference"

@@ -15,10 +15,9 @@ of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_p
 with the extension's per-latent sum for grad_W_dec, or that sum as torch ops where the extension
 has no kernels for the device (sparse_grad.latent_rows_sum); other dtypes on the ``triton``
 backend run as the extension's kernels, or as the reference where it has none. ``auto`` on
-CUDA tensors picks ``cuda`` before ``triton`` for this op: on an H100 (B=8192, d=2304,
-d_sae=65536, k=64, G=6, bf16, 2026-11-27) the CUDA kernels' forward and backward took 4.87 ms
-against the Triton walks' 5.33 ms, before the CUDA backward became one reverse walk like the
-Triton one and the Triton walks were pipelined (neither yet timed).
+CUDA tensors picks ``triton`` before ``cuda``, as for the other ops: on an H100 (B=8192, d=2304,
+d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the Triton walks' forward and backward took
+3.47 ms against the CUDA kernels' 3.66 ms (forward 0.97 against 1.26 ms).
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
@@ -33,8 +32,6 @@ from sparsecode import reference
 from sparsecode.backends import compiled_kernels, kernels, resolve_backend
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# For backend="auto" on CUDA tensors: the faster of the two there first (see the docstring).
-_GPU_ORDER = ("cuda", "triton")
 
 
 def _walks_in_triton(x: Tensor, backend: str) -> bool:
@@ -155,7 +152,7 @@ def nested_prefix_loss_and_decode(
 
     Differentiable in x, values, W_dec and b_dec (through all three outputs).
     """
-    name = resolve_backend(backend, x.device, _GPU_ORDER)
+    name = resolve_backend(backend, x.device)
     sizes = [int(m) for m in prefix_sizes]
     weights = [float(w) for w in prefix_weights]
     if _runs_as_reference(x, name):
@@ -183,7 +180,7 @@ def nested_prefix_loss(
 
     Differentiable in x, values, W_dec and b_dec.
     """
-    name = resolve_backend(backend, x.device, _GPU_ORDER)
+    name = resolve_backend(backend, x.device)
     if _runs_as_reference(x, name):
         return reference.nested_prefix_loss(
             x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights

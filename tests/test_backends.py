@@ -90,8 +90,8 @@ def test_package_works_without_the_extension():
     assert result.stdout.strip() == "ok"
 
 
-def test_auto_on_cuda_takes_the_ops_order_and_the_environment_wins(monkeypatch):
-    """On CUDA tensors, auto picks the first available backend of the op's gpu_order; the
+def test_auto_on_cuda_takes_triton_then_cuda_and_the_environment_wins(monkeypatch):
+    """On CUDA tensors, auto picks triton where available, else cuda, else the reference; the
     environment override still names the backend outright."""
     cuda = torch.device("cuda")
     available = {"triton", "cuda"}
@@ -99,11 +99,10 @@ def test_auto_on_cuda_takes_the_ops_order_and_the_environment_wins(monkeypatch):
     monkeypatch.setitem(resolve_backend.__globals__, "_missing",
                         lambda name: None if name in available | {"reference"} else "absent")
     assert resolve_backend("auto", cuda) == "triton"
-    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "cuda"
-    available.discard("cuda")
-    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "triton"
+    available.discard("triton")
+    assert resolve_backend("auto", cuda) == "cuda"
     available.clear()
-    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "reference"
+    assert resolve_backend("auto", cuda) == "reference"
     available.update({"triton", "cuda"})
-    monkeypatch.setenv("SPARSECODE_BACKEND", "triton")
-    assert resolve_backend("auto", cuda, ("cuda", "triton")) == "triton"
+    monkeypatch.setenv("SPARSECODE_BACKEND", "cuda")
+    assert resolve_backend("auto", cuda) == "cuda"
