@@ -3,11 +3,14 @@
 # CUDA kernels, runs the tests marked gpu, runs the GPU benchmarks, and ends with the results
 # table and a one-line summary of the stages.
 #
-#   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench|profile]
+#   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench|profile|ncu]
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
 # Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was
 # needed), gpu_tests.log, gpu_errors.log, gpu_bench.log, gpu_results.md, gpu_profile.log.
+# The ncu stage, which the full run leaves out, profiles one launch of each hot kernel with
+# Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel) and
+# gpu_ncu_raw.csv (every metric collected).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
 # TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds), and no stage runs past TOTAL_TIMEOUT seconds from the
 # start, so that the whole script ends inside one 10-minute call.
@@ -17,8 +20,8 @@ cd "$(dirname "$0")/.." || exit 1
 
 STAGE="${1:-all}"
 case "$STAGE" in
-  all | build | tests | bench | profile) ;;
-  *) echo "usage: OUT=folder bash benchmarks/gpu_check.sh [build|tests|bench|profile]" >&2; exit 2 ;;
+  all | build | tests | bench | profile | ncu) ;;
+  *) echo "usage: OUT=folder bash benchmarks/gpu_check.sh [build|tests|bench|profile|ncu]" >&2; exit 2 ;;
 esac
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
@@ -27,6 +30,7 @@ BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-90}"
+NCU_TIMEOUT="${NCU_TIMEOUT:-180}"
 TOTAL_TIMEOUT="${TOTAL_TIMEOUT:-570}"
 export PYTHONUNBUFFERED=1
 SUMMARY=()
@@ -159,6 +163,23 @@ fi
 
 if [[ "$STAGE" == all || "$STAGE" == profile ]]; then
   run_stage profile "$PROFILE_TIMEOUT" "$OUT/gpu_profile.log" "$PYTHON" benchmarks/gpu_profile.py
+fi
+
+if [[ "$STAGE" == ncu ]]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  KERNELS='regex:_encode_kernel|_decode_kernel|latent_rows_sum_kernel|_forward_kernel|_backward_kernel'
+  SECTIONS=()
+  for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
+    ComputeWorkloadAnalysis MemoryWorkloadAnalysis InstructionStats; do
+    SECTIONS+=(--section "$s")
+  done
+  run_stage ncu "$NCU_TIMEOUT" "$OUT/gpu_ncu.log" "$NCU" --clock-control none \
+    --kernel-name "$KERNELS" "${SECTIONS[@]}" -o "$OUT/kernels" -f "$PYTHON" benchmarks/gpu_ncu.py
+  "$NCU" --import "$OUT/kernels.ncu-rep" --page details >>"$OUT/gpu_ncu.log" 2>&1
+  "$NCU" --import "$OUT/kernels.ncu-rep" --page raw --csv >"$OUT/gpu_ncu_raw.csv" 2>&1
+  rm -f "$OUT/kernels.ncu-rep"
+  grep -E "^  [a-z_]|Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occupancy|Memory Throughput|L2 Hit" \
+    "$OUT/gpu_ncu.log" | head -n 120
 fi
 
 echo

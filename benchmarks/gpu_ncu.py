@@ -1,0 +1,56 @@
+"""One launch of each hot kernel at the GPU benchmark's size, for Nsight Compute (ncu) to say
+what each waits on (warp stall reasons, issue-slot use, memory throughput):
+
+    ncu --clock-control none --kernel-name regex:'_encode_kernel|...' python benchmarks/gpu_ncu.py
+
+`gpu_check.sh ncu` runs it so. The Triton walks run at fixed pipelining depths (the ones the
+autotuner picked on an H100), not under the autotuner, whose timing runs ncu would replay.
+Kernels: the fused encode, the decode forward, the decode's per-latent sum with its dots
+(latent_rows_sum_dots), the encode backward's transposed per-latent sum, and the nested
+loss's Triton forward and backward walks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_profile import BATCH, D_MODEL, D_SAE, DTYPE, K, PREFIX_SIZES, PREFIX_WEIGHTS
+from sparsecode import ops, sparse_grad
+from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_backward,
+                                                          nested_prefix_loss_forward)
+from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
+from sparsecode.triton_kernels.topk_encode import topk_encode_forward
+
+DECODE_STAGES = 3  # picked for the decode on an H100 (RESULTS.md, 2026-11-27 16:31 UTC)
+NESTED_STAGES = 1  # picked for both nested walks there
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev = "cuda"
+    W_dec = torch.randn(D_SAE, D_MODEL, device=dev)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = W_dec.T.contiguous().to(DTYPE).requires_grad_()
+    W_dec = W_dec.to(DTYPE)
+    x = torch.randn(BATCH, D_MODEL, device=dev, dtype=DTYPE)
+    b_enc = (0.01 * torch.randn(D_SAE, device=dev)).to(DTYPE)
+    b_dec = (0.01 * torch.randn(D_MODEL, device=dev)).to(DTYPE)
+    with torch.no_grad():
+        values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, K)
+        sparse_decode_forward(values, indices, W_dec, b_dec, stages=DECODE_STAGES)
+        sparse_grad.sparse_decode_grads(torch.randn_like(x), values, indices, W_dec)
+    v, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
+    torch.autograd.grad(v, (W_enc,), torch.randn_like(v))
+    with torch.no_grad():
+        resid = nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
+                                           PREFIX_WEIGHTS, stages=NESTED_STAGES)[3]
+        nested_prefix_loss_backward(
+            torch.ones((), device=dev), torch.zeros(len(PREFIX_SIZES), device=dev), None, x,
+            values, indices, W_dec, b_dec, PREFIX_SIZES, PREFIX_WEIGHTS, resid,
+            stages=NESTED_STAGES)
+    torch.cuda.synchronize()
+    print("launched every kernel once")
+
+
+if __name__ == "__main__":
+    main()
