@@ -437,6 +437,10 @@ def test_sparse_decode(report: Report, problem: Problem) -> None:
         report.time(f"decode forward: triton, {'autotuned' if stages is None else 'STAGES=1'}",
                     lambda stages=stages: sparse_decode_forward(p.values, p.indices, W, bias,
                                                                 stages=stages))
+    # The cuda backend's forward (gather_rows.cu): Nsight Compute found the Triton walk bound by
+    # instruction issue (RESULTS.md, 2026-11-27 17:00 UTC), which CUDA C++ may issue fewer of.
+    report.time("decode forward: cuda", lambda: C.sparse_decode_forward(p.values, p.indices, W,
+                                                                         bias))
     report.fail_on_errors_since(errors)
 
 
