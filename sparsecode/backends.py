@@ -5,11 +5,11 @@
 ``auto`` picks per device: CPU tensors use the C++ extension (``cpp``) where it was built,
 else the pure-PyTorch ``reference``; CUDA tensors use ``triton`` where Triton is installed
 (its encode and decode kernels, with the CUDA extension's sparse weight gradients), else
-``cuda`` where the extension was built with CUDA, else ``reference``. Triton
-kernels run on CPU tensors only interpreted (``TRITON_INTERPRET=1``), which is how CI checks
-them. The ``SPARSECODE_BACKEND`` environment variable overrides whatever a module or call asked
-for. Asking for a backend that is missing raises :class:`BackendUnavailableError` naming what
-is missing.
+``cuda`` where the extension was built with CUDA, else ``reference``. Triton kernels run on
+CPU tensors only interpreted (``TRITON_INTERPRET=1``), which is how CI checks them. The
+``SPARSECODE_BACKEND`` environment variable overrides whatever a module or call asked for.
+Asking for a backend that is missing raises :class:`BackendUnavailableError` naming what is
+missing.
 """
 
 from __future__ import annotations
