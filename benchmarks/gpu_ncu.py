@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from gpu_profile import BATCH, D_MODEL, D_SAE, DTYPE, K, PREFIX_SIZES, PREFIX_WEIGHTS
+from gpu_profile import K, PREFIX_SIZES, PREFIX_WEIGHTS, problem
 from sparsecode import ops, sparse_grad
 from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_backward,
                                                           nested_prefix_loss_forward)
@@ -26,15 +26,8 @@ NESTED_STAGES = 1  # picked for both nested walks there
 
 
 def main() -> None:
-    torch.manual_seed(0)
     dev = "cuda"
-    W_dec = torch.randn(D_SAE, D_MODEL, device=dev)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    W_enc = W_dec.T.contiguous().to(DTYPE).requires_grad_()
-    W_dec = W_dec.to(DTYPE)
-    x = torch.randn(BATCH, D_MODEL, device=dev, dtype=DTYPE)
-    b_enc = (0.01 * torch.randn(D_SAE, device=dev)).to(DTYPE)
-    b_dec = (0.01 * torch.randn(D_MODEL, device=dev)).to(DTYPE)
+    x, W_enc, b_enc, W_dec, b_dec = problem(dev, requires_grad=False)
     with torch.no_grad():
         values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, K)
         sparse_decode_forward(values, indices, W_dec, b_dec, stages=DECODE_STAGES)

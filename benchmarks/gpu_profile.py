@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 import sparsecode
@@ -39,16 +40,25 @@ def breakdown(title: str, fn: Callable[[], object]) -> None:
                                     max_name_column_width=70))
 
 
-def main() -> None:
+def problem(dev: str, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x [BATCH, D_MODEL] and the SAE's W_enc [D_MODEL, D_SAE], b_enc [D_SAE],
+    W_dec [D_SAE, D_MODEL] and b_dec [D_MODEL], in DTYPE on dev, from seed 0: unit-norm decoder
+    rows, W_enc their transpose, small biases. W_enc requires grad; the other weights when
+    requires_grad."""
     torch.manual_seed(0)
-    dev = "cuda"
     W_dec = torch.randn(D_SAE, D_MODEL, device=dev)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     W_enc = W_dec.T.contiguous().to(DTYPE).requires_grad_()
-    W_dec = W_dec.to(DTYPE).requires_grad_()
+    W_dec = W_dec.to(DTYPE).requires_grad_(requires_grad)
     x = torch.randn(BATCH, D_MODEL, device=dev, dtype=DTYPE)
-    b_enc = (0.01 * torch.randn(D_SAE, device=dev)).to(DTYPE).requires_grad_()
-    b_dec = (0.01 * torch.randn(D_MODEL, device=dev)).to(DTYPE).requires_grad_()
+    b_enc = (0.01 * torch.randn(D_SAE, device=dev)).to(DTYPE).requires_grad_(requires_grad)
+    b_dec = (0.01 * torch.randn(D_MODEL, device=dev)).to(DTYPE).requires_grad_(requires_grad)
+    return x, W_enc, b_enc, W_dec, b_dec
+
+
+def main() -> None:
+    dev = "cuda"
+    x, W_enc, b_enc, W_dec, b_dec = problem(dev, requires_grad=True)
     grad = torch.randn_like(x)
     with torch.no_grad():
         values, indices = reference.topk_encode(x, W_enc, b_enc, b_dec, K)
