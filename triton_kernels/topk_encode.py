@@ -21,7 +21,8 @@ cost fewer scanned columns than the whole tile's (simulated on random rows at k 
 the halves are a reshape of the accumulator that leaves every element in its thread; under the
 Ampere and float32 layouts it would move data, so those tiles fold whole. Whether some row is
 left is a reduction across the program's warps before each step; EncodeConfig.unchecked_steps
-takes counted steps without it first (_fold_tile), not yet timed on a GPU.
+takes counted steps without it first (_fold_tile): on an H100 16 such steps gained under 1 %
+(5.229 against 5.262 ms, 2026-11-27), so the default takes none.
 
 Keys (16-bit inputs). The insertion step scans int32 keys instead of the float32 values: the
 value's bits made monotone, with the low 8 bits replaced by 255 - column. A row's keys are
