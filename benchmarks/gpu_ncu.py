@@ -7,7 +7,7 @@ what each waits on (warp stall reasons, issue-slot use, memory throughput):
 autotuner picked on an H100), not under the autotuner, whose timing runs ncu would replay.
 Kernels: the fused encode, the decode forward, the decode's per-latent sum with its dots
 (latent_rows_sum_dots), the encode backward's transposed per-latent sum, and the nested
-loss's Triton forward and backward walks.
+loss's Triton forward walk, its norms and its backward's suffix sums.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
 from sparsecode.triton_kernels.topk_encode import topk_encode_forward
 
 DECODE_STAGES = 3  # picked for the decode on an H100 (RESULTS.md, 2026-11-27 16:31 UTC)
-NESTED_STAGES = 1  # picked for both nested walks there
+NESTED_STAGES = 1  # picked for the nested loss's earlier forward walk there
 
 
 def main() -> None:
@@ -38,9 +38,8 @@ def main() -> None:
         resid = nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
                                            PREFIX_WEIGHTS, stages=NESTED_STAGES)[3]
         nested_prefix_loss_backward(
-            torch.ones((), device=dev), torch.zeros(len(PREFIX_SIZES), device=dev), None, x,
-            values, indices, W_dec, b_dec, PREFIX_SIZES, PREFIX_WEIGHTS, resid,
-            stages=NESTED_STAGES)
+            torch.ones((), device=dev), torch.zeros(len(PREFIX_SIZES), device=dev), None,
+            values, indices, W_dec, PREFIX_SIZES, PREFIX_WEIGHTS, resid)
     torch.cuda.synchronize()
     print("launched every kernel once")
 

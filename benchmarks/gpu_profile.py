@@ -88,7 +88,7 @@ def main() -> None:
         return run
 
     breakdown("nested loss fwd+bwd, cuda", nested("cuda"))
-    breakdown("nested loss fwd+bwd, triton (pipelined walks)", nested("triton"))
+    breakdown("nested loss fwd+bwd, triton (forward walk, walk-free backward)", nested("triton"))
     del W_enc, W_dec, b_enc, b_dec, values
     torch.cuda.empty_cache()
 

@@ -8,16 +8,19 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
-on a GPU the residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from
-which the backward walks back through the slots (empty, [2, 0, d], on the CPU, whose backward
-walks to it again). The ``triton`` backend runs the forward and the backward as Triton walks
-of gathered decoder rows (float32, bfloat16 and float16; triton_kernels/nested_prefix_loss.py),
-with the extension's per-latent sum for grad_W_dec, or that sum as torch ops where the extension
-has no kernels for the device (sparse_grad.latent_rows_sum); other dtypes on the ``triton``
-backend run as the extension's kernels, or as the reference where it has none. ``auto`` on
-CUDA tensors picks ``triton`` before ``cuda``, as for the other ops: on an H100 (B=8192, d=2304,
-d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the Triton walks' forward and backward took
-3.47 ms against the CUDA kernels' 3.66 ms (forward 0.97 against 1.26 ms).
+on the ``triton`` backend every prefix's residual, [G, B, d] in float32, which the backward
+overwrites with the suffix sums it makes from them (so a second backward through the same graph
+fails autograd's check that saved tensors are unchanged); on the ``cuda`` backend the residual
+x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward walks
+back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again). The
+``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32, bfloat16
+and float16; triton_kernels/nested_prefix_loss.py) and the backward as elementwise suffix sums
+and one pass over the pairs (sparse_grad.latent_rows_sum_dots: the extension's per-latent sums,
+or torch ops where it has no kernels for the device); other dtypes on the ``triton`` backend run
+as the extension's kernels, or as the reference where it has none. ``auto`` on CUDA tensors
+picks ``triton`` before ``cuda``, as for the other ops: on an H100 (B=8192, d=2304, d_sae=65536,
+k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks (forward, then a walk back)
+took 3.47 ms against the CUDA kernels' 3.66 ms; the walk-free backward has not run on a GPU yet.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
@@ -69,8 +72,10 @@ def _nested_prefix_loss(
 
 @_nested_prefix_loss.register_fake
 def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend):
-    saved = _walks_in_triton(x, backend) or x.device.type == "cuda"
-    resid = x.new_empty(2, x.shape[0] if saved else 0, x.shape[1])
+    if _walks_in_triton(x, backend):
+        resid = x.new_empty(len(prefix_sizes), *x.shape, dtype=torch.float32)
+    else:
+        resid = x.new_empty(2, x.shape[0] if x.device.type == "cuda" else 0, x.shape[1])
     return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x), resid
 
 
@@ -89,18 +94,26 @@ def _nested_prefix_loss_backward(
     resid: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if _walks_in_triton(x, backend):
-        from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_backward
-
-        return nested_prefix_loss_backward(grad_loss, grad_prefix_losses, grad_x_hat, x, values,
-                                           indices, W_dec, b_dec, prefix_sizes, prefix_weights,
-                                           resid)
     return tuple(
         kernels(backend, x.device).nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
             prefix_sizes, prefix_weights, resid,
         )
     )
+
+
+@torch.library.custom_op("sparsecode::nested_prefix_loss_backward_triton",
+                         mutates_args=("resid",))
+def _nested_prefix_loss_backward_triton(
+    grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
+    indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float], resid: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward, which overwrites the forward's residuals resid [G, B, d] with S."""
+    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_backward
+
+    return nested_prefix_loss_backward(grad_loss, grad_prefix_losses, grad_x_hat, values,
+                                       indices, W_dec, prefix_sizes, prefix_weights, resid)
 
 
 @_nested_prefix_loss_backward.register_fake
@@ -112,6 +125,14 @@ def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_de
         torch.empty_like(W_dec),
         torch.empty_like(b_dec),
     )
+
+
+@_nested_prefix_loss_backward_triton.register_fake
+def _(grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, prefix_sizes,
+      prefix_weights, resid):
+    B, d = resid.shape[1:]
+    return (values.new_empty(B, d), torch.empty_like(values), torch.empty_like(W_dec),
+            values.new_empty(d))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -127,10 +148,14 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None,
               _grad_resid: Tensor | None):
     x, values, indices, W_dec, b_dec, resid = ctx.saved_tensors
-    grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
-        grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
-        ctx.prefix_sizes, ctx.prefix_weights, resid, ctx.backend,
-    )
+    if _walks_in_triton(x, ctx.backend):
+        grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward_triton(
+            grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
+            ctx.prefix_weights, resid)
+    else:
+        grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
+            grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
+            ctx.prefix_sizes, ctx.prefix_weights, resid, ctx.backend)
     return grad_x, grad_values, None, grad_W_dec, grad_b_dec, None, None, None
 
 

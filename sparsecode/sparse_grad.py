@@ -7,8 +7,8 @@ grad_values from the same pass over the pairs. Where it has none (Triton install
 built without CUDA) grad_values is the Triton gather kernel and the sums run as plain torch ops
 over chunks of rows, so no tensor larger than about ``_CHUNK_ELEMENTS`` is made and no dense
 ``[B, d_sae]`` matrix ever is; the nested-prefix loss's Triton backward takes its grad_W_dec
-from the same sums. Shapes: x [B, d], W_enc [d, n], W_dec [n, d],
-values/indices [B, k].
+and grad_values from the same sums and dots (latent_rows_sum_dots, where the dots run as chunked
+torch ops). Shapes: x [B, d], W_enc [d, n], W_dec [n, d], values/indices [B, k].
 """
 
 from __future__ import annotations
@@ -44,6 +44,25 @@ def latent_rows_sum(coef: Tensor, indices: Tensor, src: Tensor, d_sae: int,
         contrib = coef[rows, :, None].float() * read.float()
         out.index_add_(0, indices[rows].reshape(-1), contrib.reshape(-1, d))
     return out.to(src.dtype)
+
+
+def latent_rows_sum_dots(coef: Tensor, indices: Tensor, src: Tensor, weights: Tensor,
+                         src_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(out [d_sae, d] in src's dtype, dots [B, k] float32) from one pass over the pairs where the
+    extension has kernels: out is latent_rows_sum(coef, indices, src, d_sae, src_rows) with
+    d_sae = weights.shape[0], and dots[b, j] = src[src_rows[b, j]] . weights[indices[b, j]];
+    coef, indices, src_rows [B, k], src [R, d], weights [d_sae, d] in src's dtype."""
+    found = compiled_kernels(src.device)
+    if found is not None:
+        out, dots = found.latent_rows_sum_dots(coef, indices, src, weights, src_rows)
+        return out, dots.float()
+    B, k = indices.shape
+    dots = torch.empty(B, k, dtype=torch.float32, device=src.device)
+    chunks = _row_chunks(B, k * src.shape[1])
+    for r0 in chunks:
+        rows = slice(r0, r0 + chunks.step)
+        dots[rows] = (src[src_rows[rows]].float() * weights[indices[rows]].float()).sum(-1)
+    return latent_rows_sum(coef, indices, src, weights.shape[0], src_rows), dots
 
 
 def sparse_decode_grads(g: Tensor, values: Tensor, indices: Tensor,

@@ -82,18 +82,9 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
              {}, sparse_decode._WARPS, cap, sparse_decode.DECODE_STAGES),
             ("nested_prefix_loss forward", nested_prefix_loss._forward_kernel,
              {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
-              "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}", "resid_ptr": f"*{t}",
-              "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
-             {"G_PAD": 8}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.NESTED_STAGES),
-        ] + [
-            (f"nested_prefix_loss backward HAS_GXH={has_gxh}", nested_prefix_loss._backward_kernel,
-             {"resid_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
-              "group_ptr": "*i32", "order_ptr": "*i32", "w_ptr": f"*{t}", "gxh_ptr": f"*{t}",
-              "cum_ptr": "*fp32", "gx_ptr": f"*{t}", "s_ptr": f"*{t}", "partial_ptr": "*fp32",
+              "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}", "resid_ptr": "*fp32",
               "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
-             {"HAS_GXH": has_gxh}, nested_prefix_loss._WARPS, None if has_gxh else cap,
-             nested_prefix_loss.NESTED_STAGES)
-            for has_gxh in (False, True)
+             {}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.NESTED_STAGES),
         ]
         # Every pipelining depth that the autotuner may pick on a GPU, with the launchers'
         # register caps.
@@ -104,6 +95,24 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                     {"BLOCK_B": block_b, "BLOCK_D": block_d, **constexprs, "STAGES": depth},
                     {"num_warps": warps, "maxnreg": max_registers},
                 ))
+        found.append((
+            f"nested_prefix_loss norms {name}", nested_prefix_loss._norms_kernel,
+            {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "present_ptr": "*i32", "resid_ptr": "*fp32",
+             "partial_ptr": "*fp32", "B": "i32", "d": "i32", "G": "i32"},
+            {"BLOCK_B": block_b, "BLOCK_D": block_d},
+            {"num_warps": nested_prefix_loss._ELEMENTWISE_WARPS},
+        ))
+        # The suffix sums at the benchmark's d_model (2304: rows padded to 4096, one a program).
+        for has_gxh in (False, True):
+            found.append((
+                f"nested_prefix_loss suffix {name} HAS_GXH={has_gxh}",
+                nested_prefix_loss._suffix_kernel,
+                {"resid_ptr": "*fp32", "s_ptr": f"*{t}", "gxh_ptr": f"*{t}", "scale_ptr": "*fp32",
+                 "gx_ptr": f"*{t}", "B": "i32", "d": "i32", "G": "i32"},
+                {"HAS_GXH": has_gxh, "ROW_PARTS": nested_prefix_loss._row_parts(dtype),
+                 "BLOCK_B": 1, "D_PAD": 4096},
+                {"num_warps": 4},
+            ))
         found.append((
             f"master_adam {name}", master_adam._master_adam_kernel,
             {"param_ptr": f"*{t}", "grad_ptr": f"*{t}", "master_ptr": "*fp32", "m_ptr": "*fp32",
@@ -122,8 +131,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
-            {"idx_ptr": "*i64", "val_ptr": "*bf16", "sizes_ptr": "*i64", "order_ptr": "*i32",
-             "group_ptr": "*i32", "latent_ptr": "*i32", "value_ptr": "*fp32", "B": "i32",
+            {"idx_ptr": "*i64", "val_ptr": "*bf16", "sizes_ptr": "*i64", "group_ptr": "*i32",
+             "latent_ptr": "*i32", "value_ptr": "*fp32", "present_ptr": "*i32", "B": "i32",
              "k": "i32", "G": "i32"},
             {"BLOCK_P": nested_prefix_loss._plan_rows(k_pad), "K_PAD": k_pad}, {},
         ))

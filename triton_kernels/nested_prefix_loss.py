@@ -1,12 +1,12 @@
 """Nested-prefix (Matryoshka) loss forward and backward (DESIGN.md §3.4): every prefix's
-squared residual and the full reconstruction, then every gradient, from walks of gathered
-decoder rows per row, as the sparse decode makes.
+squared residual and the full reconstruction from one walk of gathered decoder rows per row, as
+the sparse decode makes, and every gradient from the residuals that walk stores, without a walk.
 
     group[b, j]      = the first g with indices[b, j] < prefix_sizes[g]
     r_g[b]           = x[b] - b_dec - sum of values[b, j] * W_dec[indices[b, j]] over the slots
-                       of groups <= g
+                       of groups <= g                                   (R [G, B, d], float32)
     partial[t, b, g] = sum of r_g[b, c]^2 over the columns c of column tile t   (float32)
-    x_hat[b]         = b_dec + sum of values[b, j] * W_dec[indices[b, j]] over all slots
+    x_hat[b]         = x[b] - r_{G-1}[b]
     backward, with scale_g = 2 (grad_loss w_g + grad_prefix_losses[g]) / B and the upstream
     grad_x_hat (zero when absent):
     S_h[b]           = sum over g >= h of scale_g r_g[b] - grad_x_hat[b]
@@ -18,49 +18,52 @@ x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 pref
 outputs in x's dtype, float32 accumulation.
 
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
-group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, the
-slot there (order), its group, latent and value ([B, k] each: int32, int32, int32, float32),
-so that a walk loads a position's slot without first loading where it is. Reads B*k*(8 + s)
-bytes (s: the values' element size) and writes B*k*16.
+group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, its
+group, latent and value ([B, k] each: int32, int32, float32), so that a walk loads a position's
+slot without first loading where it is, and each row's groups that hold a slot as the bits of
+present [B] (int32). Reads B*k*(8 + s) bytes (s: the values' element size) and writes
+B*(12*k + 4).
 
-Walks. The forward and the backward below walk the k positions of each row like the sparse
-decode, with the gathers pipelined at the depth the autotuner picks (sparse_decode.autotuned),
-under the same register cap.
+Forward walk (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse
+decode's forward does, and walks the k positions with the gathers pipelined at the depth the
+autotuner picks (sparse_decode.autotuned), under the same register cap, holding the residual r
+(float32): before a slot whose group is above the previous slot's, r is the previous group's
+residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r.
+A walk step is the decode's plus a masked store (each row ends at most G groups in k slots). In
+the sm_90 SASS (bfloat16, Triton 3.9, 8 warps, depth 1) a step is 182 instructions with 4
+barriers (the float32 store's layout conversion through shared memory), against 236 without a
+barrier for the earlier walk, which also took every squared norm; stored as two bfloat16 parts
+instead (hi and lo, as the earlier walk kept its residual), 207 without a barrier.
 
-Forward (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse
-decode's forward does, and walks the k positions: before the slot of group h it records the
-residual's squared norm for each group from the row's last recorded one up to h - 1 (no slot of
-those groups is left, so the residual is theirs), then subtracts the slot's values * W_dec row;
-after the last position the norm goes to the remaining groups. The norms are tile reductions
-over the row's columns, made at every position because some row of the tile nearly always
-crosses a boundary there (each row crosses up to G - 1 of them in k positions). The walk's
-final residual x - x_hat (float32) is the forward's fourth output, saved for the backward, as
-two tensors in x's dtype whose sum it is (hi = r rounded, lo = r - hi rounded: about 16
-mantissa bits in bfloat16, exact in float32). Rounded once, it lost too much before S is
-rounded too (a bfloat16 test case went past its tolerance); stored as float32 it needed a
-layout conversion that took the forward from 80 to 94 registers (sm_90).
+Norms (_norms_kernel). The same tiles: for g = 0 ... G - 1, r_g is the stored R[g] where the
+row has a slot of group g, else r_{g-1} (x - b_dec below the row's first group), written to
+R[g] there; partial holds the tile's part of each squared norm. Reads x and R, writes the
+groups without a slot and partial: no gathers. (The earlier walk took each squared norm in the
+walk, a reduction over the tile's columns at every position, since some row of a tile nearly
+always crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100, B=8192,
+d=2304, k=64, G=6, bf16, 2026-11-27.)
 
-Backward (_backward_kernel). The same tiles: starting from the forward's residual of all slots,
-a walk back over the positions adds each slot back: entering a group (going down)
-it adds scale_g r for the groups it passes, since r is their residual, writes the row's S of
-that group to S [G * B, d] (x's dtype) for grad_W_dec, and stores the tile's part of each
-slot's dot with S (float32) to partial [tiles, B, k]. grad_W_dec is the per-latent sum over
-the pairs with src_rows = group * B + b (sparse_grad.latent_rows_sum: the extension's kernels,
-or torch ops where it has none for the device). S in float32 would be stored
-through a layout conversion at every position (4 floats per thread against the tile's 8
-16-bit elements). The dots are not taken from the stored S (latent_rows_sum_dots would make
-them on the same pass as grad_W_dec): a dot of d rounded elements can cancel, and single-dot
-cases in bfloat16 then went past the 2e-2 tolerance.
+Backward (_suffix_kernel, then one pass over the pairs). A program owns whole rows, and from
+the last group down: A += scale_g R[g], and S_g = A - grad_x_hat, in x's dtype, overwrites the
+first bytes of R[g]'s row (S is R's memory seen as [G * B * parts, d] in x's dtype, parts = 2
+for 16-bit x: row parts * (g * B + b) of S lies in row b of R[g], which only this program
+reads, and reads before it writes). So the backward consumes the forward's R: a second
+backward through the same graph fails autograd's check of saved tensors. grad_x = A at the
+end, kept apart from grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own gradient
+in S, and adding it back would lose grad_x's low bits). Then grad_W_dec and grad_values are one
+latent_rows_sum_dots over the pairs with src_rows = parts * (group * B + b)
+(sparse_grad.latent_rows_sum_dots: the extension's kernels, or torch ops where it has none for
+the device), as the sparse decode's backward with its grad_out replaced by S. R is kept in
+float32 because rounded to bfloat16 it lost too much: on random problems at the test shapes the
+worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of the 2e-2 tolerance.
 
-Cost. Forward: 2*B*k*d FLOPs for the gathers plus 2*B*k*d for the norms; reads B*k*d gathered
-weight elements (each row segment contiguous) and x, writes x_hat and the residual (B*d each)
-and partial (B*G*tiles*4 bytes), against the G decodes of a loss that decodes each prefix on
-its own. Backward: one walk of gathers (4*B*k*d FLOPs with the dots), the residual and
-grad_x (B*d each), S written once (at most G*B*d elements) and the dots' partial
-(B*k*tiles*4 bytes); then latent_rows_sum gathers B*k rows of S (from L2) and writes
-grad_W_dec (n*d). Starting from the saved residual instead of
-walking forward to it again halves the backward's gathers, for 2*B*d elements kept from the
-forward to the backward.
+Cost. Forward: the decode's 2*B*k*d FLOPs and B*k*d gathered weight elements (each row segment
+contiguous), x read twice, x_hat and at most G*B*d float32 elements of R written, then the norms
+(2*G*B*d FLOPs; x and R read). Backward: 2*G*B*d FLOPs, R read and S written (G*B*d elements
+each), then the decode backward's pass over the pairs (4*B*k*d FLOPs; B*k rows of S gathered,
+n*d written). R, kept from the forward to the backward, is 4*G*B*d bytes (the earlier walk back
+kept 2*B*d elements in x's dtype, wrote S (G*B*d) and the dots' partial sums in its backward, and
+gathered the rows again).
 """
 
 from __future__ import annotations
@@ -74,19 +77,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsecode.sparse_grad import latent_rows_sum
+from sparsecode.sparse_grad import latent_rows_sum_dots
 from sparsecode.triton_kernels.sparse_decode import _blocks, launch_walk, walk_registers
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
-# The walk holds the residual and the reconstruction tiles: the decode's 32 x 128 tiles over 8
-# warps hold 16 elements of each per thread (over 4 warps, 32: 168 registers for sm_90 bfloat16
-# with Triton 3.9, d, k and B multiples of 16 as Triton specialises them).
+# The forward walk's warps: over 4 (the decode's), its [32, 128] float32 residual tile spilled
+# at the register cap (sm_90, bfloat16, Triton 3.9); over 8, none at depths 2 and 3 and 32 bytes
+# at depth 1. The depths that the autotuner tries (sparse_decode.autotuned):
 _WARPS = 8
-# The walks' pipelining depths that the autotuner tries (sparse_decode.autotuned). At the
-# register cap (bfloat16, Triton 3.6, sm_90) the forward spills 0 / 24 / 56 bytes at depths
-# 1 / 2 / 3 (80 at depth 4), the backward 8 / 16 / 64.
 NESTED_STAGES = (1, 2, 3)
+# Warps of the norms programs, elementwise over [32, 128] tiles.
+_ELEMENTWISE_WARPS = 4
+# Elements of a suffix program's [rows, d rounded up to a power of two] tile: 32 a thread at
+# 4 warps, and the warps grow with longer rows.
+_SUFFIX_ELEMENTS = 4096
 
 
 def _plan_rows(k_pad: int) -> int:
@@ -97,8 +102,13 @@ def _plan_rows(k_pad: int) -> int:
 
 
 @triton.jit
-def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, order_ptr, group_ptr, latent_ptr, value_ptr, B, k,
-                 G, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, group_ptr, latent_ptr, value_ptr, present_ptr, B,
+                 k, G, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     slot = tl.arange(0, K_PAD)
     live = (rows < B)[:, None] & (slot < k)[None, :]
@@ -107,12 +117,13 @@ def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, order_ptr, group_ptr, latent_ptr, 
     group = tl.zeros([BLOCK_P, K_PAD], tl.int32)
     for g in range(0, G - 1):
         group += (index >= tl.load(sizes_ptr + g)).to(tl.int32)
+    present = tl.reduce(tl.where(live, tl.full([BLOCK_P, K_PAD], 1, tl.int32) << group, 0), 1,
+                        _bit_or)
+    tl.store(present_ptr + rows, present, mask=rows < B)
     key = tl.where(live, group, G) * K_PAD + slot[None, :]  # padding sorts last
     key = tl.sort(key, 1)
-    order = key % K_PAD
-    tl.store(order_ptr + at, order, mask=live)
     tl.store(group_ptr + at, key // K_PAD, mask=live)
-    src = rows[:, None].to(tl.int64) * k + order
+    src = rows[:, None].to(tl.int64) * k + key % K_PAD
     tl.store(latent_ptr + at, tl.load(idx_ptr + src, mask=live, other=0).to(tl.int32), mask=live)
     tl.store(value_ptr + at, tl.load(val_ptr + src, mask=live, other=0.0).to(tl.float32),
              mask=live)
@@ -131,108 +142,92 @@ def _tile(B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, q, G):
-    """The slot at walk position q of each row: value (float32), latent and group (G past
-    the batch), each a load that does not wait for another."""
-    at = rows.to(tl.int64) * k + q
-    v = tl.load(value_ptr + at, mask=row_ok, other=0.0)
-    i = tl.load(latent_ptr + at, mask=row_ok, other=0).to(tl.int64)
-    return v, i, tl.load(group_ptr + at, mask=row_ok, other=G)
+def _group_at(g, rows, cols, B, d):
+    """Offsets in R [G, B, d] of group g's rows `rows` and columns cols (g: a scalar or [rows])."""
+    row = (rows * 0 + g).to(tl.int64) * B + rows
+    return row[:, None] * d + cols[None, :]
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, w_ptr, xhat_ptr, resid_ptr,
-    partial_ptr, B, k, d, G,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr, STAGES: tl.constexpr,
+    x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, w_ptr, xhat_ptr, resid_ptr, B, k, d, G,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
-    r = tl.where(tile, r, 0.0)
-    recon = tl.zeros([BLOCK_B, BLOCK_D], tl.float32) + bias[None, :]
-    gcol = tl.arange(0, G_PAD)
-    losses = tl.zeros([BLOCK_B, G_PAD], tl.float32)
-    recorded = tl.zeros([BLOCK_B], tl.int32)  # groups below this one have their norm
+    walk = rows.to(tl.int64) * k
     for q in tl.range(0, k, num_stages=STAGES):
-        v, i, group = _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, q, 0)
-        norm = tl.sum(r * r, axis=1)
-        due = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < group[:, None])
-        losses += tl.where(due, norm[:, None], 0.0)
-        recorded = tl.maximum(recorded, group)
+        at_q = walk + q
+        v = tl.load(value_ptr + at_q, mask=row_ok, other=0.0)
+        i = tl.load(latent_ptr + at_q, mask=row_ok, other=0).to(tl.int64)
+        group = tl.load(group_ptr + at_q, mask=row_ok, other=G)
+        # The previous slot's group (G before the first): when lower, r is its residual.
+        prev = tl.load(group_ptr + at_q - 1, mask=row_ok & (rows * 0 + q > 0), other=G)
+        tl.store(resid_ptr + _group_at(prev, rows, cols, B, d), r,
+                 mask=(prev < group)[:, None] & col_ok[None, :])
         live = row_ok & (v != 0.0)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
         r -= v[:, None] * w
-        recon += v[:, None] * w
-    norm = tl.sum(r * r, axis=1)
-    rest = (gcol[None, :] >= recorded[:, None]) & (gcol[None, :] < G)
-    losses += tl.where(rest, norm[:, None], 0.0)
-    tl.store(xhat_ptr + at, recon.to(xhat_ptr.dtype.element_ty), mask=tile)
-    hi = r.to(resid_ptr.dtype.element_ty)  # r as hi + lo in x's dtype: its layout, 2x the bits
-    tl.store(resid_ptr + at, hi, mask=tile)
-    tl.store(resid_ptr + B * d + at, (r - hi.to(tl.float32)).to(resid_ptr.dtype.element_ty),
-             mask=tile)
-    out = (tl.program_id(1).to(tl.int64) * B + rows[:, None]) * G + gcol[None, :]
-    tl.store(partial_ptr + out, losses, mask=row_ok[:, None] & (gcol < G)[None, :])
+    last = tl.load(group_ptr + walk + k - 1, mask=row_ok, other=0)
+    tl.store(resid_ptr + _group_at(last, rows, cols, B, d), r, mask=tile)
+    x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    tl.store(xhat_ptr + at, (x - r).to(xhat_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
-def _backward_kernel(
-    resid_ptr, latent_ptr, value_ptr, group_ptr, order_ptr, w_ptr, gxh_ptr, cum_ptr,
-    gx_ptr, s_ptr, partial_ptr, B, k, d, G,
-    HAS_GXH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
-):
+def _norms_kernel(x_ptr, bias_ptr, present_ptr, resid_ptr, partial_ptr, B, d, G,
+                  BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
-    r = (tl.load(resid_ptr + at, mask=tile, other=0.0).to(tl.float32)  # residual of all slots
-         + tl.load(resid_ptr + B * d + at, mask=tile, other=0.0).to(tl.float32))
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # The residual of no slots, the groups' below the row's first.
+    r = tl.where(tile, tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :],
+                 0.0)
+    present = tl.load(present_ptr + rows, mask=row_ok, other=0)
+    out = (tl.program_id(1).to(tl.int64) * B + rows) * G
+    for g in range(0, G):
+        has = ((present >> g) & 1) != 0
+        g_at = _group_at(g, rows, cols, B, d)
+        r = tl.where(has[:, None],
+                     tl.load(resid_ptr + g_at, mask=has[:, None] & col_ok[None, :], other=0.0), r)
+        tl.store(resid_ptr + g_at, r, mask=(row_ok & ~has)[:, None] & col_ok[None, :])
+        tl.store(partial_ptr + out + g, tl.sum(r * r, axis=1), mask=row_ok)
 
-    # A is the suffix sum of scale_g r_g over the groups the walk has passed, and S = A -
-    # grad_x_hat. grad_x is A at the end, kept apart from grad_x_hat: an upstream grad_x_hat
-    # nearly cancels the loss's own gradient in S, and adding it back lost grad_x's low bits.
-    A = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+
+@triton.jit
+def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GXH: tl.constexpr,
+                   ROW_PARTS: tl.constexpr, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr):
+    # Whole rows: S_g[b] overwrites the first bytes of R_g[b], which only this program reads.
+    # Other threads of the program read those bytes: every load of R_g is waited for (a
+    # barrier) before S_g is stored.
+    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, D_PAD)
+    A = tl.zeros([BLOCK_B, D_PAD], tl.float32)
     if HAS_GXH:
         gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
-    partial = partial_ptr + tl.program_id(1).to(tl.int64) * B * k
-    walk = rows.to(tl.int64) * k
-    for q in tl.range(0, k, num_stages=STAGES):  # backward: slots in reverse walk order
-        p = k - 1 - q
-        v, i, group = _slot_at(latent_ptr, value_ptr, group_ptr, rows, row_ok, k, p, G)
-        slot = tl.load(order_ptr + walk + p, mask=row_ok, other=0)
-        # The groups passed are those of the later positions, the smallest of which is the next
-        # position's (groups rise along the walk; G past its end): loaded, not carried over
-        # from the last step, so that the loads of a step depend on none of the last step's.
-        passed = tl.load(group_ptr + walk + p + 1, mask=row_ok & (rows * 0 + p + 1 < k), other=G)
-        # r is the residual of every group from this slot's up to the last one passed: their
-        # scales sum to cum[passed] - cum[group] (zero within a group).
-        entering = tl.load(cum_ptr + passed) - tl.load(cum_ptr + group)
-        A += entering[:, None] * r
+    for q in range(0, G):
+        g_at = _group_at(G - 1 - q, rows, cols, B, d)
+        A += tl.load(scale_ptr + G - 1 - q) * tl.load(resid_ptr + g_at, mask=tile, other=0.0)
+        tl.debug_barrier()
         S = A
         if HAS_GXH:
             S = A - gxh
-        first = row_ok & (group < passed)  # the row's first slot of this group: S is its S
-        s_at = (group[:, None].to(tl.int64) * B + rows[:, None]) * d + cols[None, :]
-        tl.store(s_ptr + s_at, S.to(s_ptr.dtype.element_ty),
-                 mask=first[:, None] & col_ok[None, :])
-        w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        tl.store(partial + walk + slot, tl.sum(w * S, axis=1), mask=row_ok)
-        r += v[:, None] * w
-    # All groups from the first position's on are passed.
-    passed = tl.load(group_ptr + walk, mask=row_ok & (rows * 0 < k), other=G)
-    A += tl.load(cum_ptr + passed)[:, None] * r
+        s_at = g_at + (ROW_PARTS - 1) * (g_at - cols[None, :])  # row ROW_PARTS * (g * B + b)
+        tl.store(s_ptr + s_at, S.to(s_ptr.dtype.element_ty), mask=tile)
     tl.store(gx_ptr + at, A.to(gx_ptr.dtype.element_ty), mask=tile)
 
 
-def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None,
            prefix_sizes: Sequence[int], prefix_weights: Sequence[float]) -> None:
-    """Raises, naming the argument and the fix, unless the Triton walks can run these inputs."""
+    """Raises, naming the argument and the fix, unless the Triton kernels can run these inputs
+    (b_dec None: the backward's, which has none)."""
     if x.dtype not in _DTYPES:
         raise TypeError(
             f"the triton backend takes float32, bfloat16 or float16 tensors, got x of {x.dtype}; "
             "use backend='cuda' or 'reference' for other dtypes"
         )
-    for name, t, dim in (("x", x, 2), ("values", values, 2), ("W_dec", W_dec, 2),
-                         ("b_dec", b_dec, 1)):
+    named = [("x", x, 2), ("values", values, 2), ("W_dec", W_dec, 2), ("b_dec", b_dec, 1)]
+    for name, t, dim in (entry for entry in named if entry[1] is not None):
         if t.dim() != dim:
             raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
@@ -248,9 +243,10 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
     if W_dec.shape[0] >= 2**31:
         raise ValueError(f"the triton backend takes d_sae < 2^31 (its walks hold latents as "
                          f"int32), got {W_dec.shape[0]}; use the cpp backend")
-    if W_dec.shape[1] != d or b_dec.shape[0] != d:
+    if W_dec.shape[1] != d or (b_dec is not None and b_dec.shape[0] != d):
         raise ValueError(f"W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = {d}, "
-                         f"got {list(W_dec.shape)} and {list(b_dec.shape)}")
+                         f"got {list(W_dec.shape)} and "
+                         f"{None if b_dec is None else list(b_dec.shape)}")
     G = len(prefix_sizes)
     if G < 1 or len(prefix_weights) != G:
         raise ValueError(f"need one prefix weight per prefix size, got {len(prefix_weights)} "
@@ -280,109 +276,109 @@ def _on_device(numbers: Sequence[float], dtype: torch.dtype, device: torch.devic
 
 
 class _Walk(NamedTuple):
-    """Each row's slots in walk order (sorted by group, then slot), [B, k] each: the slot at each
-    walk position (int32), its group (int32), latent (int32) and value (float32)."""
+    """Each row's slots in walk order (sorted by group, then slot), [B, k] each: the group
+    (int32), latent (int32) and value (float32) at each walk position; and present [B] (int32),
+    the bits of the groups that hold one of the row's slots."""
 
-    order: Tensor
     group: Tensor
     latent: Tensor
     value: Tensor
+    present: Tensor
 
 
-def _checked_plan(
-    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-    prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
-) -> tuple[Tensor, Tensor, _Walk]:
-    """Checks the inputs, then (idx, sizes, walk): indices contiguous, the prefix sizes as an
-    int64 [G] tensor, and the walk-ordered slots."""
-    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+def _row_parts(dtype: torch.dtype) -> int:
+    """Rows of dtype in a float32 row of R: where S, in dtype, overwrites R, row b of R holds
+    row _row_parts * b of S."""
+    return 4 // torch.empty((), dtype=dtype).element_size()
+
+
+def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk:
+    """The walk-ordered slots of checked inputs."""
     B, k = indices.shape
-    idx = indices.contiguous()
-    sizes = _on_device(prefix_sizes, torch.int64, x.device)
-    walk = _Walk(*(torch.empty(B, k, dtype=torch.int32, device=x.device) for _ in range(3)),
-                 torch.empty(B, k, dtype=torch.float32, device=x.device))
+    device = indices.device
+    walk = _Walk(*(torch.empty(B, k, dtype=torch.int32, device=device) for _ in range(2)),
+                 torch.empty(B, k, dtype=torch.float32, device=device),
+                 torch.empty(B, dtype=torch.int32, device=device))
     k_pad = triton.next_power_of_2(max(k, 1))
     block_p = _plan_rows(k_pad)
-    _plan_kernel[(triton.cdiv(B, block_p),)](idx, values.contiguous(), sizes, *walk, B, k,
-                                             len(prefix_sizes), BLOCK_P=block_p, K_PAD=k_pad)
-    return idx, sizes, walk
+    _plan_kernel[(triton.cdiv(B, block_p),)](
+        indices.contiguous(), values.contiguous(),
+        _on_device(prefix_sizes, torch.int64, device), *walk, B, k, len(prefix_sizes),
+        BLOCK_P=block_p, K_PAD=k_pad)
+    return walk
 
 
 def nested_prefix_loss_forward(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float], stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], and the residual of
-    all slots x - x_hat as resid [2, B, d] whose two halves sum to it, all in x's dtype.
+    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype, and
+    every prefix's residual as resid [G, B, d] (float32): resid[g] = r_g.
 
-    Forward only: nested_prefix_loss_backward is its backward, and starts from the residual.
+    Forward only: nested_prefix_loss_backward is its backward, and consumes R.
     stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
     """
-    _, _, walk = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    walk = _plan(values, indices, prefix_sizes)
     B, d = x.shape
     k = values.shape[1]
     G = len(prefix_sizes)
     device = x.device
     block_b, block_d = _blocks()
-    tiles = triton.cdiv(d, block_d)
+    grid = (triton.cdiv(B, block_b), triton.cdiv(d, block_d))
+    xc, bias = x.contiguous(), b_dec.contiguous()
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
-    resid = torch.empty(2, B, d, dtype=x.dtype, device=device)
-    partial = torch.empty(tiles, B, G, dtype=torch.float32, device=device)
-    launch_walk(
-        _forward_kernel, (triton.cdiv(B, block_b), tiles), stages, NESTED_STAGES, _WARPS,
-        walk_registers(x.dtype), x.contiguous(), b_dec.contiguous(), walk.latent, walk.value,
-        walk.group, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
-        BLOCK_B=block_b, BLOCK_D=block_d, G_PAD=triton.next_power_of_2(G),
-    )
+    resid = torch.empty(G, B, d, dtype=torch.float32, device=device)
+    launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
+                xc, bias, walk.latent, walk.value, walk.group, W_dec.contiguous(), x_hat, resid,
+                B, k, d, G, BLOCK_B=block_b, BLOCK_D=block_d)
+    partial = torch.empty(grid[1], B, G, dtype=torch.float32, device=device)
+    _norms_kernel[grid](xc, bias, walk.present, resid, partial, B, d, G, BLOCK_B=block_b,
+                        BLOCK_D=block_d, num_warps=_ELEMENTWISE_WARPS)
     means = partial.double().sum(0).sum(0) / B
     weights = _on_device(prefix_weights, torch.float64, device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
 
 
 def nested_prefix_loss_backward(
-    grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, x: Tensor,
-    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-    prefix_sizes: Sequence[int], prefix_weights: Sequence[float], resid: Tensor,
-    stages: int | None = None,
+    grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
+    indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
+    resid: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of the loss,
     prefix losses and x_hat of nested_prefix_loss_forward, given the upstream grad_loss [],
-    grad_prefix_losses [G] and grad_x_hat [B, d] (or None), and the forward's residual
-    resid [2, B, d]. The walk back through the slots runs here; grad_W_dec is the per-latent
-    sum over S (sparse_grad.latent_rows_sum). stages: as for nested_prefix_loss_forward."""
-    if grad_x_hat is not None and grad_x_hat.shape != x.shape:
-        raise ValueError(f"grad_x_hat must be [B, d_model] like x, got {list(grad_x_hat.shape)}")
-    if resid.shape != (2, *x.shape) or resid.dtype != x.dtype:
-        raise ValueError(f"resid must be the forward's [2, B, d_model] residual in x's dtype, got "
-                         f"{list(resid.shape)} {resid.dtype}")
-    idx, sizes, walk = _checked_plan(x, values, indices, W_dec, b_dec, prefix_sizes,
-                                     prefix_weights)
-    B, d = x.shape
-    k = values.shape[1]
+    grad_prefix_losses [G] and grad_x_hat [B, d] (or None), and the forward's residuals
+    resid [G, B, d] (float32), which this overwrites with the suffix sums S in x's dtype (that
+    of values; row g * B + b of S in the first bytes of resid[g, b]). grad_W_dec and
+    grad_values are one pass over the pairs (sparse_grad.latent_rows_sum_dots)."""
     G = len(prefix_sizes)
-    device = x.device
+    if resid.dim() != 3 or resid.shape[0] != G or resid.dtype != torch.float32 \
+            or not resid.is_contiguous():
+        raise ValueError(f"resid must be the forward's contiguous float32 [G, B, d_model] "
+                         f"residuals, got {list(resid.shape)} {resid.dtype}")
+    B, d = resid.shape[1:]
+    device = values.device
+    grad_x = torch.empty(B, d, dtype=values.dtype, device=device)
+    _check(grad_x, values, indices, W_dec, None, prefix_sizes, prefix_weights)
+    if grad_x_hat is not None and grad_x_hat.shape != grad_x.shape:
+        raise ValueError(f"grad_x_hat must be [B, d_model] = {list(grad_x.shape)}, got "
+                         f"{list(grad_x_hat.shape)}")
     weights = _on_device(prefix_weights, torch.float64, device)
     scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
-             * (2.0 / max(B, 1)))  # no rows, no terms: B = 0 scales nothing
-    cum = torch.cat([scale.new_zeros(1), scale.cumsum(0)]).float()  # cum[g] = sum of scale_<g
-    block_b, block_d = _blocks()
-    tiles = triton.cdiv(d, block_d)
-    grad_x = torch.empty(B, d, dtype=x.dtype, device=device)
-    S = torch.empty(G * B, d, dtype=x.dtype, device=device)
-    partial = torch.empty(tiles, B, k, dtype=torch.float32, device=device)
-    gxh = grad_x_hat.to(x.dtype).contiguous() if grad_x_hat is not None else grad_x
-    # With grad_x_hat the walk holds one more tile: capped, it spills 120 to 136 bytes.
-    launch_walk(
-        _backward_kernel, (triton.cdiv(B, block_b), tiles), stages, NESTED_STAGES, _WARPS,
-        None if grad_x_hat is not None else walk_registers(x.dtype), resid.contiguous(),
-        walk.latent, walk.value, walk.group, walk.order, W_dec.contiguous(), gxh, cum, grad_x, S,
-        partial, B, k, d, G,
-        HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b, BLOCK_D=block_d,
-    )
-    grad_values = (-partial.sum(0)).to(x.dtype)
-    # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
-    slot_group = torch.bucketize(idx, sizes[:-1], right=True)
-    src_rows = slot_group * B + torch.arange(B, device=device)[:, None]
-    grad_W_dec = latent_rows_sum(-values, idx, S, W_dec.shape[0], src_rows)
+             * (2.0 / max(B, 1))).float()  # no rows, no terms: B = 0 scales nothing
+    gxh = grad_x_hat.to(values.dtype).contiguous() if grad_x_hat is not None else grad_x
+    parts = _row_parts(values.dtype)
+    S = resid.view(values.dtype).view(G * B * parts, d)
+    d_pad = triton.next_power_of_2(max(d, 1))
+    block_b = max(1, _SUFFIX_ELEMENTS // d_pad)
+    _suffix_kernel[(triton.cdiv(B, block_b), 1)](
+        resid, S, gxh, scale, grad_x, B, d, G, HAS_GXH=grad_x_hat is not None, ROW_PARTS=parts,
+        BLOCK_B=block_b, D_PAD=d_pad, num_warps=min(32, max(4, block_b * d_pad // 1024)))
+    # Pair (b, j) reads S_{group of its latent}[b]: row parts * (group * B + b) of S.
+    idx = indices.contiguous()
+    sizes = _on_device(prefix_sizes, torch.int64, device)
+    src_rows = (torch.bucketize(idx, sizes[:-1], right=True) * B
+                + torch.arange(B, device=device)[:, None]) * parts
+    grad_W_dec, dots = latent_rows_sum_dots(-values, idx, S, W_dec, src_rows)
     grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
-    return grad_x, grad_values, grad_W_dec, grad_b_dec
+    return grad_x, (-dots).to(values.dtype), grad_W_dec, grad_b_dec
