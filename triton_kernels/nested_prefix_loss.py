@@ -47,7 +47,7 @@ Backward (_suffix_kernel, then one pass over the pairs). A program owns whole ro
 the last group down: A += scale_g R[g], and S_g = A - grad_x_hat, in x's dtype, overwrites the
 first bytes of R[g]'s row (S is R's memory seen as [G * B * parts, d] in x's dtype, parts = 2
 for 16-bit x: row parts * (g * B + b) of S lies in row b of R[g], which only this program
-reads, and reads before it writes). So the backward consumes the forward's R: a second
+reads, all of it before a barrier, then writes). So the backward consumes the forward's R: a second
 backward through the same graph fails autograd's check of saved tensors. grad_x = A at the
 end, kept apart from grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own gradient
 in S, and adding it back would lose grad_x's low bits). Then grad_W_dec and grad_values are one

@@ -42,9 +42,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DECODE_STAGES = (1, 2, 3, 4)
 # The walks' register cap for 16-bit inputs: 80 a thread lets 24 warps share an SM (6 programs of
 # 4 warps, 3 of 8). Unbounded, Triton 3.6 (sm_90, bfloat16) gives the decode at depth 3 96
-# registers and the nested loss's forward 97 to 127 and its backward 80 to 111; capped, they
-# spill at most 64 bytes. float32 tiles, twice the bytes, are not capped (capped at 80 the nested
-# loss's walks spill 88 to 152 bytes).
+# registers and the nested loss's earlier forward 97 to 127 and its earlier walk back 80 to 111;
+# capped, they spilled at most 64 bytes (the nested loss's forward walk today: 24 to 104 bytes,
+# nested_prefix_loss.py). float32 tiles, twice the bytes, are not capped (capped at 80 the
+# nested loss's earlier walks spilled 88 to 152 bytes).
 WALK_REGISTERS = 80
 # Walks of fewer gathered elements (B * k * d) run at depth 1 untuned: they take microseconds,
 # and each new shape would cost the autotuner a compile and a timing of every depth.
@@ -75,8 +76,8 @@ def autotuned(kernel: triton.JITFunction, num_warps: int, max_registers: int | N
     the sm_90 SASS of the decode has one gather in flight per warp. The decode's 2.4 GB of
     gathers at B=8192, k=64, d=2304 took 0.45 ms on an H100 (5.4 TB/s of L2 reads, near what
     its L2 may deliver, and about what one 512-byte gather in flight per warp at 24 warps an SM
-    allows at an L2 latency of some 600 cycles); the nested loss's walks made the same gathers
-    in 1.4 ms. With STAGES = s, Triton's pipeliner copies the rows s - 1 slots ahead into shared
+    allows at an L2 latency of some 600 cycles); the nested loss's earlier walks made the same
+    gathers in 1.4 ms. With STAGES = s, Triton's pipeliner copies the rows s - 1 slots ahead into shared
     memory (cp.async), with a barrier per slot and more registers (or spills under
     max_registers): which depth is fastest depends on the kernel and the GPU. Only the loads
     move, so every depth computes the same bits."""
