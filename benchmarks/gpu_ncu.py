@@ -7,7 +7,7 @@ what each waits on (warp stall reasons, issue-slot use, memory throughput):
 autotuner picked on an H100), not under the autotuner, whose timing runs ncu would replay.
 Kernels: the fused encode, the decode forward, the decode's per-latent sum with its dots
 (latent_rows_sum_dots), the encode backward's transposed per-latent sum, and the nested
-loss's Triton forward walk, its norms and its backward's suffix sums.
+loss's Triton forward walk (with its norms) and its backward's suffix sums.
 """
 
 from __future__ import annotations

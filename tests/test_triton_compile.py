@@ -82,8 +82,9 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
              {}, sparse_decode._WARPS, cap, sparse_decode.DECODE_STAGES),
             ("nested_prefix_loss forward", nested_prefix_loss._forward_kernel,
              {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
-              "group_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}", "resid_ptr": "*fp32",
-              "B": "i32", "k": "i32", "d": "i32", "G": "i32"},
+              "group_ptr": "*i32", "present_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
+              "resid_ptr": "*fp32", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
+              "G": "i32"},
              {}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.NESTED_STAGES),
         ]
         # Every pipelining depth that the autotuner may pick on a GPU, with the launchers'
@@ -95,13 +96,6 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                     {"BLOCK_B": block_b, "BLOCK_D": block_d, **constexprs, "STAGES": depth},
                     {"num_warps": warps, "maxnreg": max_registers},
                 ))
-        found.append((
-            f"nested_prefix_loss norms {name}", nested_prefix_loss._norms_kernel,
-            {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "present_ptr": "*i32", "resid_ptr": "*fp32",
-             "partial_ptr": "*fp32", "B": "i32", "d": "i32", "G": "i32"},
-            {"BLOCK_B": block_b, "BLOCK_D": block_d},
-            {"num_warps": nested_prefix_loss._ELEMENTWISE_WARPS},
-        ))
         # The suffix sums at the benchmark's d_model (2304: rows padded to 4096, one a program).
         for has_gxh in (False, True):
             found.append((

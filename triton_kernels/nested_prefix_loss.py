@@ -30,18 +30,20 @@ autotuner picks (sparse_decode.autotuned), under the same register cap, holding 
 (float32): before a slot whose group is above the previous slot's, r is the previous group's
 residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r.
 A walk step is the decode's plus a masked store (each row ends at most G groups in k slots). In
-the sm_90 SASS (bfloat16, Triton 3.9, 8 warps, depth 1) a step is 182 instructions with 4
-barriers (the float32 store's layout conversion through shared memory), against 236 without a
-barrier for the earlier walk, which also took every squared norm; stored as two bfloat16 parts
-instead (hi and lo, as the earlier walk kept its residual), 207 without a barrier.
+the sm_90 SASS (bfloat16, 8 warps, depth 1) a step is 184 instructions with 4 barriers under
+Triton 3.9 and 190 under 3.6 (the float32 store's layout conversion through shared memory),
+against 236 without a barrier for the earlier walk, which also took every squared norm; stored
+as two bfloat16 parts instead (hi and lo, as the earlier walk kept its residual), 207 without a
+barrier.
 
-Norms (_norms_kernel). The same tiles: for g = 0 ... G - 1, r_g is the stored R[g] where the
-row has a slot of group g, else r_{g-1} (x - b_dec below the row's first group), written to
-R[g] there; partial holds the tile's part of each squared norm. Reads x and R, writes the
-groups without a slot and partial: no gathers. (The earlier walk took each squared norm in the
-walk, a reduction over the tile's columns at every position, since some row of a tile nearly
-always crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100, B=8192,
-d=2304, k=64, G=6, bf16, 2026-11-27.)
+Norms (the walk's epilogue). After a barrier (other threads of the program stored them), the
+program reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row
+has a slot of group g, else r_{g-1} (x - b_dec below the row's first group), written to R[g]
+there; partial holds the tile's part of each squared norm. These reads follow the walk's
+stores of the same tile, so they mostly hit L2. (The earlier walk took each squared norm in
+the walk, a reduction over the tile's columns at every position, since some row of a tile
+nearly always crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100,
+B=8192, d=2304, k=64, G=6, bf16, 2026-11-27.)
 
 Backward (_suffix_kernel, then one pass over the pairs). A program owns whole rows, and from
 the last group down: A += scale_g R[g], and S_g = A - grad_x_hat, in x's dtype, overwrites the
@@ -58,8 +60,8 @@ float32 because rounded to bfloat16 it lost too much: on random problems at the 
 worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of the 2e-2 tolerance.
 
 Cost. Forward: the decode's 2*B*k*d FLOPs and B*k*d gathered weight elements (each row segment
-contiguous), x read twice, x_hat and at most G*B*d float32 elements of R written, then the norms
-(2*G*B*d FLOPs; x and R read). Backward: 2*G*B*d FLOPs, R read and S written (G*B*d elements
+contiguous), x read twice, x_hat and G*B*d float32 elements of R written, then the norms
+(2*G*B*d FLOPs; R read back). Backward: 2*G*B*d FLOPs, R read and S written (G*B*d elements
 each), then the decode backward's pass over the pairs (4*B*k*d FLOPs; B*k rows of S gathered,
 n*d written). R, kept from the forward to the backward, is 4*G*B*d bytes (the earlier walk back
 kept 2*B*d elements in x's dtype, wrote S (G*B*d) and the dots' partial sums in its backward, and
@@ -83,12 +85,11 @@ from sparsecode.triton_kernels.sparse_decode import _blocks, launch_walk, walk_r
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
 # The forward walk's warps: over 4 (the decode's), its [32, 128] float32 residual tile spilled
-# at the register cap (sm_90, bfloat16, Triton 3.9); over 8, none at depths 2 and 3 and 32 bytes
-# at depth 1. The depths that the autotuner tries (sparse_decode.autotuned):
+# 264 bytes at the register cap (sm_90, bfloat16, Triton 3.9); over 8, it spills nothing in the
+# slot loop at depths 1 and 2 (its epilogue, the norms, 56 to 120 bytes). The depths that the
+# autotuner tries (sparse_decode.autotuned):
 _WARPS = 8
 NESTED_STAGES = (1, 2, 3)
-# Warps of the norms programs, elementwise over [32, 128] tiles.
-_ELEMENTWISE_WARPS = 4
 # Elements of a suffix program's [rows, d rounded up to a power of two] tile: 32 a thread at
 # 4 warps, and the warps grow with longer rows.
 _SUFFIX_ELEMENTS = 4096
@@ -150,7 +151,8 @@ def _group_at(g, rows, cols, B, d):
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, w_ptr, xhat_ptr, resid_ptr, B, k, d, G,
+    x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr,
+    partial_ptr, B, k, d, G,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
@@ -175,15 +177,10 @@ def _forward_kernel(
     x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
     tl.store(xhat_ptr + at, (x - r).to(xhat_ptr.dtype.element_ty), mask=tile)
 
-
-@triton.jit
-def _norms_kernel(x_ptr, bias_ptr, present_ptr, resid_ptr, partial_ptr, B, d, G,
-                  BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # The norms, from the tile's rows of R that this program stored: other threads read them.
+    tl.debug_barrier()
     # The residual of no slots, the groups' below the row's first.
-    r = tl.where(tile, tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :],
-                 0.0)
+    r = tl.where(tile, x - bias[None, :], 0.0)
     present = tl.load(present_ptr + rows, mask=row_ok, other=0)
     out = (tl.program_id(1).to(tl.int64) * B + rows) * G
     for g in range(0, G):
@@ -326,15 +323,13 @@ def nested_prefix_loss_forward(
     device = x.device
     block_b, block_d = _blocks()
     grid = (triton.cdiv(B, block_b), triton.cdiv(d, block_d))
-    xc, bias = x.contiguous(), b_dec.contiguous()
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
     resid = torch.empty(G, B, d, dtype=torch.float32, device=device)
-    launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
-                xc, bias, walk.latent, walk.value, walk.group, W_dec.contiguous(), x_hat, resid,
-                B, k, d, G, BLOCK_B=block_b, BLOCK_D=block_d)
     partial = torch.empty(grid[1], B, G, dtype=torch.float32, device=device)
-    _norms_kernel[grid](xc, bias, walk.present, resid, partial, B, d, G, BLOCK_B=block_b,
-                        BLOCK_D=block_d, num_warps=_ELEMENTWISE_WARPS)
+    launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
+                x.contiguous(), b_dec.contiguous(), walk.latent, walk.value, walk.group,
+                walk.present, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
+                BLOCK_B=block_b, BLOCK_D=block_d)
     means = partial.double().sum(0).sum(0) / B
     weights = _on_device(prefix_weights, torch.float64, device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
