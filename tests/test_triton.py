@@ -298,6 +298,18 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, grad_path, seed, poiso
                                          TOLERANCE[dtype])
 
 
+def test_nested_forward_walk_gives_the_same_bits_with_64_bit_offsets(monkeypatch, seed):
+    """The forward walk's 64-bit W_dec offsets (taken from WIDE_ELEMENTS on) give the bits of
+    its 32-bit ones."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
+    problem = nested_tests.make_problem(5, 32, 130, 8, torch.float32)
+    narrow = nested.nested_prefix_loss_forward(*problem)
+    monkeypatch.setattr(nested, "WIDE_ELEMENTS", 0)
+    for got, want in zip(nested.nested_prefix_loss_forward(*problem), narrow, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_nested_loss_backward_consumes_its_residuals(seed):
     """The Triton backward overwrites the residuals its forward saved with its suffix sums: a
     second backward through the same graph raises instead of using them, and the first

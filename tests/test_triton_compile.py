@@ -85,7 +85,13 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
               "group_ptr": "*i32", "present_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
               "resid_ptr": "*fp32", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
               "G": "i32"},
-             {}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.NESTED_STAGES),
+             {"WIDE": False}, nested_prefix_loss._WARPS, cap, nested_prefix_loss.NESTED_STAGES),
+            ("nested_prefix_loss forward WIDE", nested_prefix_loss._forward_kernel,
+             {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
+              "group_ptr": "*i32", "present_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
+              "resid_ptr": "*fp32", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
+              "G": "i32"},
+             {"WIDE": True}, nested_prefix_loss._WARPS, cap, (1,)),
         ]
         # Every pipelining depth that the autotuner may pick on a GPU, with the launchers'
         # register caps.

@@ -29,12 +29,14 @@ decode's forward does, and walks the k positions with the gathers pipelined at t
 autotuner picks (sparse_decode.autotuned), under the same register cap, holding the residual r
 (float32): before a slot whose group is above the previous slot's, r is the previous group's
 residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r.
-A walk step is the decode's plus a masked store (each row ends at most G groups in k slots). In
-the sm_90 SASS (bfloat16, 8 warps, depth 1) a step is 184 instructions with 4 barriers under
-Triton 3.9 and 190 under 3.6 (the float32 store's layout conversion through shared memory),
-against 236 without a barrier for the earlier walk, which also took every squared norm; stored
-as two bfloat16 parts instead (hi and lo, as the earlier walk kept its residual), 207 without a
-barrier.
+A walk step is the decode's plus a masked store (each row ends at most G groups in k slots).
+The previous slot's group is carried from the last step, and W_dec's offsets are 32-bit
+unless it has 2^31 elements or more. In the sm_90 SASS (bfloat16, 8 warps, depth 1, Triton
+3.6) a step is 156 instructions with 4 barriers (the float32 store's layout conversion through
+shared memory), against 236 without a barrier for the earlier walk, which also took every
+squared norm; 190 with the previous group loaded and 64-bit W_dec offsets. (Stored as two
+bfloat16 parts instead, hi and lo as the earlier walk kept its residual: 207 without a barrier,
+Triton 3.9, before those two changes.)
 
 Norms (the walk's epilogue). After a barrier (other threads of the program stored them), the
 program reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row
@@ -86,10 +88,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
 # The forward walk's warps: over 4 (the decode's), its [32, 128] float32 residual tile spilled
 # 264 bytes at the register cap (sm_90, bfloat16, Triton 3.9); over 8, it spills nothing in the
-# slot loop at depths 1 and 2 (its epilogue, the norms, 56 to 120 bytes). The depths that the
-# autotuner tries (sparse_decode.autotuned):
+# slot loop at depths 1 and 2 (80 to 128 bytes outside it, Triton 3.6 and 3.9). The depths that
+# the autotuner tries (sparse_decode.autotuned):
 _WARPS = 8
 NESTED_STAGES = (1, 2, 3)
+# W_dec sizes (elements) from which the forward walk computes its offsets in 64 bits.
+WIDE_ELEMENTS = 2**31
 # Elements of a suffix program's [rows, d rounded up to a power of two] tile: 32 a thread at
 # 4 warps, and the warps grow with longer rows.
 _SUFFIX_ELEMENTS = 4096
@@ -153,21 +157,25 @@ def _group_at(g, rows, cols, B, d):
 def _forward_kernel(
     x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr,
     partial_ptr, B, k, d, G,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
     walk = rows.to(tl.int64) * k
+    group_rows = B.to(tl.int64) * d  # elements of one group of R
+    prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
         at_q = walk + q
         v = tl.load(value_ptr + at_q, mask=row_ok, other=0.0)
-        i = tl.load(latent_ptr + at_q, mask=row_ok, other=0).to(tl.int64)
+        i = tl.load(latent_ptr + at_q, mask=row_ok, other=0)
+        if WIDE:  # W_dec's offsets need 64 bits (else 32-bit arithmetic, fewer instructions)
+            i = i.to(tl.int64)
         group = tl.load(group_ptr + at_q, mask=row_ok, other=G)
-        # The previous slot's group (G before the first): when lower, r is its residual.
-        prev = tl.load(group_ptr + at_q - 1, mask=row_ok & (rows * 0 + q > 0), other=G)
-        tl.store(resid_ptr + _group_at(prev, rows, cols, B, d), r,
+        # When the previous slot's group is lower, r is its residual.
+        tl.store(resid_ptr + (prev.to(tl.int64) * group_rows)[:, None] + at, r,
                  mask=(prev < group)[:, None] & col_ok[None, :])
+        prev = group
         live = row_ok & (v != 0.0)
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
@@ -329,7 +337,7 @@ def nested_prefix_loss_forward(
     launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
                 x.contiguous(), b_dec.contiguous(), walk.latent, walk.value, walk.group,
                 walk.present, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
-                BLOCK_B=block_b, BLOCK_D=block_d)
+                WIDE=W_dec.numel() >= WIDE_ELEMENTS, BLOCK_B=block_b, BLOCK_D=block_d)
     means = partial.double().sum(0).sum(0) / B
     weights = _on_device(prefix_weights, torch.float64, device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
