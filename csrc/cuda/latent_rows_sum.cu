@@ -11,7 +11,9 @@
 //   grad_W_dec (decode):   coef = values,     src = grad_out  [B, d],     rows = b
 //   grad_W_enc (encode):   coef = grad_pre,   src = x - b_dec [B, d],     rows = b, transposed
 //   grad_W_dec (nested):   coef = -values,    src = S         [G * B, d], rows = g * B + b
-//   with dots, weights = W_dec: the decode's grad_values.
+//   with dots, weights = W_dec: the decode's grad_values, and the Triton nested loss's
+//   grad_W_dec and grad_values (src = S in x's dtype, rows = 2 (g * B + b) for 16-bit x:
+//   each S row fills half of a float32 row of the residuals it overwrote).
 // No atomics: each output element is summed by one lane in a fixed order, so the result is
 // bit-identical run to run, and latents without pairs get zero rows. Pairs whose coefficient
 // is zero are skipped, as on the CPU (accumulate_by_latent).
