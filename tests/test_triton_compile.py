@@ -6,8 +6,9 @@ its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode 
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
 tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
 halves (as the GPU benchmark's sweep runs them); its range merge at the widths it takes; the
-nested loss's plan, forward and backward. The two architectures compile in parallel child
-processes.
+nested loss's plan, forward and backward; and the walks and suffix sums with their sizes
+specialised to 1, as Triton does at launch for an int argument equal to 1. The two
+architectures compile in parallel child processes.
 
 The CPU test session runs Triton interpreted (TRITON_INTERPRET=1, which makes every
 @triton.jit an interpreter object), so the compiles run in a child process without it:
@@ -128,6 +129,14 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                  "idx_ptr": "*i64", "k": "i32", "width": "i32"},
                 {"W_PAD": w_pad}, {"num_warps": topk_encode._merge_warps(w_pad)},
             ))
+    # Triton makes an int argument equal to 1 a constexpr at launch (B = 1, k = 1, d = 1, G = 1):
+    # each kernel compiles with its sizes so specialised too (bfloat16).
+    sizes = ("B", "k", "d", "n", "G")
+    found += [(f"{label} (sizes specialised to 1)", kernel,
+               {name: kind for name, kind in signature.items() if name not in sizes},
+               {**constexprs, **{name: 1 for name in sizes if name in signature}}, options)
+              for label, kernel, signature, constexprs, options in list(found)
+              if "bfloat16" in label and "STAGES=1" in label or "suffix bfloat16" in label]
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,

@@ -163,7 +163,8 @@ def _forward_kernel(
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
     walk = rows.to(tl.int64) * k
-    group_rows = B.to(tl.int64) * d  # elements of one group of R
+    # Elements of one group of R, as a tensor: B or d may be a constexpr 1 (Triton specialises).
+    group_rows = (tl.zeros([BLOCK_B], tl.int64) + B) * d
     prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
         at_q = walk + q
