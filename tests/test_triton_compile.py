@@ -6,7 +6,7 @@ its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode 
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
 tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
 halves (as the GPU benchmark's sweep runs them); its range merge at the widths it takes; the
-nested loss's plan, forward and backward; and the walks and suffix sums with their sizes
+nested loss's plan, forward and backward; and every bfloat16 kernel with its sizes
 specialised to 1, as Triton does at launch for an int argument equal to 1. The two
 architectures compile in parallel child processes.
 
@@ -130,13 +130,18 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                 {"W_PAD": w_pad}, {"num_warps": topk_encode._merge_warps(w_pad)},
             ))
     # Triton makes an int argument equal to 1 a constexpr at launch (B = 1, k = 1, d = 1, G = 1):
-    # each kernel compiles with its sizes so specialised too (bfloat16).
-    sizes = ("B", "k", "d", "n", "G")
-    found += [(f"{label} (sizes specialised to 1)", kernel,
-               {name: kind for name, kind in signature.items() if name not in sizes},
-               {**constexprs, **{name: 1 for name in sizes if name in signature}}, options)
-              for label, kernel, signature, constexprs, options in list(found)
-              if "bfloat16" in label and "STAGES=1" in label or "suffix bfloat16" in label]
+    # each bfloat16 kernel (walks at depth 1) compiles with its sizes so specialised too (with
+    # tensor descriptors only B and k: d and n are multiples of 8 there).
+    specialised = []
+    for label, kernel, signature, constexprs, options in found:
+        if "bfloat16" not in label or any(f"STAGES={s}" in label for s in (2, 3, 4)):
+            continue
+        ones = [name for name in ("B", "k", "d", "n", "G", "width") if name in signature
+                and not (constexprs.get("TMA") and name in ("d", "n"))]
+        specialised.append((f"{label} ({', '.join(ones)} specialised to 1)", kernel,
+                            {name: kind for name, kind in signature.items() if name not in ones},
+                            {**constexprs, **dict.fromkeys(ones, 1)}, options))
+    found += specialised
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
