@@ -42,7 +42,7 @@ FOLDS = {"whole": {}, "halves": {"select_halves": True}}
 
 def without_extension_kernels(monkeypatch) -> None:
     """As where sparsecode._C has no kernels for the device: the sparse gradients, the nested
-    loss's grad_W_dec among them, from plain torch ops."""
+    loss's grad_W_dec and grad_values among them, from plain torch ops."""
     monkeypatch.setattr(sparse_grad, "compiled_kernels", lambda device: None)
     monkeypatch.setattr(nested_module, "compiled_kernels", lambda device: None)
 
@@ -345,8 +345,8 @@ def test_nested_loss_triton_ops_pass_opcheck(seed):
 
 def test_nested_loss_runs_its_walks_where_the_extension_has_no_kernels(monkeypatch, seed):
     """Without the extension's kernels for the device the triton backend still runs its walks,
-    with grad_W_dec from torch ops (sparse_grad.latent_rows_sum), not the dense reference;
-    float64, which the walks do not take, runs as the reference."""
+    with grad_W_dec and grad_values from torch ops (sparse_grad.latent_rows_sum_dots), not the
+    dense reference; float64, which the walks do not take, runs as the reference."""
     without_extension_kernels(monkeypatch)
 
     class NoReference:

@@ -32,7 +32,7 @@ residual, stored to R; after the last slot r goes to R as the last group's, and 
 A walk step is the decode's plus a masked store (each row ends at most G groups in k slots).
 The previous slot's group is carried from the last step, and W_dec's offsets are 32-bit
 unless it has 2^31 elements or more. In the sm_90 SASS (bfloat16, 8 warps, depth 1, Triton
-3.6) a step is 156 instructions with 4 barriers (the float32 store's layout conversion through
+3.6) a step is 159 instructions with 4 barriers (the float32 store's layout conversion through
 shared memory), against 236 without a barrier for the earlier walk, which also took every
 squared norm; 190 with the previous group loaded and 64-bit W_dec offsets. (Stored as two
 bfloat16 parts instead, hi and lo as the earlier walk kept its residual: 207 without a barrier,
@@ -147,10 +147,17 @@ def _tile(B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _group_at(g, rows, cols, B, d):
-    """Offsets in R [G, B, d] of group g's rows `rows` and columns cols (g: a scalar or [rows])."""
-    row = (rows * 0 + g).to(tl.int64) * B + rows
-    return row[:, None] * d + cols[None, :]
+def _group_stride(B, d, BLOCK_B: tl.constexpr):
+    """Elements of one group of R [G, B, d], as an int64 [BLOCK_B] tensor: B or d may be a
+    constexpr 1 (Triton specialises an int argument equal to 1)."""
+    return (tl.zeros([BLOCK_B], tl.int64) + B) * d
+
+
+@triton.jit
+def _group_at(g, at, stride):
+    """Offsets in R of group g at the tile's offsets `at` in [B, d] (g: a scalar or [rows];
+    stride: _group_stride)."""
+    return (g * stride)[:, None] + at
 
 
 @triton.jit
@@ -163,8 +170,7 @@ def _forward_kernel(
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
     walk = rows.to(tl.int64) * k
-    # Elements of one group of R, as a tensor: B or d may be a constexpr 1 (Triton specialises).
-    group_rows = (tl.zeros([BLOCK_B], tl.int64) + B) * d
+    stride = _group_stride(B, d, BLOCK_B)
     prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
         at_q = walk + q
@@ -174,7 +180,7 @@ def _forward_kernel(
             i = i.to(tl.int64)
         group = tl.load(group_ptr + at_q, mask=row_ok, other=G)
         # When the previous slot's group is lower, r is its residual.
-        tl.store(resid_ptr + (prev.to(tl.int64) * group_rows)[:, None] + at, r,
+        tl.store(resid_ptr + _group_at(prev, at, stride), r,
                  mask=(prev < group)[:, None] & col_ok[None, :])
         prev = group
         live = row_ok & (v != 0.0)
@@ -182,7 +188,7 @@ def _forward_kernel(
                     other=0.0).to(tl.float32)
         r -= v[:, None] * w
     last = tl.load(group_ptr + walk + k - 1, mask=row_ok, other=0)
-    tl.store(resid_ptr + _group_at(last, rows, cols, B, d), r, mask=tile)
+    tl.store(resid_ptr + _group_at(last, at, stride), r, mask=tile)
     x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
     tl.store(xhat_ptr + at, (x - r).to(xhat_ptr.dtype.element_ty), mask=tile)
 
@@ -194,7 +200,7 @@ def _forward_kernel(
     out = (tl.program_id(1).to(tl.int64) * B + rows) * G
     for g in range(0, G):
         has = ((present >> g) & 1) != 0
-        g_at = _group_at(g, rows, cols, B, d)
+        g_at = _group_at(g, at, stride)
         r = tl.where(has[:, None],
                      tl.load(resid_ptr + g_at, mask=has[:, None] & col_ok[None, :], other=0.0), r)
         tl.store(resid_ptr + g_at, r, mask=(row_ok & ~has)[:, None] & col_ok[None, :])
@@ -208,11 +214,12 @@ def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GX
     # Other threads of the program read those bytes: every load of R_g is waited for (a
     # barrier) before S_g is stored.
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, D_PAD)
+    stride = _group_stride(B, d, BLOCK_B)
     A = tl.zeros([BLOCK_B, D_PAD], tl.float32)
     if HAS_GXH:
         gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
     for q in range(0, G):
-        g_at = _group_at(G - 1 - q, rows, cols, B, d)
+        g_at = _group_at(G - 1 - q, at, stride)
         A += tl.load(scale_ptr + G - 1 - q) * tl.load(resid_ptr + g_at, mask=tile, other=0.0)
         tl.debug_barrier()
         S = A

@@ -43,8 +43,8 @@ DECODE_STAGES = (1, 2, 3, 4)
 # The walks' register cap for 16-bit inputs: 80 a thread lets 24 warps share an SM (6 programs of
 # 4 warps, 3 of 8). Unbounded, Triton 3.6 (sm_90, bfloat16) gives the decode at depth 3 96
 # registers and the nested loss's earlier forward 97 to 127 and its earlier walk back 80 to 111;
-# capped, they spilled at most 64 bytes (the nested loss's forward walk today: 24 to 104 bytes,
-# nested_prefix_loss.py). float32 tiles, twice the bytes, are not capped (capped at 80 the
+# capped, they spilled at most 64 bytes (the nested loss's forward walk today: none in its slot
+# loop at depths 1 and 2, nested_prefix_loss.py). float32 tiles, twice the bytes, are not capped (capped at 80 the
 # nested loss's earlier walks spilled 88 to 152 bytes).
 WALK_REGISTERS = 80
 # Walks of fewer gathered elements (B * k * d) run at depth 1 untuned: they take microseconds,
@@ -77,8 +77,8 @@ def autotuned(kernel: triton.JITFunction, num_warps: int, max_registers: int | N
     gathers at B=8192, k=64, d=2304 took 0.45 ms on an H100 (5.4 TB/s of L2 reads, near what
     its L2 may deliver, and about what one 512-byte gather in flight per warp at 24 warps an SM
     allows at an L2 latency of some 600 cycles); the nested loss's earlier walks made the same
-    gathers in 1.4 ms. With STAGES = s, Triton's pipeliner copies the rows s - 1 slots ahead into shared
-    memory (cp.async), with a barrier per slot and more registers (or spills under
+    gathers in 1.4 ms. With STAGES = s, Triton's pipeliner copies the rows s - 1 slots ahead
+    into shared memory (cp.async), with a barrier per slot and more registers (or spills under
     max_registers): which depth is fastest depends on the kernel and the GPU. Only the loads
     move, so every depth computes the same bits."""
     if os.environ.get("TRITON_INTERPRET") == "1":
