@@ -459,13 +459,14 @@ def vector_width(d: int, dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (33, 64, 70, 32),
-                                     (300, 16, 40, 2)])
+                                     (300, 16, 40, 2), (200, 24, 9, 3)])
 def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     """out[i] = sum over latent i's pairs of coef * src[row] (plain, transposed with coef_sum,
     and fused with the pairs' dots against weights), with src_rows into a taller src, zero
     coefficients and empty latents; d = 64 and 16 take the vector path in every dtype. Latent 0
     is in every row: at B = 300 its 300 pairs (over kLongSegment, 256) take the pass in which
-    the whole block sums one latent."""
+    the whole block sums one latent; at B = 200 its 200 pairs, and the other latents' 50 or so,
+    span several chunks of 32 pairs in the pass where a warp sums whole latents."""
     indices = random_code(B, n, k)
     indices[:, 0] = 0  # latent 0 in every row: a long segment
     order, offsets = latent_pairs(indices, n)

@@ -58,7 +58,8 @@ cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStrea
 // latent i owns positions offsets[i]..offsets[i+1]-1 of rows/coef (offsets [n + 1]).
 //   out[i] = sum over q of latent i, ascending, of coef[q] * src[rows[q]]     (zero if none)
 // written as out [n, d], or as out [d, n] when transposed. coef_sum (optional, [n]) receives
-// the sum of coef over each latent's positions.
+// the sum of coef over each latent's positions. Rows are below 2^32 and a row of src is under
+// 2^32 bytes (else cudaErrorInvalidConfiguration for the row bytes; the caller checks rows).
 template <typename Src, typename Out>
 cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
@@ -89,8 +90,9 @@ inline int64_t rows_sum_dot_tiles(const T* src, const T* weights, const T* out, 
 // [n, d], also
 //   partial_dots[t, pair_ids[q]] = sum over the columns e of tile t of
 //                                  src[rows[q], e] * weights[i, e]   (q a pair of latent i)
-// for every pair, zero coefficients included. One read of each pair's src row serves both
-// sums of the decode backward (src = grad_out, weights = W_dec: grad_W_dec and grad_values).
+// for every pair, zero coefficients included (num_pairs below 2^31, the limits of
+// latent_rows_sum besides). One read of each pair's src row serves both sums of the decode
+// backward (src = grad_out, weights = W_dec: grad_W_dec and grad_values).
 template <typename T>
 cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                  const int64_t* pair_ids, const Acc<T>* coef, const T* src,

@@ -20,26 +20,35 @@
 //
 // Strategy: a block owns kLatentTile = 32 consecutive latents x 32 * V columns, where V is
 // the number of elements in 16 bytes of src (8 bf16 / fp16, 4 fp32, 2 fp64) when src rows are
-// 16-byte aligned (else V = 1); each of its 8 warps sums 4 latents, a lane holding V
-// consecutive columns that it reads with one vector load per pair. A warp loads 32 pairs'
-// (row, coef) at a time, one per lane, and broadcasts them with shuffles; it then issues the
-// loads of kUnroll pairs before adding any of them, so that several L2 reads are in flight
-// per lane while the sum keeps its ascending pair order. Non-transposed results go straight
+// 16-byte aligned (else V = 1); each of its 8 warps sums 4 consecutive latents, whose pairs are
+// consecutive too, a lane holding V consecutive columns that it reads with one vector load per
+// pair. A warp reads its latents' 5 offsets in one load, then 32 pairs' (row, coef) at a time,
+// one per lane, and broadcasts them with shuffles; the next latent's first 32 pairs are loaded
+// while a latent is summed. It issues the loads of kUnroll pairs before adding any of them,
+// so that several L2 reads are in flight per lane while the sum keeps its ascending pair
+// order. A pair's row is addressed in 32 bits (row index times row bytes, one wide multiply-add:
+// src under 2^32 rows of under 2^32 bytes), and bfloat16 words are widened with one integer
+// instruction an element: per pair and lane, the bf16 sum loop takes 35 instructions (sm_90
+// SASS) and the one with the dots 48, against 58 and 88 with 64-bit rows, their broadcast in
+// two shuffles and each bf16 moved into a register of its own before its conversion. Non-transposed results go straight
 // from registers to out, one vector store per lane; transposed ones go through a
 // [32][32 V + 1] shared tile (each lane writing its V values from its own starting place, so
 // that no two lanes of a store share a bank: with 8-way conflicts these stores alone came to
-// about 0.17 ms of shared-memory cycles at the size below), then each warp stores 32
-// consecutive latents of one column of out. Blocks are numbered latent-tile
-// fastest, so the blocks in flight share one column tile and read only a B x 32 V (or
-// G*B x 32 V) slab of src, a few MB that stays in L2.
+// about 0.17 ms of shared-memory cycles at the size below), then each lane stores its latent of
+// every eighth column, so that a warp stores 32 consecutive latents of one column of out
+// (12.5 instructions an element, against 44 when each element looked up its latent's offsets
+// again). Blocks are numbered latent-tile fastest, so the blocks in flight share one column
+// tile and read only a B x 32 V (or G*B x 32 V) slab of src, a few MB that stays in L2.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64 (s = bytes per element: 2 bf16, 4 fp32):
 // 2 B k d = 2.4 GFLOP. DRAM floor: src once (B d s = 38 MB bf16; the nested S is fp32,
 // G B d 4 = 453 MB at G = 6), out once (n d s = 302 MB bf16), pairs B k 16 (8 MB) and
 // offsets: 0.35 GB bf16 decode / encode: 0.12 ms at 3 TB/s (0.7 GB fp32: 0.23 ms); 0.77 GB
 // for the nested grad_W_dec: 0.26 ms. The B k d src reads (2.4 GB bf16, 4.8 GB for the fp32 S)
-// are served by L2. On an H100 (bf16) a call takes 0.49 ms, 0.68 ms transposed, against 1.10
-// and 1.35 ms with 2-byte loads one pair at a time (about 2.2 TB/s of L2 reads: latency-bound).
+// are served by L2. On an H100 (bf16) a call took 0.53 ms, 0.80 ms transposed and 0.79 ms with
+// the dots (Nsight Compute, before the 32-bit rows and the one-instruction widening), bound by
+// instruction issue (the ALU pipe the busiest); with 2-byte loads one pair at a time, 1.10 and
+// 1.35 ms (about 2.2 TB/s of L2 reads: latency-bound).
 // A latent with more than kLongSegment = 256 pairs (a dense latent, active in many rows) is
 // summed by a second launch in which all 8 warps of a block share its pairs: a latent active in
 // every row of the batch costs about B / 32 sequential steps of 4 pairs, not the B / 4 of one
@@ -50,6 +59,8 @@
 // latent and column tile: n d s, 302 MB bf16), 1.5 shuffles and one 4-byte store per column
 // tile ([tiles, P] fp32, 19 MB bf16), in place of a second gather of the same B k d elements
 // (the Triton grad_values kernel took 0.55 ms on an H100, the sum 0.49 ms).
+#include <type_traits>
+
 #include "device_utils.cuh"
 
 namespace sparsecode::cuda {
@@ -57,72 +68,139 @@ namespace {
 
 constexpr int kLatentTile = 32;
 constexpr int kSegWarps = 8;
+constexpr int kWarpLatents = kLatentTile / kSegWarps;  // consecutive latents a warp sums
 constexpr int kUnroll = 4;  // pairs in flight per lane: one warp_dots4
 constexpr int64_t kLongSegment = 256;  // pairs; a longer latent is summed by the whole block
 
-// Adds the pairs begin..end-1 of one latent, in order, to acc (the lane's V columns of their
-// coef * src rows) and total (their coefs); with kDots also writes each pair's dot with weight
-// (the lane's V columns of the latent's weights row) to partial_dots. Every lane of the warp
-// calls it.
-template <typename Src, bool kDots, int V, typename A>
-__device__ __forceinline__ void sum_pairs(int64_t begin, int64_t end,
-                                          const int64_t* __restrict__ rows,
-                                          const A* __restrict__ coef, const Src* __restrict__ src,
-                                          int64_t d, int64_t c, bool active,
-                                          const A (&weight)[V],
-                                          const int64_t* __restrict__ pair_ids,
-                                          int64_t num_pairs, A* __restrict__ partial_dots,
-                                          int lane, A (&acc)[V], A& total) {
-  for (int64_t q0 = begin; q0 < end; q0 += kWarp) {
-    const int count = static_cast<int>(min64(kWarp, end - q0));
-    long long lane_row = 0;
-    A lane_coef = 0;
-    if (lane < count) {
-      lane_row = rows[q0 + lane];
-      lane_coef = coef[q0 + lane];
+// A lane's V elements of one row as loaded: 16 bytes as four 32-bit words, else a Pack.
+template <typename T, int V>
+using Raw = std::conditional_t<sizeof(T) * V == 16, uint4, Pack<T, V>>;
+
+__device__ __forceinline__ float bits_to_float(uint32_t bits) {
+  float f;
+  memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// raw's V elements in the accumulation type. A 32-bit word of two bfloat16 widens with one
+// integer instruction an element (a shift or a mask); converted one by one, each element took
+// two (a byte permute, then the shift).
+template <typename T, int V>
+__device__ __forceinline__ void widen(const Raw<T, V>& raw, Acc<T> (&out)[V]) {
+  if constexpr (sizeof(T) * V == 16) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        out[2 * w] = bits_to_float(words[w] << 16);
+        out[2 * w + 1] = bits_to_float(words[w] & 0xffff0000u);
+      }
+    } else {
+      Pack<T, V> pack;
+      memcpy(&pack, words, sizeof(pack));
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        out[v] = to_acc(pack.v[v]);
+      }
     }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      out[v] = to_acc(raw.v[v]);
+    }
+  }
+}
+
+// Up to 32 consecutive pairs of the sorted list, one per lane (zero past the end): the src row
+// of each (below 2^32), its coefficient and, for the dots, its flat pair id (below 2^31).
+template <typename A>
+struct PairChunk {
+  uint32_t row = 0;
+  A coef = 0;
+  int32_t id = 0;
+};
+
+template <bool kDots, typename A>
+__device__ __forceinline__ PairChunk<A> load_chunk(int64_t q0, int64_t end,
+                                                   const int64_t* __restrict__ rows,
+                                                   const A* __restrict__ coef,
+                                                   const int64_t* __restrict__ pair_ids,
+                                                   int lane) {
+  PairChunk<A> chunk;
+  if (q0 + lane < end) {
+    chunk.row = static_cast<uint32_t>(rows[q0 + lane]);
+    chunk.coef = coef[q0 + lane];
+    if constexpr (kDots) {
+      chunk.id = static_cast<int32_t>(pair_ids[q0 + lane]);
+    }
+  }
+  return chunk;
+}
+
+// Adds the pairs begin..end-1 of one latent, in order, to acc (the lane's V columns of their
+// coef * src rows) and total (their coefs); chunk holds the pairs from begin on, loaded ahead
+// by the caller. A pair's row r is read at lane_src + r * row_bytes (lane_src: the lane's
+// columns of src row 0). With kDots also writes each pair's dot with weight (the lane's V
+// columns of the latent's weights row) to dots[pair id]; active is false in the lanes past
+// d, whose share of the dots is zero. Every lane of the warp calls it.
+template <typename Src, bool kDots, int V, typename A>
+__device__ __forceinline__ void sum_pairs(int64_t begin, int64_t end, PairChunk<A> chunk,
+                                          const int64_t* __restrict__ rows,
+                                          const A* __restrict__ coef,
+                                          const int64_t* __restrict__ pair_ids,
+                                          const char* lane_src, uint32_t row_bytes, bool active,
+                                          const A (&weight)[V], A* __restrict__ dots, int lane,
+                                          A (&acc)[V], A& total) {
+  for (int64_t q0 = begin; q0 < end; q0 += kWarp) {
+    if (q0 != begin) {
+      chunk = load_chunk<kDots>(q0, end, rows, coef, pair_ids, lane);
+    }
+    const int count = static_cast<int>(min64(kWarp, end - q0));
+    // u0 + u < 32: the lanes from count on hold coefficient 0 and row 0.
     for (int u0 = 0; u0 < count; u0 += kUnroll) {
       A cs[kUnroll];
-      Pack<Src, V> w[kUnroll] = {};
+      Raw<Src, V> w[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const long long r = __shfl_sync(kFullMask, lane_row, (u0 + u) % kWarp);
-        cs[u] = __shfl_sync(kFullMask, lane_coef, (u0 + u) % kWarp);
-        const bool pair = u0 + u < count;
-        if (!pair) {
-          cs[u] = 0;
-        }
+        const uint32_t r = __shfl_sync(kFullMask, chunk.row, u0 + u);
+        cs[u] = __shfl_sync(kFullMask, chunk.coef, u0 + u);
         // A zero coefficient adds nothing and its row is not read (the same for the whole
         // warp): BatchTopK codes carry many. The dots need every pair's row.
-        if (active && (kDots ? pair : cs[u] != A(0))) {
-          w[u] = *reinterpret_cast<const Pack<Src, V>*>(src + r * d + c);
+        if (kDots || cs[u] != A(0)) {
+          w[u] = *reinterpret_cast<const Raw<Src, V>*>(lane_src +
+                                                       static_cast<uint64_t>(r) * row_bytes);
         }
       }
+      A part[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (cs[u] != A(0)) {
+        A x[V];
+        if constexpr (kDots) {
+          widen<Src, V>(w[u], x);
+          part[u] = 0;
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            acc[v] += cs[u] * to_acc(w[u].v[v]);
+            part[u] += x[v] * weight[v];
+          }
+          part[u] = active ? part[u] : A(0);
+        }
+        if (cs[u] != A(0)) {
+          if constexpr (!kDots) {
+            widen<Src, V>(w[u], x);
+          }
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            acc[v] += cs[u] * x[v];
           }
           total += cs[u];
         }
       }
       if constexpr (kDots) {
-        A part[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          part[u] = 0;
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            part[u] += to_acc(w[u].v[v]) * weight[v];
-          }
-        }
         const A dot = warp_dots4(part, lane);
         const int u = kept_pair(lane);
+        const int32_t id = __shfl_sync(kFullMask, chunk.id, u0 + u);
         if (lane % 8 == 0 && u0 + u < count) {
-          partial_dots[static_cast<int64_t>(blockIdx.y) * num_pairs + pair_ids[q0 + u0 + u]] =
-              dot;
+          dots[id] = dot;
         }
       }
     }
@@ -132,8 +210,7 @@ __device__ __forceinline__ void sum_pairs(int64_t begin, int64_t end,
 // kDots: also partial_dots[blockIdx.y * num_pairs + pair_ids[q]] = src[rows[q]] . weights[i]
 // over the block's columns, for every pair q of latent i (zero coefficients included).
 // At most 64 registers, so that 4 blocks (32 warps) fit on an SM: the pair loads are L2
-// latency-bound. The sums alone need no more; with the dots ptxas would take 80 (3 blocks) and
-// at 64 keeps two words of the pair-chunk loop's state in local memory (sm_90, bf16).
+// latency-bound.
 // Each call launches the kernel twice. kLongPass false: each warp sums whole latents of its
 // block's tile, those with at most kLongSegment pairs. kLongPass true: the latents with more
 // (dense latents, active in many rows; usually none) are summed by all 8 warps of the block,
@@ -159,21 +236,23 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
   const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kCols;
   const int64_t c = e0 + static_cast<int64_t>(lane) * V;  // this lane's first column
   // With V > 1, d is a multiple of V, so a lane's V columns are all inside or all outside.
+  // Lanes past d read (and drop) columns 0..V-1 instead: every pair's load is then in bounds.
   const bool active = c < d;
-  // Whether this pass sums latent i (< n).
-  auto ours = [&](int64_t i) {
-    return (offsets[i + 1] - offsets[i] > kLongSegment) == kLongPass;
-  };
+  const char* lane_src = reinterpret_cast<const char*>(src + (active ? c : 0));
+  const auto row_bytes = static_cast<uint32_t>(d * static_cast<int64_t>(sizeof(Src)));
+  A* dots = kDots ? partial_dots + static_cast<int64_t>(blockIdx.y) * num_pairs : nullptr;
+  // Whether this pass sums a latent of `length` pairs.
+  auto ours = [](int64_t length) { return (length > kLongSegment) == kLongPass; };
+  // Whether lane's latent, i0 + lane, is ours: the transposed store reads it at the end.
+  const int64_t lane_latent = i0 + lane;
+  const bool lane_ours =
+      lane_latent < n && ours(offsets[lane_latent + 1] - offsets[lane_latent]);
 
-  // The lane's V columns of latent i's weights row (zero without kDots).
+  // The lane's V columns of latent i's weights row (zero without kDots and past d).
   auto load_weight = [&](int64_t i, A (&weight)[V]) {
     if constexpr (kDots) {
       if (active) {
-        const Pack<Src, V> row = *reinterpret_cast<const Pack<Src, V>*>(weights + i * d + c);
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          weight[v] = to_acc(row.v[v]);
-        }
+        widen<Src, V>(*reinterpret_cast<const Raw<Src, V>*>(weights + i * d + c), weight);
       }
     }
   };
@@ -191,53 +270,64 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
       for (int v = 0; v < V; ++v) {
         tile[t][lane * V + (v + r) % V] = acc[v];
       }
-    } else if (i < n && active) {
+    } else if (active) {
       store_pack<Out, V>(out + i * d + c, acc);
     }
-    if (coef_sum != nullptr && blockIdx.y == 0 && lane == 0 && i < n) {
+    if (coef_sum != nullptr && blockIdx.y == 0 && lane == 0) {
       coef_sum[i] = from_acc<Out>(total);
     }
   };
 
   if constexpr (!kLongPass) {
-    for (int t = warp; t < kLatentTile; t += kSegWarps) {
-      const int64_t i = i0 + t;
-      A acc[V] = {};
-      A total = 0;
-      if (i < n) {
-        if (!ours(i)) {
-          continue;
-        }
+    // The warp's latents first .. first + kWarpLatents - 1 own consecutive pairs: latent
+    // first + j those from bound(j) to bound(j + 1), with the offsets read in one load.
+    const int64_t first = i0 + warp * kWarpLatents;
+    const int64_t lane_bound = lane <= kWarpLatents ? offsets[min64(first + lane, n)] : 0;
+    auto bound = [&](int j) { return __shfl_sync(kFullMask, lane_bound, j); };
+    int64_t begin = bound(0);
+    PairChunk<A> next = load_chunk<kDots>(begin, bound(1), rows, coef, pair_ids, lane);
+    for (int j = 0; j < kWarpLatents; ++j) {
+      const int64_t i = first + j;
+      const int64_t end = bound(j + 1);
+      const PairChunk<A> chunk = next;
+      if (j + 1 < kWarpLatents) {
+        // The next latent's first pairs, loaded while this one is summed.
+        next = load_chunk<kDots>(end, bound(j + 2), rows, coef, pair_ids, lane);
+      }
+      if (i < n && ours(end - begin)) {
+        A acc[V] = {};
+        A total = 0;
         A weight[V] = {};
         load_weight(i, weight);
-        sum_pairs<Src, kDots>(offsets[i], offsets[i + 1], rows, coef, src, d, c, active, weight,
-                              pair_ids, num_pairs, partial_dots, lane, acc, total);
+        sum_pairs<Src, kDots>(begin, end, chunk, rows, coef, pair_ids, lane_src, row_bytes,
+                              active, weight, dots, lane, acc, total);
+        finish(warp * kWarpLatents + j, acc, total);
       }
-      finish(t, acc, total);
+      begin = end;
     }
   } else {
     // Most tiles have no dense latent: one look at the tile's offsets, and the block is done.
     // (Without it, this launch cost 0.17 ms on an H100 with no dense latent to sum: each of the
     // grid's 18 k blocks read its 32 latents' offsets one after another.)
-    const int64_t mine = i0 + lane;
-    if (__ballot_sync(kFullMask,
-                      mine < n && offsets[mine + 1] - offsets[mine] > kLongSegment) == 0) {
+    if (__ballot_sync(kFullMask, lane_ours) == 0) {
       return;  // the same in every warp of the block
     }
     for (int t = 0; t < kLatentTile && i0 + t < n; ++t) {  // the same for the whole block
       const int64_t i = i0 + t;
-      if (!ours(i)) {
-        continue;
-      }
       const int64_t begin = offsets[i];
       const int64_t length = offsets[i + 1] - begin;
+      if (!ours(length)) {
+        continue;
+      }
       A acc[V] = {};
       A total = 0;
       A weight[V] = {};
       load_weight(i, weight);
-      sum_pairs<Src, kDots>(begin + length * warp / kSegWarps,
-                            begin + length * (warp + 1) / kSegWarps, rows, coef, src, d, c,
-                            active, weight, pair_ids, num_pairs, partial_dots, lane, acc, total);
+      const int64_t b = begin + length * warp / kSegWarps;
+      const int64_t e = begin + length * (warp + 1) / kSegWarps;
+      sum_pairs<Src, kDots>(b, e, load_chunk<kDots>(b, e, rows, coef, pair_ids, lane), rows,
+                            coef, pair_ids, lane_src, row_bytes, active, weight, dots, lane,
+                            acc, total);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         split[warp][lane * V + v] = acc[v];
@@ -265,18 +355,22 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
     }
   }
   if constexpr (kTransposed) {
+    // Lane l stores latent i0 + l of the columns warp, warp + 8, ...: out[e, i0 + l], 32
+    // consecutive latents of one column a warp; tile[l][col] is in bank (l + col) % 32.
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kLatentTile * kCols; idx += blockDim.x) {
-      const int col = idx / kLatentTile;
-      const int t = idx % kLatentTile;
-      const int64_t e = e0 + col;
-      const int64_t i = i0 + t;
-      if (e < d && i < n && ours(i)) {
-        out[e * n + i] = from_acc<Out>(tile[t][col]);
+    int64_t at = (e0 + warp) * n + lane_latent;
+#pragma unroll 4
+    for (int col = warp; col < kCols; col += kSegWarps, at += kSegWarps * n) {
+      if (lane_ours && e0 + col < d) {
+        out[at] = from_acc<Out>(tile[lane][col]);
       }
     }
   }
 }
+
+// Whether a row of d elements of `bytes` each is under 2^32 bytes (a pair's row is addressed
+// in 32 bits).
+bool rows_addressable(int64_t d, int64_t bytes) { return d * bytes < (int64_t(1) << 32); }
 
 // The grid: latent tiles x column tiles (at least one, so that coef_sum is written even when
 // d = 0); false when it is too large for CUDA.
@@ -299,7 +393,7 @@ cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
   if (n == 0) {
     return cudaSuccess;
   }
-  if (!segment_grid(n, d, V, &grid)) {
+  if (!rows_addressable(d, sizeof(Src)) || !segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
   for (const auto kernel :
@@ -323,7 +417,8 @@ cudaError_t launch_latent_rows_sum_dots(const int64_t* offsets, const int64_t* r
   if (n == 0 || d == 0) {
     return cudaSuccess;
   }
-  if (!segment_grid(n, d, V, &grid)) {
+  if (!rows_addressable(d, sizeof(T)) || num_pairs >= (int64_t(1) << 31) ||
+      !segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
   for (const auto kernel : {latent_rows_sum_kernel<T, T, false, true, false, V>,

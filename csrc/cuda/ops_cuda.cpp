@@ -153,12 +153,22 @@ LatentCsr group_by_latent(const at::Tensor& flat_indices, int64_t n) {
   return {offsets, order};
 }
 
+// The per-latent sums address a pair's row of src in 32 bits: its index and the row's bytes.
+void check_rows_sum_sizes(const at::Tensor& src) {
+  constexpr int64_t kLimit = int64_t(1) << 32;
+  TORCH_CHECK(src.size(0) < kLimit && src.size(1) * src.element_size() < kLimit,
+              "the CUDA per-latent sums need src (the rows they gather) under 2^32 rows of under "
+              "2^32 bytes each, got ", src.sizes(), " of ", src.scalar_type(),
+              "; split the batch into smaller ones");
+}
+
 // out [n, d] (or [d, n] when transposed) = per latent, sum of coef[p] * src[src_rows[p]] over
 // its pairs p; coef [P] in the accumulation dtype, src_rows [P] int64, src [*, d].
 template <typename Src, typename Out>
 void sum_rows_by_latent(const LatentCsr& csr, const at::Tensor& coef, const at::Tensor& src_rows,
                         const at::Tensor& src, int64_t n, int64_t d, bool transposed,
                         at::Tensor& result, at::Tensor* coef_sum) {
+  check_rows_sum_sizes(src);
   const at::Tensor coef_sorted = coef.index_select(0, csr.order);
   const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
   const cudaError_t launched = kernels::latent_rows_sum<Src, Out>(
@@ -175,6 +185,9 @@ void sum_rows_and_dots(const LatentCsr& csr, const at::Tensor& coef, const at::T
                        const at::Tensor& src, const at::Tensor& weights, int64_t n, int64_t d,
                        at::Tensor& result, at::Tensor& dots) {
   const int64_t P = coef.numel();
+  check_rows_sum_sizes(src);
+  TORCH_CHECK(P < (int64_t(1) << 31), "the CUDA per-latent sums with dots need fewer than 2^31 "
+              "(row, latent) pairs, got ", P, "; split the batch into smaller ones");
   const at::Tensor coef_sorted = coef.index_select(0, csr.order);
   const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
   const int64_t tiles =
