@@ -16,8 +16,8 @@ import torch
 
 from gpu_profile import K, PREFIX_SIZES, PREFIX_WEIGHTS, problem
 from sparsecode import ops, sparse_grad
-from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_backward,
-                                                          nested_prefix_loss_forward)
+from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
+                                                          nested_prefix_loss_suffix_sums)
 from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
 from sparsecode.triton_kernels.topk_encode import topk_encode_forward
 
@@ -37,7 +37,7 @@ def main() -> None:
     with torch.no_grad():
         resid = nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
                                            PREFIX_WEIGHTS, stages=NESTED_STAGES)[3]
-        nested_prefix_loss_backward(
+        nested_prefix_loss_suffix_sums(
             torch.ones((), device=dev), torch.zeros(len(PREFIX_SIZES), device=dev), None,
             values, indices, W_dec, PREFIX_SIZES, PREFIX_WEIGHTS, resid)
     torch.cuda.synchronize()

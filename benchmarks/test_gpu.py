@@ -550,10 +550,11 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
     # The Triton walk at the depth the autotuner picks (the rows above) against depth 1, and the
-    # backward alone. Each backward overwrites the residuals it reads with its suffix sums, so
-    # the timed runs after the first start from those: the same work on other numbers.
-    from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_backward,
-                                                              nested_prefix_loss_forward)
+    # backward alone: its suffix sums, then its pass over the pairs (the op's autograd formula
+    # frees the residuals between the two; here they are kept for the next run).
+    from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
+                                                              nested_prefix_loss_pair_grads,
+                                                              nested_prefix_loss_suffix_sums)
 
     with torch.no_grad():
         report.time("nested_prefix_loss forward: triton, STAGES=1",
@@ -563,10 +564,15 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
                                            PREFIX_WEIGHTS)[3]
         grad_loss = torch.ones((), device=DEVICE)
         grad_prefix_losses = torch.zeros(len(PREFIX_SIZES), device=DEVICE)
-        report.time("nested_prefix_loss backward: triton",
-                    lambda: nested_prefix_loss_backward(
-                        grad_loss, grad_prefix_losses, None, p.values, p.indices, W_dec,
-                        PREFIX_SIZES, PREFIX_WEIGHTS, resid))
+
+        def backward() -> tuple[Tensor, ...]:
+            S, grad_x = nested_prefix_loss_suffix_sums(
+                grad_loss, grad_prefix_losses, None, p.values, p.indices, W_dec, PREFIX_SIZES,
+                PREFIX_WEIGHTS, resid)
+            return nested_prefix_loss_pair_grads(S, grad_x, None, p.values, p.indices, W_dec,
+                                                 PREFIX_SIZES)
+
+        report.time("nested_prefix_loss backward: triton", backward)
         del resid
     from sparsecode.triton_kernels.sparse_decode import picked_depths
 

@@ -8,9 +8,9 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
-on the ``triton`` backend every prefix's residual, [G, B, d] in float32, which the backward
-overwrites with the suffix sums it makes from them (so a second backward through the same graph
-fails autograd's check that saved tensors are unchanged); on the ``cuda`` backend the residual
+on the ``triton`` backend every prefix's residual, [G, B, d] in float32, whose memory the
+backward frees once it has made the suffix sums from them (so a second backward through the same
+graph raises; traced by torch.compile, the backward keeps them); on the ``cuda`` backend the residual
 x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward walks
 back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again). The
 ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32, bfloat16
@@ -102,18 +102,30 @@ def _nested_prefix_loss_backward(
     )
 
 
-@torch.library.custom_op("sparsecode::nested_prefix_loss_backward_triton",
-                         mutates_args=("resid",))
-def _nested_prefix_loss_backward_triton(
+@torch.library.custom_op("sparsecode::nested_prefix_loss_suffix_triton", mutates_args=())
+def _nested_prefix_loss_suffix_triton(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
     indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float], resid: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The Triton backward, which overwrites the forward's residuals resid [G, B, d] with S."""
-    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_backward
+) -> tuple[Tensor, Tensor]:
+    """The Triton backward's first half: (S [G, B, d], grad_x [B, d]) from the forward's
+    residuals resid [G, B, d]."""
+    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_suffix_sums
 
-    return nested_prefix_loss_backward(grad_loss, grad_prefix_losses, grad_x_hat, values,
-                                       indices, W_dec, prefix_sizes, prefix_weights, resid)
+    return nested_prefix_loss_suffix_sums(grad_loss, grad_prefix_losses, grad_x_hat, values,
+                                          indices, W_dec, prefix_sizes, prefix_weights, resid)
+
+
+@torch.library.custom_op("sparsecode::nested_prefix_loss_pair_grads_triton", mutates_args=())
+def _nested_prefix_loss_pair_grads_triton(
+    S: Tensor, grad_x: Tensor, grad_x_hat: Tensor | None, values: Tensor, indices: Tensor,
+    W_dec: Tensor, prefix_sizes: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton backward's second half: (grad_values, grad_W_dec, grad_b_dec) from S."""
+    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_pair_grads
+
+    return nested_prefix_loss_pair_grads(S, grad_x, grad_x_hat, values, indices, W_dec,
+                                         prefix_sizes)
 
 
 @_nested_prefix_loss_backward.register_fake
@@ -127,31 +139,61 @@ def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_de
     )
 
 
-@_nested_prefix_loss_backward_triton.register_fake
+@_nested_prefix_loss_suffix_triton.register_fake
 def _(grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, prefix_sizes,
       prefix_weights, resid):
-    B, d = resid.shape[1:]
-    return (values.new_empty(B, d), torch.empty_like(values), torch.empty_like(W_dec),
-            values.new_empty(d))
+    G, B, d = resid.shape
+    return values.new_empty(G, B, d), values.new_empty(B, d)
+
+
+@_nested_prefix_loss_pair_grads_triton.register_fake
+def _(S, grad_x, grad_x_hat, values, indices, W_dec, prefix_sizes):
+    return torch.empty_like(values), torch.empty_like(W_dec), values.new_empty(S.shape[2])
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend = inputs
     resid = output[3]
     ctx.mark_non_differentiable(resid)
+    # Outputs without a gradient get None, not zeros: resid's would be as large as resid (the
+    # triton backend's [G, B, d] float32), and x_hat's, unused by a loss, a [B, d] pass.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, values, indices, W_dec, b_dec, resid)
     ctx.prefix_sizes = prefix_sizes
     ctx.prefix_weights = prefix_weights
     ctx.backend = backend
+    ctx.resid_freed = False
 
 
-def _backward(ctx, grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None,
-              _grad_resid: Tensor | None):
+def _free(resid: Tensor) -> bool:
+    """Frees the memory of the saved residuals resid (eager tensors only; a traced backward,
+    whose tensors are fakes, keeps them); returns whether it did."""
+    if type(resid) is not Tensor:
+        return False
+    resid.untyped_storage().resize_(0)
+    return True
+
+
+def _backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor | None,
+              grad_x_hat: Tensor | None, _grad_resid: Tensor | None):
     x, values, indices, W_dec, b_dec, resid = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = x.new_zeros(())
+    if grad_prefix_losses is None:
+        grad_prefix_losses = x.new_zeros(len(ctx.prefix_sizes))
     if _walks_in_triton(x, ctx.backend):
-        grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward_triton(
+        if ctx.resid_freed:
+            raise RuntimeError(
+                "the triton backend's nested_prefix_loss frees the residuals its forward saved "
+                "in its first backward, so it cannot run backward through the same graph twice "
+                "(retain_graph=True); run the forward again, or use backend='cuda' or 'cpp'")
+        S, grad_x = _nested_prefix_loss_suffix_triton(
             grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
             ctx.prefix_weights, resid)
+        # R [G, B, d] float32 is the backward's largest tensor: gone before grad_W_dec is made.
+        ctx.resid_freed = _free(resid)
+        grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_pair_grads_triton(
+            S, grad_x, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes)
     else:
         grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,

@@ -256,7 +256,7 @@ def test_decode_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
 def test_walks_through_the_autotuner_match_the_direct_launch(monkeypatch, seed):
     """Walks as large ones launch them, through the autotuner (one depth when interpreted), give
     the bits of the direct launch at depth 1: the decode, grad_values and the nested loss's
-    forward (and the backward from its residuals, which it overwrites with S)."""
+    forward (and the backward from its residuals)."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
     from sparsecode.triton_kernels import sparse_decode as decode
 
@@ -267,8 +267,10 @@ def test_walks_through_the_autotuner_match_the_direct_launch(monkeypatch, seed):
     def outputs(stages: int | None) -> list[torch.Tensor]:
         forward = nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes,
                                                     weights, stages=stages)
-        backward = nested.nested_prefix_loss_backward(
+        S, grad_x = nested.nested_prefix_loss_suffix_sums(
             grad_loss, grad_prefix_losses, x, values, indices, W_dec, sizes, weights, forward[3])
+        backward = [S, grad_x, *nested.nested_prefix_loss_pair_grads(S, grad_x, x, values,
+                                                                     indices, W_dec, sizes)]
         return [decode.sparse_decode_forward(values, indices, W_dec, b_dec, stages=stages),
                 decode.sparse_decode_grad_values(x, indices, W_dec, stages=stages),
                 *forward, *backward]
@@ -310,37 +312,71 @@ def test_nested_forward_walk_gives_the_same_bits_with_64_bit_offsets(monkeypatch
         assert torch.equal(got, want)
 
 
-def test_nested_loss_backward_consumes_its_residuals(seed):
-    """The Triton backward overwrites the residuals its forward saved with its suffix sums: a
-    second backward through the same graph raises instead of using them, and the first
-    backward's gradients match a fresh graph's."""
+def test_nested_loss_backward_frees_its_residuals(seed):
+    """The Triton backward frees the residuals its forward saved once it has made its suffix
+    sums from them (so that they and grad_W_dec are never held at once): a second backward
+    through the same graph raises instead of reading freed memory, and the first backward's
+    gradients match a fresh graph's."""
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
         5, 32, 130, 8, torch.float32)
     W_dec.requires_grad_()
-    loss, prefix_losses, _ = nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec,
-                                                           sizes, weights, backend="triton")
+    loss, prefix_losses, _, resid = torch.ops.sparsecode.nested_prefix_loss(
+        x, values, indices, W_dec, b_dec, sizes, weights, "triton")
+    assert resid.untyped_storage().nbytes() == resid.numel() * 4
     (first,) = torch.autograd.grad(prefix_losses[0], W_dec, retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    assert resid.untyped_storage().nbytes() == 0
+    with pytest.raises(RuntimeError, match="cannot run backward through the same graph twice"):
         torch.autograd.grad(loss, W_dec)
     again = nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
                                           backend="triton")[1]
     assert torch.equal(torch.autograd.grad(again[0], W_dec)[0], first)
 
 
+def test_nested_loss_backward_never_holds_the_residuals_and_grad_W_dec(monkeypatch, seed):
+    """The residuals R [G, B, d] (float32) are freed before the pass over the pairs allocates
+    grad_W_dec, and outputs without a gradient get none rather than zeros (resid's would be as
+    large as R; x_hat's, unused by the loss, reaches the backward as None)."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
+        5, 32, 130, 8, torch.float32)
+    W_dec.requires_grad_()
+    seen = {}
+    suffix_sums, pair_sums = nested.nested_prefix_loss_suffix_sums, nested.latent_rows_sum_dots
+
+    def spy_suffix(*args):
+        seen["grad_x_hat"] = args[2]
+        return suffix_sums(*args)
+
+    def spy_pairs(*args):
+        seen["resid bytes"] = resid.untyped_storage().nbytes()
+        return pair_sums(*args)
+
+    monkeypatch.setattr(nested, "nested_prefix_loss_suffix_sums", spy_suffix)
+    monkeypatch.setattr(nested, "latent_rows_sum_dots", spy_pairs)
+    loss, _, _, resid = torch.ops.sparsecode.nested_prefix_loss(
+        x, values, indices, W_dec, b_dec, sizes, weights, "triton")
+    loss.backward()
+    assert seen == {"grad_x_hat": None, "resid bytes": 0}
+
+
 def test_nested_loss_triton_ops_pass_opcheck(seed):
-    """torch.library.opcheck of the triton forward and of the backward that overwrites the
-    forward's residuals (a mutation its schema declares), with and without grad_x_hat: schemas,
-    fake tensors and tracing agree with what the ops do."""
+    """torch.library.opcheck of the triton forward and of the backward's two halves, with and
+    without grad_x_hat: schemas, fake tensors and tracing agree with what the ops do."""
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
         6, 5, 14, 3, torch.float32)
     torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss.default,
                           (x, values, indices, W_dec, b_dec, sizes, weights, "triton"))
+    resid = torch.ops.sparsecode.nested_prefix_loss.default(
+        x, values, indices, W_dec, b_dec, sizes, weights, "triton")[3]
     for grad_x_hat in (None, torch.randn_like(x)):
-        resid = torch.ops.sparsecode.nested_prefix_loss.default(
-            x, values, indices, W_dec, b_dec, sizes, weights, "triton")[3]
-        torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_backward_triton.default,
-                              (torch.tensor(1.5), torch.rand(len(sizes)), grad_x_hat, values,
-                               indices, W_dec, sizes, weights, resid))
+        suffix = (torch.tensor(1.5), torch.rand(len(sizes)), grad_x_hat, values, indices, W_dec,
+                  sizes, weights, resid)
+        torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_suffix_triton.default,
+                              suffix)
+        S, grad_x = torch.ops.sparsecode.nested_prefix_loss_suffix_triton.default(*suffix)
+        torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_pair_grads_triton.default,
+                              (S, grad_x, grad_x_hat, values, indices, W_dec, sizes))
 
 
 def test_nested_loss_runs_its_walks_where_the_extension_has_no_kernels(monkeypatch, seed):

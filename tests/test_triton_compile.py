@@ -109,8 +109,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                 nested_prefix_loss._suffix_kernel,
                 {"resid_ptr": "*fp32", "s_ptr": f"*{t}", "gxh_ptr": f"*{t}", "scale_ptr": "*fp32",
                  "gx_ptr": f"*{t}", "B": "i32", "d": "i32", "G": "i32"},
-                {"HAS_GXH": has_gxh, "ROW_PARTS": nested_prefix_loss._row_parts(dtype),
-                 "BLOCK_B": 1, "D_PAD": 4096},
+                {"HAS_GXH": has_gxh, "BLOCK_B": 1, "D_PAD": 4096},
                 {"num_warps": 4},
             ))
         found.append((

@@ -47,27 +47,27 @@ the walk, a reduction over the tile's columns at every position, since some row 
 nearly always crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100,
 B=8192, d=2304, k=64, G=6, bf16, 2026-11-27.)
 
-Backward (_suffix_kernel, then one pass over the pairs). A program owns whole rows, and from
-the last group down: A += scale_g R[g], and S_g = A - grad_x_hat, in x's dtype, overwrites the
-first bytes of R[g]'s row (S is R's memory seen as [G * B * parts, d] in x's dtype, parts = 2
-for 16-bit x: row parts * (g * B + b) of S lies in row b of R[g], which only this program
-reads, all of it before a barrier, then writes). So the backward consumes the forward's R: a second
-backward through the same graph fails autograd's check of saved tensors. grad_x = A at the
-end, kept apart from grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own gradient
-in S, and adding it back would lose grad_x's low bits). Then grad_W_dec and grad_values are one
-latent_rows_sum_dots over the pairs with src_rows = parts * (group * B + b)
-(sparse_grad.latent_rows_sum_dots: the extension's kernels, or torch ops where it has none for
-the device), as the sparse decode's backward with its grad_out replaced by S. R is kept in
-float32 because rounded to bfloat16 it lost too much: on random problems at the test shapes the
-worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of the 2e-2 tolerance.
+Backward (_suffix_kernel, then one pass over the pairs). A program owns whole rows and, from
+the last group down, accumulates A += scale_g R[g] and writes S_g = A - grad_x_hat in x's dtype
+to S [G, B, d]; grad_x = A at the end, kept apart from grad_x_hat (an upstream grad_x_hat
+nearly cancels the loss's own gradient in S, and adding it back would lose grad_x's low bits).
+R is then no longer needed: the op's autograd formula (sparsecode.nested_prefix_loss) frees its
+memory before the pass over the pairs allocates grad_W_dec, so that R and grad_W_dec are never
+held at once. Then grad_W_dec and grad_values are one latent_rows_sum_dots over the pairs with
+src_rows = group * B + b (sparse_grad.latent_rows_sum_dots: the extension's kernels, or torch
+ops where it has none for the device), as the sparse decode's backward with its grad_out
+replaced by S. R is kept in float32 because rounded to bfloat16 it lost too much: on random
+problems at the test shapes the worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of
+the 2e-2 tolerance.
 
 Cost. Forward: the decode's 2*B*k*d FLOPs and B*k*d gathered weight elements (each row segment
 contiguous), x read twice, x_hat and G*B*d float32 elements of R written, then the norms
 (2*G*B*d FLOPs; R read back). Backward: 2*G*B*d FLOPs, R read and S written (G*B*d elements
 each), then the decode backward's pass over the pairs (4*B*k*d FLOPs; B*k rows of S gathered,
-n*d written). R, kept from the forward to the backward, is 4*G*B*d bytes (the earlier walk back
-kept 2*B*d elements in x's dtype, wrote S (G*B*d) and the dots' partial sums in its backward, and
-gathered the rows again).
+n*d written). R, kept from the forward to the backward, is 4*G*B*d bytes; at most R and S are
+held at once in the backward, then S and grad_W_dec (the earlier walk back kept 2*B*d elements
+in x's dtype, wrote S (G*B*d) and the dots' partial sums in its backward, and gathered the rows
+again).
 """
 
 from __future__ import annotations
@@ -209,10 +209,7 @@ def _forward_kernel(
 
 @triton.jit
 def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GXH: tl.constexpr,
-                   ROW_PARTS: tl.constexpr, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr):
-    # Whole rows: S_g[b] overwrites the first bytes of R_g[b], which only this program reads.
-    # Other threads of the program read those bytes: every load of R_g is waited for (a
-    # barrier) before S_g is stored.
+                   BLOCK_B: tl.constexpr, D_PAD: tl.constexpr):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, D_PAD)
     stride = _group_stride(B, d, BLOCK_B)
     A = tl.zeros([BLOCK_B, D_PAD], tl.float32)
@@ -221,12 +218,10 @@ def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GX
     for q in range(0, G):
         g_at = _group_at(G - 1 - q, at, stride)
         A += tl.load(scale_ptr + G - 1 - q) * tl.load(resid_ptr + g_at, mask=tile, other=0.0)
-        tl.debug_barrier()
         S = A
         if HAS_GXH:
             S = A - gxh
-        s_at = g_at + (ROW_PARTS - 1) * (g_at - cols[None, :])  # row ROW_PARTS * (g * B + b)
-        tl.store(s_ptr + s_at, S.to(s_ptr.dtype.element_ty), mask=tile)
+        tl.store(s_ptr + g_at, S.to(s_ptr.dtype.element_ty), mask=tile)
     tl.store(gx_ptr + at, A.to(gx_ptr.dtype.element_ty), mask=tile)
 
 
@@ -299,12 +294,6 @@ class _Walk(NamedTuple):
     present: Tensor
 
 
-def _row_parts(dtype: torch.dtype) -> int:
-    """Rows of dtype in a float32 row of R: where S, in dtype, overwrites R, row b of R holds
-    row _row_parts * b of S."""
-    return 4 // torch.empty((), dtype=dtype).element_size()
-
-
 def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk:
     """The walk-ordered slots of checked inputs."""
     B, k = indices.shape
@@ -328,7 +317,8 @@ def nested_prefix_loss_forward(
     """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype, and
     every prefix's residual as resid [G, B, d] (float32): resid[g] = r_g.
 
-    Forward only: nested_prefix_loss_backward is its backward, and consumes R.
+    Forward only: nested_prefix_loss_suffix_sums, then nested_prefix_loss_pair_grads, are its
+    backward.
     stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
     """
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
@@ -351,17 +341,15 @@ def nested_prefix_loss_forward(
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
 
 
-def nested_prefix_loss_backward(
+def nested_prefix_loss_suffix_sums(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
     indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
     resid: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x [B, d], grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d]) of the loss,
-    prefix losses and x_hat of nested_prefix_loss_forward, given the upstream grad_loss [],
-    grad_prefix_losses [G] and grad_x_hat [B, d] (or None), and the forward's residuals
-    resid [G, B, d] (float32), which this overwrites with the suffix sums S in x's dtype (that
-    of values; row g * B + b of S in the first bytes of resid[g, b]). grad_W_dec and
-    grad_values are one pass over the pairs (sparse_grad.latent_rows_sum_dots)."""
+) -> tuple[Tensor, Tensor]:
+    """The first half of nested_prefix_loss_forward's backward: (S [G, B, d], grad_x [B, d]), in
+    x's dtype (that of values), from the upstream grad_loss [], grad_prefix_losses [G] and
+    grad_x_hat [B, d] (or None) and the forward's residuals resid [G, B, d] (float32), which the
+    second half (nested_prefix_loss_pair_grads) does not need."""
     G = len(prefix_sizes)
     if resid.dim() != 3 or resid.shape[0] != G or resid.dtype != torch.float32 \
             or not resid.is_contiguous():
@@ -378,18 +366,30 @@ def nested_prefix_loss_backward(
     scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
              * (2.0 / max(B, 1))).float()  # no rows, no terms: B = 0 scales nothing
     gxh = grad_x_hat.to(values.dtype).contiguous() if grad_x_hat is not None else grad_x
-    parts = _row_parts(values.dtype)
-    S = resid.view(values.dtype).view(G * B * parts, d)
+    S = torch.empty(G, B, d, dtype=values.dtype, device=device)
     d_pad = triton.next_power_of_2(max(d, 1))
     block_b = max(1, _SUFFIX_ELEMENTS // d_pad)
     _suffix_kernel[(triton.cdiv(B, block_b), 1)](
-        resid, S, gxh, scale, grad_x, B, d, G, HAS_GXH=grad_x_hat is not None, ROW_PARTS=parts,
-        BLOCK_B=block_b, D_PAD=d_pad, num_warps=min(32, max(4, block_b * d_pad // 1024)))
-    # Pair (b, j) reads S_{group of its latent}[b]: row parts * (group * B + b) of S.
+        resid, S, gxh, scale, grad_x, B, d, G, HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b,
+        D_PAD=d_pad, num_warps=min(32, max(4, block_b * d_pad // 1024)))
+    return S, grad_x
+
+
+def nested_prefix_loss_pair_grads(
+    S: Tensor, grad_x: Tensor, grad_x_hat: Tensor | None, values: Tensor, indices: Tensor,
+    W_dec: Tensor, prefix_sizes: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The second half of the backward: (grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d])
+    from nested_prefix_loss_suffix_sums's S [G, B, d] and grad_x [B, d] (checked inputs), the
+    first two from one pass over the pairs (sparse_grad.latent_rows_sum_dots)."""
+    G, B, d = S.shape
+    device = values.device
+    # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
     idx = indices.contiguous()
     sizes = _on_device(prefix_sizes, torch.int64, device)
     src_rows = (torch.bucketize(idx, sizes[:-1], right=True) * B
-                + torch.arange(B, device=device)[:, None]) * parts
-    grad_W_dec, dots = latent_rows_sum_dots(-values, idx, S, W_dec, src_rows)
-    grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
-    return grad_x, (-dots).to(values.dtype), grad_W_dec, grad_b_dec
+                + torch.arange(B, device=device)[:, None])
+    grad_W_dec, dots = latent_rows_sum_dots(-values, idx, S.view(G * B, d), W_dec, src_rows)
+    grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else \
+        grad_x_hat.to(values.dtype).sum(0) - grad_x.sum(0)
+    return (-dots).to(values.dtype), grad_W_dec, grad_b_dec
