@@ -135,6 +135,24 @@ def test_public_op_without_reconstruction(B, d, n, k, seed, poisoned):
         assert_close(g, r, 1e-10)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_reconstruction_alone_is_differentiated(backend, seed):
+    """Only x_hat carries a gradient, so the backward gets None for the losses' (the op's context
+    makes no zeros for them): the gradients are the sparse decode's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x, values, indices, W_dec, b_dec, sizes, weights = make_problem(9, 12, 40, 4, torch.float32)
+    inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    x_hat = nested_prefix_loss_and_decode(inputs[0], inputs[1], indices, inputs[2], inputs[3],
+                                          sizes, weights, backend=backend)[2]
+    upstream = torch.randn_like(x_hat)
+    grads = torch.autograd.grad(x_hat, inputs[1:], upstream)
+    ref = reference.sparse_decode(inputs[1], indices, inputs[2], inputs[3])
+    for name, g, r in zip(["values", "W_dec", "b_dec"], grads,
+                          torch.autograd.grad(ref, inputs[1:], upstream)):
+        assert_close(g, r, TOLERANCE[torch.float32], f"grad {name}")
+
+
 def test_unsorted_indices_give_the_same_result(seed):
     x, values, indices, W_dec, b_dec, sizes, weights = make_problem(9, 8, 40, 6, torch.float64)
     perm = torch.randperm(6)
