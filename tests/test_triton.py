@@ -312,6 +312,24 @@ def test_nested_forward_walk_gives_the_same_bits_with_64_bit_offsets(monkeypatch
         assert torch.equal(got, want)
 
 
+def test_nested_suffix_sums_give_the_same_bits_over_any_tiles(monkeypatch, seed):
+    """The suffix sums are elementwise: tiles of 2 rows x 16 columns (several of each, the last
+    ones partial) give the bits of the default tiles (one masked tile at this size)."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
+        5, 33, 40, 4, torch.float32)
+    resid = nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes,
+                                              weights)[3]
+    upstream = (torch.tensor(0.7), torch.rand(len(sizes)), torch.randn_like(x))
+    arguments = (*upstream, values, indices, W_dec, sizes, weights, resid)
+    default = nested.nested_prefix_loss_suffix_sums(*arguments)
+    monkeypatch.setattr(nested, "_SUFFIX_ROWS", 2)
+    monkeypatch.setattr(nested, "_SUFFIX_COLS", 16)
+    for got, want in zip(nested.nested_prefix_loss_suffix_sums(*arguments), default, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_nested_loss_backward_frees_its_residuals(seed):
     """The Triton backward frees the residuals its forward saved once it has made its suffix
     sums from them (so that they and grad_W_dec are never held at once): a second backward

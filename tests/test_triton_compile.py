@@ -102,15 +102,16 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                     {"BLOCK_B": block_b, "BLOCK_D": block_d, **constexprs, "STAGES": depth},
                     {"num_warps": warps, "maxnreg": max_registers},
                 ))
-        # The suffix sums at the benchmark's d_model (2304: rows padded to 4096, one a program).
+        # The suffix sums, with the tiles of a d_model of 256 or more.
         for has_gxh in (False, True):
             found.append((
                 f"nested_prefix_loss suffix {name} HAS_GXH={has_gxh}",
                 nested_prefix_loss._suffix_kernel,
                 {"resid_ptr": "*fp32", "s_ptr": f"*{t}", "gxh_ptr": f"*{t}", "scale_ptr": "*fp32",
                  "gx_ptr": f"*{t}", "B": "i32", "d": "i32", "G": "i32"},
-                {"HAS_GXH": has_gxh, "BLOCK_B": 1, "D_PAD": 4096},
-                {"num_warps": 4},
+                {"HAS_GXH": has_gxh, "BLOCK_B": nested_prefix_loss._SUFFIX_ROWS,
+                 "BLOCK_D": nested_prefix_loss._SUFFIX_COLS},
+                {"num_warps": nested_prefix_loss._SUFFIX_WARPS},
             ))
         found.append((
             f"master_adam {name}", master_adam._master_adam_kernel,

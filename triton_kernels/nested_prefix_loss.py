@@ -47,10 +47,11 @@ the walk, a reduction over the tile's columns at every position, since some row 
 nearly always crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100,
 B=8192, d=2304, k=64, G=6, bf16, 2026-11-27.)
 
-Backward (_suffix_kernel, then one pass over the pairs). A program owns whole rows and, from
-the last group down, accumulates A += scale_g R[g] and writes S_g = A - grad_x_hat in x's dtype
-to S [G, B, d]; grad_x = A at the end, kept apart from grad_x_hat (an upstream grad_x_hat
-nearly cancels the loss's own gradient in S, and adding it back would lose grad_x's low bits).
+Backward (_suffix_kernel, then one pass over the pairs). A program owns a tile of rows and
+columns (16 x 256, 4 warps) and, from the last group down, accumulates A += scale_g R[g] and
+writes S_g = A - grad_x_hat in x's dtype to S [G, B, d]; grad_x = A at the end, kept apart from
+grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own gradient in S, and adding it
+back would lose grad_x's low bits).
 R is then no longer needed: the op's autograd formula (sparsecode.nested_prefix_loss) frees its
 memory before the pass over the pairs allocates grad_W_dec, so that R and grad_W_dec are never
 held at once. Then grad_W_dec and grad_values are one latent_rows_sum_dots over the pairs with
@@ -94,9 +95,9 @@ _WARPS = 8
 NESTED_STAGES = (1, 2, 3)
 # W_dec sizes (elements) from which the forward walk computes its offsets in 64 bits.
 WIDE_ELEMENTS = 2**31
-# Elements of a suffix program's [rows, d rounded up to a power of two] tile: 32 a thread at
-# 4 warps, and the warps grow with longer rows.
-_SUFFIX_ELEMENTS = 4096
+# A suffix program's tile: rows x columns, 32 float32 elements a thread over 4 warps (the
+# benchmark's d_model, 2304, is 9 column tiles, none of them masked).
+_SUFFIX_ROWS, _SUFFIX_COLS, _SUFFIX_WARPS = 16, 256, 4
 
 
 def _plan_rows(k_pad: int) -> int:
@@ -209,10 +210,10 @@ def _forward_kernel(
 
 @triton.jit
 def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GXH: tl.constexpr,
-                   BLOCK_B: tl.constexpr, D_PAD: tl.constexpr):
-    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, D_PAD)
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
     stride = _group_stride(B, d, BLOCK_B)
-    A = tl.zeros([BLOCK_B, D_PAD], tl.float32)
+    A = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     if HAS_GXH:
         gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
     for q in range(0, G):
@@ -367,11 +368,11 @@ def nested_prefix_loss_suffix_sums(
              * (2.0 / max(B, 1))).float()  # no rows, no terms: B = 0 scales nothing
     gxh = grad_x_hat.to(values.dtype).contiguous() if grad_x_hat is not None else grad_x
     S = torch.empty(G, B, d, dtype=values.dtype, device=device)
-    d_pad = triton.next_power_of_2(max(d, 1))
-    block_b = max(1, _SUFFIX_ELEMENTS // d_pad)
-    _suffix_kernel[(triton.cdiv(B, block_b), 1)](
+    block_d = min(_SUFFIX_COLS, triton.next_power_of_2(max(d, 1)))
+    block_b = _SUFFIX_ROWS * _SUFFIX_COLS // block_d
+    _suffix_kernel[(triton.cdiv(B, block_b), triton.cdiv(d, block_d))](
         resid, S, gxh, scale, grad_x, B, d, G, HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b,
-        D_PAD=d_pad, num_warps=min(32, max(4, block_b * d_pad // 1024)))
+        BLOCK_D=block_d, num_warps=_SUFFIX_WARPS)
     return S, grad_x
 
 
