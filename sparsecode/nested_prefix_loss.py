@@ -9,10 +9,10 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
 on the ``triton`` backend every prefix's residual, [G, B, d] in float32, whose memory the
-backward frees once it has made the suffix sums from them (so a second backward through the same
-graph raises; traced by torch.compile, the backward keeps them); on the ``cuda`` backend the residual
-x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward walks
-back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again). The
+backward frees once it has made the suffix sums from them (so a second backward through the
+same graph raises; traced by torch.compile, the backward keeps them); on the ``cuda`` backend
+the residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the
+backward walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again). The
 ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32, bfloat16
 and float16; triton_kernels/nested_prefix_loss.py) and the backward as elementwise suffix sums
 and one pass over the pairs (sparse_grad.latent_rows_sum_dots: the extension's per-latent sums,

@@ -12,33 +12,32 @@
 //   grad_W_enc (encode):   coef = grad_pre,   src = x - b_dec [B, d],     rows = b, transposed
 //   grad_W_dec (nested):   coef = -values,    src = S         [G * B, d], rows = g * B + b
 //   with dots, weights = W_dec: the decode's grad_values, and the Triton nested loss's
-//   grad_W_dec and grad_values (src = S in x's dtype, rows = 2 (g * B + b) for 16-bit x:
-//   each S row fills half of a float32 row of the residuals it overwrote).
+//   grad_W_dec and grad_values (src = S [G * B, d] in x's dtype, rows = g * B + b).
 // No atomics: each output element is summed by one lane in a fixed order, so the result is
 // bit-identical run to run, and latents without pairs get zero rows. Pairs whose coefficient
 // is zero are skipped, as on the CPU (accumulate_by_latent).
 //
-// Strategy: a block owns kLatentTile = 32 consecutive latents x 32 * V columns, where V is
-// the number of elements in 16 bytes of src (8 bf16 / fp16, 4 fp32, 2 fp64) when src rows are
-// 16-byte aligned (else V = 1); each of its 8 warps sums 4 consecutive latents, whose pairs are
-// consecutive too, a lane holding V consecutive columns that it reads with one vector load per
-// pair. A warp reads its latents' 5 offsets in one load, then 32 pairs' (row, coef) at a time,
-// one per lane, and broadcasts them with shuffles; the next latent's first 32 pairs are loaded
-// while a latent is summed. It issues the loads of kUnroll pairs before adding any of them,
-// so that several L2 reads are in flight per lane while the sum keeps its ascending pair
-// order. A pair's row is addressed in 32 bits (row index times row bytes, one wide multiply-add:
-// src under 2^32 rows of under 2^32 bytes), and bfloat16 words are widened with one integer
-// instruction an element: per pair and lane, the bf16 sum loop takes 35 instructions (sm_90
-// SASS) and the one with the dots 48, against 58 and 88 with 64-bit rows, their broadcast in
-// two shuffles and each bf16 moved into a register of its own before its conversion. Non-transposed results go straight
-// from registers to out, one vector store per lane; transposed ones go through a
-// [32][32 V + 1] shared tile (each lane writing its V values from its own starting place, so
-// that no two lanes of a store share a bank: with 8-way conflicts these stores alone came to
-// about 0.17 ms of shared-memory cycles at the size below), then each lane stores its latent of
-// every eighth column, so that a warp stores 32 consecutive latents of one column of out
-// (12.5 instructions an element, against 44 when each element looked up its latent's offsets
-// again). Blocks are numbered latent-tile fastest, so the blocks in flight share one column
-// tile and read only a B x 32 V (or G*B x 32 V) slab of src, a few MB that stays in L2.
+// Strategy: a block owns kLatentTile = 32 consecutive latents x 32 * V columns, where V is the
+// number of elements in 16 bytes of src (8 bf16 / fp16, 4 fp32, 2 fp64) when src rows are 16-byte
+// aligned (else V = 1); each of its 8 warps sums 4 consecutive latents, whose pairs are consecutive
+// too, a lane holding V consecutive columns that it reads with one vector load per pair. A warp
+// reads its latents' 5 offsets in one load, then 32 pairs' (row, coef) at a time, one per lane, and
+// broadcasts them with shuffles; the next latent's first 32 pairs are loaded while a latent is
+// summed. It issues the loads of kUnroll pairs before adding any of them, so that several L2 reads
+// are in flight per lane while the sum keeps its ascending pair order. A pair's row is addressed in
+// 32 bits (row index times row bytes, one wide multiply-add: src under 2^32 rows of under 2^32
+// bytes), and bfloat16 words are widened with one integer instruction an element: per pair and
+// lane, the bf16 sum loop takes 35 instructions (sm_90 SASS) and the one with the dots 48, against
+// 58 and 88 with 64-bit rows, their broadcast in two shuffles and each bf16 moved into a register
+// of its own before its conversion. Non-transposed results go straight from registers to out, one
+// vector store per lane; transposed ones go through a [32][32 V + 1] shared tile (each lane writing
+// its V values from its own starting place, so that no two lanes of a store share a bank: with
+// 8-way conflicts these stores alone came to about 0.17 ms of shared-memory cycles at the size
+// below), then each lane stores its latent of every eighth column, so that a warp stores 32
+// consecutive latents of one column of out (12.5 instructions an element, against 44 when each
+// element looked up its latent's offsets again). Blocks are numbered latent-tile fastest, so the
+// blocks in flight share one column tile and read only a B x 32 V (or G*B x 32 V) slab of src, a
+// few MB that stays in L2.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64 (s = bytes per element: 2 bf16, 4 fp32):
 // 2 B k d = 2.4 GFLOP. DRAM floor: src once (B d s = 38 MB bf16; the nested S is fp32,
