@@ -547,6 +547,21 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     # walks' 3.47 ms).
     report.time("nested_prefix_loss fwd+bwd: triton", nested("triton"))
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
+    # What one forward + backward holds at its peak, beyond what was allocated before it (the
+    # triton backward frees its residuals before it allocates grad_W_dec).
+    def peak_bytes(run: Callable[[], object]) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    for backend in ("triton", "cuda"):
+        label = f"nested_prefix_loss fwd+bwd: {backend}, peak memory above its inputs"
+        peak = report.attempt(label, lambda: peak_bytes(nested(backend)))
+        if peak is not None:
+            report.add(label, f"{peak / GB:.3f} GB")
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
     # The Triton walk at the depth the autotuner picks (the rows above) against depth 1, and the
