@@ -301,8 +301,8 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, grad_path, seed, poiso
 
 
 def test_nested_forward_walk_gives_the_same_bits_with_64_bit_offsets(monkeypatch, seed):
-    """The forward walk's 64-bit W_dec offsets (taken from WIDE_ELEMENTS on) give the bits of
-    its 32-bit ones."""
+    """The forward walk's 64-bit W_dec and R offsets (taken from WIDE_ELEMENTS on) give the
+    bits of its 32-bit ones."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
     problem = nested_tests.make_problem(5, 32, 130, 8, torch.float32)

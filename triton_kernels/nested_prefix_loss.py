@@ -30,13 +30,15 @@ autotuner picks (sparse_decode.autotuned), under the same register cap, holding 
 (float32): before a slot whose group is above the previous slot's, r is the previous group's
 residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r.
 A walk step is the decode's plus a masked store (each row ends at most G groups in k slots).
-The previous slot's group is carried from the last step, and W_dec's offsets are 32-bit
-unless it has 2^31 elements or more. In the sm_90 SASS (bfloat16, 8 warps, depth 1, Triton
-3.6) a step is 159 instructions with 4 barriers (the float32 store's layout conversion through
-shared memory), against 236 without a barrier for the earlier walk, which also took every
-squared norm; 190 with the previous group loaded and 64-bit W_dec offsets. (Stored as two
-bfloat16 parts instead, hi and lo as the earlier walk kept its residual: 207 without a barrier,
-Triton 3.9, before those two changes.)
+The previous slot's group is carried from the last step, and the offsets of W_dec and of R
+are 32-bit unless it has 2^31 elements or more. In the sm_90 SASS (bfloat16, 8 warps, depth 1,
+Triton 3.6) a step is 141 instructions with 4 barriers (the float32 store's layout conversion
+through shared memory), against 236 without a barrier for the earlier walk, which also took
+every squared norm; 159 with 64-bit R offsets, 190 also with the previous group loaded and
+64-bit W_dec offsets. (Stored as two bfloat16 parts instead, hi and lo as the earlier walk kept
+its residual: 207 without a barrier, Triton 3.9, before those changes.) Of the 141: 16
+multiply-adds, 24 bfloat16 widenings and 12 for the layout conversion; the rest are the slots'
+loads (the group twice, once in the store's layout), the addresses and the masked stores.
 
 Norms (the walk's epilogue). After a barrier (other threads of the program stored them), the
 program reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row
@@ -93,7 +95,7 @@ MAX_GROUPS = 16
 # the autotuner tries (sparse_decode.autotuned):
 _WARPS = 8
 NESTED_STAGES = (1, 2, 3)
-# W_dec sizes (elements) from which the forward walk computes its offsets in 64 bits.
+# W_dec and R sizes (elements) from which the forward walk computes their offsets in 64 bits.
 WIDE_ELEMENTS = 2**31
 # A suffix program's tile: rows x columns, 32 float32 elements a thread over 4 warps (the
 # benchmark's d_model, 2304, is 9 column tiles, none of them masked).
@@ -165,13 +167,20 @@ def _group_at(g, at, stride):
 def _forward_kernel(
     x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr,
     partial_ptr, B, k, d, G,
-    WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    WIDE: tl.constexpr, R_WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
     walk = rows.to(tl.int64) * k
     stride = _group_stride(B, d, BLOCK_B)
+    if R_WIDE:  # R's offsets need 64 bits (else the walk's stores take 32-bit ones)
+        walk_at = at
+        walk_stride = stride
+    else:
+        walk_at = rows[:, None] * d + cols[None, :]
+        walk_stride = (tl.zeros([BLOCK_B], tl.int32) + B) * d
     prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
         at_q = walk + q
@@ -181,7 +190,7 @@ def _forward_kernel(
             i = i.to(tl.int64)
         group = tl.load(group_ptr + at_q, mask=row_ok, other=G)
         # When the previous slot's group is lower, r is its residual.
-        tl.store(resid_ptr + _group_at(prev, at, stride), r,
+        tl.store(resid_ptr + _group_at(prev, walk_at, walk_stride), r,
                  mask=(prev < group)[:, None] & col_ok[None, :])
         prev = group
         live = row_ok & (v != 0.0)
@@ -336,7 +345,8 @@ def nested_prefix_loss_forward(
     launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
                 x.contiguous(), b_dec.contiguous(), walk.latent, walk.value, walk.group,
                 walk.present, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
-                WIDE=W_dec.numel() >= WIDE_ELEMENTS, BLOCK_B=block_b, BLOCK_D=block_d)
+                WIDE=W_dec.numel() >= WIDE_ELEMENTS, R_WIDE=resid.numel() >= WIDE_ELEMENTS,
+                BLOCK_B=block_b, BLOCK_D=block_d)
     means = partial.double().sum(0).sum(0) / B
     weights = _on_device(prefix_weights, torch.float64, device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
