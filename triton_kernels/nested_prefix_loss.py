@@ -53,15 +53,14 @@ Backward (_suffix_kernel, then one pass over the pairs). A program owns a tile o
 columns (16 x 256, 4 warps) and, from the last group down, accumulates A += scale_g R[g] and
 writes S_g = A - grad_x_hat in x's dtype to S [G, B, d]; grad_x = A at the end, kept apart from
 grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own gradient in S, and adding it
-back would lose grad_x's low bits).
-R is then no longer needed: the op's autograd formula (sparsecode.nested_prefix_loss) frees its
-memory before the pass over the pairs allocates grad_W_dec, so that R and grad_W_dec are never
-held at once. Then grad_W_dec and grad_values are one latent_rows_sum_dots over the pairs with
-src_rows = group * B + b (sparse_grad.latent_rows_sum_dots: the extension's kernels, or torch
-ops where it has none for the device), as the sparse decode's backward with its grad_out
-replaced by S. R is kept in float32 because rounded to bfloat16 it lost too much: on random
-problems at the test shapes the worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of
-the 2e-2 tolerance.
+back would lose grad_x's low bits). R is then no longer needed: the op's autograd formula
+(sparsecode.nested_prefix_loss) frees its memory before the pass over the pairs allocates
+grad_W_dec, so that R and grad_W_dec are never held at once. Then grad_W_dec and grad_values are
+one latent_rows_sum_dots over the pairs with src_rows = group * B + b
+(sparse_grad.latent_rows_sum_dots: the extension's kernels, or torch ops where it has none for
+the device), as the sparse decode's backward with its grad_out replaced by S. R is kept in
+float32 because rounded to bfloat16 it lost too much: on random problems at the test shapes the
+worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of the 2e-2 tolerance.
 
 Cost. Forward: the decode's 2*B*k*d FLOPs and B*k*d gathered weight elements (each row segment
 contiguous), x read twice, x_hat and G*B*d float32 elements of R written, then the norms
