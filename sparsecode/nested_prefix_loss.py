@@ -170,6 +170,8 @@ def _free(resid: Tensor) -> bool:
     whose tensors are fakes, keeps them); returns whether it did."""
     if type(resid) is not Tensor:
         return False
+    if resid.is_cuda:  # not reused before the kernels queued on this stream have read it
+        resid.record_stream(torch.cuda.current_stream(resid.device))
     resid.untyped_storage().resize_(0)
     return True
 
