@@ -503,6 +503,22 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     assert_close(partial.double().sum(0), want_dots, tol, "dots")
 
 
+def test_latent_rows_sum_refuses_rows_past_32_bit_addressing(cuda_emulated):
+    """A src row of 2^32 bytes or more, or 2^31 pairs or more for the dots, is refused before
+    any launch (the kernels address a pair's row and its id in 32 bits): the launchers return
+    cudaErrorInvalidConfiguration (9) without reading anything (null pointers here)."""
+    wide = 2**31  # bfloat16 elements: a row of 2^32 bytes
+    entry = cuda_emulated.latent_rows_sum_bf16
+    null = ctypes.c_void_p(None)
+    assert entry(null, null, null, null, ctypes.c_int64(1), ctypes.c_int64(wide), 0, null,
+                 null) == 9
+    dots = cuda_emulated.latent_rows_sum_dots_bf16
+    assert dots(null, null, null, null, null, null, ctypes.c_int64(1), ctypes.c_int64(8),
+                ctypes.c_int64(2**31), null, null) == 9
+    assert dots(null, null, null, null, null, null, ctypes.c_int64(1), ctypes.c_int64(wide),
+                ctypes.c_int64(1), null, null) == 9
+
+
 def test_latent_rows_sum_of_float_rows_into_half(cuda_emulated, seed):
     """The float16 nested loss's grad_W_dec: float32 src (its S) summed into float16 out."""
     B, d, n, k = 9, 36, 50, 4
