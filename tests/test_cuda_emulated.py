@@ -194,10 +194,13 @@ extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
   }                                                                                            \
   extern "C" int latent_rows_sum_##NAME(const int64_t* offsets, const int64_t* rows,           \
                                         const void* coef, const void* src, int64_t n,          \
-                                        int64_t d, int transposed, void* out, void* coef_sum) { \
+                                        int64_t d, int transposed, void* out, void* coef_sum,  \
+                                        const void* bias_weights, void* bias_partial) {        \
     return latent_rows_sum<T, T>(offsets, rows, static_cast<const Acc<T>*>(coef),              \
                                  static_cast<const T*>(src), n, d, transposed != 0,            \
-                                 static_cast<T*>(out), static_cast<T*>(coef_sum), nullptr);    \
+                                 static_cast<T*>(out), static_cast<T*>(coef_sum),              \
+                                 static_cast<const T*>(bias_weights),                          \
+                                 static_cast<Acc<T>*>(bias_partial), nullptr);                 \
   }                                                                                            \
   extern "C" int latent_rows_sum_dots_##NAME(                                                  \
       const int64_t* offsets, const int64_t* rows, const int64_t* pair_ids, const void* coef,  \
@@ -251,7 +254,8 @@ extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* ro
   return latent_rows_sum<float, __half>(offsets, rows, static_cast<const float*>(coef),
                                         static_cast<const float*>(src), n, d, transposed != 0,
                                         static_cast<__half*>(out),
-                                        static_cast<__half*>(coef_sum), nullptr);
+                                        static_cast<__half*>(coef_sum), nullptr, nullptr,
+                                        nullptr);
 }
 
 """
@@ -484,14 +488,21 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
 
     out = poison((n, d), dtype)
     call(cuda_emulated, f"latent_rows_sum_{name}", offsets, rows_sorted, coef_sorted, src, n, d,
-         ctypes.c_int(0), out, None)
+         ctypes.c_int(0), out, None, None, None)
     assert_close(out, want, tol, "out")
 
+    # Transposed, with the product of bias weights [d, n] and the coef sums: one partial a pass
+    # and latent tile, the long latents' pass writing only its tiles (the caller zeroes it).
     out_t, coef_sum = poison((d, n), dtype), poison((n,), dtype)
+    bias_weights = torch.randn(d, n).to(dtype)
+    bias_partial = poison((2, -(-n // 32), d), acc_dtype(dtype))
+    bias_partial[1] = 0.0
     call(cuda_emulated, f"latent_rows_sum_{name}", offsets, rows_sorted, coef_sorted, src, n, d,
-         ctypes.c_int(1), out_t, coef_sum)
+         ctypes.c_int(1), out_t, coef_sum, bias_weights, bias_partial)
     assert_close(out_t, want.t(), tol, "out, transposed")
     assert_close(coef_sum, want_sum, tol, "coef_sum")
+    assert_close(bias_partial.double().sum((0, 1)), bias_weights.double() @ want_sum, tol,
+                 "bias weights @ coef sums")
 
     weights = torch.randn(n, d).to(dtype)
     tiles = -(-d // (32 * vector_width(d, dtype)))
@@ -511,7 +522,7 @@ def test_latent_rows_sum_refuses_rows_past_32_bit_addressing(cuda_emulated):
     entry = cuda_emulated.latent_rows_sum_bf16
     null = ctypes.c_void_p(None)
     assert entry(null, null, null, null, ctypes.c_int64(1), ctypes.c_int64(wide), 0, null,
-                 null) == 9
+                 null, null, null) == 9
     dots = cuda_emulated.latent_rows_sum_dots_bf16
     assert dots(null, null, null, null, null, null, ctypes.c_int64(1), ctypes.c_int64(8),
                 ctypes.c_int64(2**31), null, null) == 9

@@ -60,10 +60,24 @@ cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStrea
 // written as out [n, d], or as out [d, n] when transposed. coef_sum (optional, [n]) receives
 // the sum of coef over each latent's positions. Rows are below 2^32 and a row of src is under
 // 2^32 bytes (else cudaErrorInvalidConfiguration for the row bytes; the caller checks rows).
+// Transposed, with bias_weights [d, n] (optional, laid out as out: the encode's W_enc), also
+//   bias_partial[p, t, e] = sum over the latents i of tile t (kRowsSumLatentTile of them) that
+//                           pass p sums of bias_weights[e, i] * (sum of coef over i's positions)
+// in the accumulation type, bias_partial [2, rows_sum_latent_tiles(n), d]: pass 0 sums the
+// latents of at most 256 positions, pass 1 the longer ones, and writes only the tiles that have
+// one, so the caller zeroes bias_partial[1] first. Its sum over the first two dimensions is
+// bias_weights @ coef_sum in float32: the encode's grad_b_dec is its negation.
 template <typename Src, typename Out>
 cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const Acc<Out>* coef,
                             const Src* src, int64_t n, int64_t d, bool transposed, Out* out,
-                            Out* coef_sum, cudaStream_t stream);
+                            Out* coef_sum, const Src* bias_weights, Acc<Out>* bias_partial,
+                            cudaStream_t stream);
+
+// Latents per block of the per-latent sums, and the latent tiles of n latents.
+constexpr int64_t kRowsSumLatentTile = 32;
+inline int64_t rows_sum_latent_tiles(int64_t n) {
+  return (n + kRowsSumLatentTile - 1) / kRowsSumLatentTile;
+}
 
 // The vector width of the latent sums, whose lanes read elements of element_bytes: the elements
 // in 16 bytes when every one of `pointers` is 16-byte aligned and d is a multiple of that,

@@ -11,7 +11,8 @@
 //                           ties, which keeps the CPU's rule (among equals the lower id wins);
 //                           nonzero() lists them in ascending index order.
 //   topk_encode_backward:   grad_pre = grad_values * [values > 0]; grad_W_enc / grad_b_enc by
-//                           latent_rows_sum (transposed); grad_b_dec = -W_enc @ grad_b_enc;
+//                           latent_rows_sum (transposed), which also gives
+//                           grad_b_dec = -W_enc @ grad_b_enc (float32) from the same pass;
 //                           grad_x = gather of W_enc^T rows, only when need_grad_x.
 //                           W_enc [d, n] holds a latent's weights as a strided column, so grad_x
 //                           first makes W_enc^T [n, d] with the tiled transpose kernel (reads and
@@ -163,19 +164,31 @@ void check_rows_sum_sizes(const at::Tensor& src) {
 }
 
 // out [n, d] (or [d, n] when transposed) = per latent, sum of coef[p] * src[src_rows[p]] over
-// its pairs p; coef [P] in the accumulation dtype, src_rows [P] int64, src [*, d].
+// its pairs p; coef [P] in the accumulation dtype, src_rows [P] int64, src [*, d]. With
+// bias_weights (transposed only: [d, n] contiguous, W_enc), also returns bias_weights @ (the
+// per-latent sums of coef) in the accumulation dtype [d], from the same pass (else undefined).
 template <typename Src, typename Out>
-void sum_rows_by_latent(const LatentCsr& csr, const at::Tensor& coef, const at::Tensor& src_rows,
-                        const at::Tensor& src, int64_t n, int64_t d, bool transposed,
-                        at::Tensor& result, at::Tensor* coef_sum) {
+at::Tensor sum_rows_by_latent(const LatentCsr& csr, const at::Tensor& coef,
+                              const at::Tensor& src_rows, const at::Tensor& src, int64_t n,
+                              int64_t d, bool transposed, at::Tensor& result,
+                              at::Tensor* coef_sum, const at::Tensor* bias_weights = nullptr) {
   check_rows_sum_sizes(src);
   const at::Tensor coef_sorted = coef.index_select(0, csr.order);
   const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
+  at::Tensor bias_partial;
+  if (bias_weights != nullptr) {
+    bias_partial = at::empty({2, kernels::rows_sum_latent_tiles(n), d}, coef.options());
+    bias_partial[1].zero_();  // the pass of long latents writes only the tiles that have one
+  }
   const cudaError_t launched = kernels::latent_rows_sum<Src, Out>(
       in<int64_t>(csr.offsets), in<int64_t>(rows_sorted), in<kernels::Acc<Out>>(coef_sorted),
       in<Src>(src), n, d, transposed, out<Out>(result),
-      coef_sum != nullptr ? out<Out>(*coef_sum) : nullptr, c10::cuda::getCurrentCUDAStream());
+      coef_sum != nullptr ? out<Out>(*coef_sum) : nullptr,
+      bias_weights != nullptr ? in<Src>(*bias_weights) : nullptr,
+      bias_weights != nullptr ? out<kernels::Acc<Out>>(bias_partial) : nullptr,
+      c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(launched);
+  return bias_weights != nullptr ? bias_partial.sum(at::IntArrayRef{0, 1}) : at::Tensor();
 }
 
 // out [n, d] = sum_rows_by_latent's, and dots [P] = each pair's src row . weights row of its
@@ -283,11 +296,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
   at::Tensor grad_W_enc = at::empty({d, n}, x.options());
   at::Tensor grad_b_enc = at::empty({n}, x.options());
   at::Tensor grad_x = at::empty({need_grad_x ? B : 0, d}, x.options());
+  // grad_b_dec = -W_enc @ grad_b_enc, from the pass that sums grad_W_enc (W_enc's tile of each
+  // block against its latents' coef sums, in float32) instead of a second read of W_enc.
+  const at::Tensor W = W_enc.contiguous();
+  at::Tensor W_times_grad_b_enc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_backward_cuda", [&] {
     using T = cuda_t<scalar_t>;
     const LatentCsr csr = group_by_latent(idx.reshape(-1), n);
-    sum_rows_by_latent<T, T>(csr, grad_pre.reshape(-1), pair_rows(B, k, idx.options()), xc, n, d,
-                             /*transposed=*/true, grad_W_enc, &grad_b_enc);
+    W_times_grad_b_enc = sum_rows_by_latent<T, T>(
+        csr, grad_pre.reshape(-1), pair_rows(B, k, idx.options()), xc, n, d,
+        /*transposed=*/true, grad_W_enc, &grad_b_enc, &W);
     if (!need_grad_x) {
       return;
     }
@@ -296,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
                                                in<T>(W_rows), nullptr, B, k, d,
                                                /*skip_zero=*/true, out<T>(grad_x), stream));
   });
-  at::Tensor grad_b_dec = -at::mv(W_enc, grad_b_enc);
+  at::Tensor grad_b_dec = (-W_times_grad_b_enc).to(x.scalar_type());
   return {grad_x, grad_W_enc, grad_b_enc, grad_b_dec};
 }
 
