@@ -32,11 +32,11 @@ residual, stored to R; after the last slot r goes to R as the last group's, and 
 A walk step is the decode's plus a masked store (each row ends at most G groups in k slots).
 The previous slot's group is carried from the last step, and the offsets of W_dec and of R
 are 32-bit unless it has 2^31 elements or more. In the sm_90 SASS (bfloat16, 8 warps, depth 1,
-Triton 3.6) a step is 141 instructions with 4 barriers (the float32 store's layout conversion
+Triton 3.6) a step is 140 instructions with 4 barriers (the float32 store's layout conversion
 through shared memory), against 236 without a barrier for the earlier walk, which also took
 every squared norm; 159 with 64-bit R offsets, 190 also with the previous group loaded and
 64-bit W_dec offsets. (Stored as two bfloat16 parts instead, hi and lo as the earlier walk kept
-its residual: 207 without a barrier, Triton 3.9, before those changes.) Of the 141: 16
+its residual: 207 without a barrier, Triton 3.9, before those changes.) Of the 140: 16
 multiply-adds, 24 bfloat16 widenings and 12 for the layout conversion; the rest are the slots'
 loads (the group twice, once in the store's layout), the addresses and the masked stores.
 
@@ -149,10 +149,10 @@ def _tile(B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _group_stride(B, d, BLOCK_B: tl.constexpr):
-    """Elements of one group of R [G, B, d], as an int64 [BLOCK_B] tensor: B or d may be a
+def _group_stride(B, d, BLOCK_B: tl.constexpr, DTYPE: tl.constexpr = tl.int64):
+    """Elements of one group of R [G, B, d], as a [BLOCK_B] tensor of DTYPE: B or d may be a
     constexpr 1 (Triton specialises an int argument equal to 1)."""
-    return (tl.zeros([BLOCK_B], tl.int64) + B) * d
+    return (tl.zeros([BLOCK_B], DTYPE) + B) * d
 
 
 @triton.jit
@@ -173,13 +173,12 @@ def _forward_kernel(
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
     walk = rows.to(tl.int64) * k
-    stride = _group_stride(B, d, BLOCK_B)
-    if R_WIDE:  # R's offsets need 64 bits (else the walk's stores take 32-bit ones)
-        walk_at = at
-        walk_stride = stride
+    if R_WIDE:  # R's offsets need 64 bits (else 32-bit arithmetic, fewer instructions)
+        r_at = at
+        stride = _group_stride(B, d, BLOCK_B)
     else:
-        walk_at = rows[:, None] * d + cols[None, :]
-        walk_stride = (tl.zeros([BLOCK_B], tl.int32) + B) * d
+        r_at = rows[:, None] * d + cols[None, :]
+        stride = _group_stride(B, d, BLOCK_B, tl.int32)
     prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
         at_q = walk + q
@@ -189,7 +188,7 @@ def _forward_kernel(
             i = i.to(tl.int64)
         group = tl.load(group_ptr + at_q, mask=row_ok, other=G)
         # When the previous slot's group is lower, r is its residual.
-        tl.store(resid_ptr + _group_at(prev, walk_at, walk_stride), r,
+        tl.store(resid_ptr + _group_at(prev, r_at, stride), r,
                  mask=(prev < group)[:, None] & col_ok[None, :])
         prev = group
         live = row_ok & (v != 0.0)
@@ -197,7 +196,7 @@ def _forward_kernel(
                     other=0.0).to(tl.float32)
         r -= v[:, None] * w
     last = tl.load(group_ptr + walk + k - 1, mask=row_ok, other=0)
-    tl.store(resid_ptr + _group_at(last, at, stride), r, mask=tile)
+    tl.store(resid_ptr + _group_at(last, r_at, stride), r, mask=tile)
     x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
     tl.store(xhat_ptr + at, (x - r).to(xhat_ptr.dtype.element_ty), mask=tile)
 
@@ -209,7 +208,7 @@ def _forward_kernel(
     out = (tl.program_id(1).to(tl.int64) * B + rows) * G
     for g in range(0, G):
         has = ((present >> g) & 1) != 0
-        g_at = _group_at(g, at, stride)
+        g_at = _group_at(g, r_at, stride)
         r = tl.where(has[:, None],
                      tl.load(resid_ptr + g_at, mask=has[:, None] & col_ok[None, :], other=0.0), r)
         tl.store(resid_ptr + g_at, r, mask=(row_ok & ~has)[:, None] & col_ok[None, :])
