@@ -581,11 +581,11 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
         grad_prefix_losses = torch.zeros(len(PREFIX_SIZES), device=DEVICE)
 
         def backward() -> tuple[Tensor, ...]:
-            S, grad_x = nested_prefix_loss_suffix_sums(
+            S, grad_x, grad_b_dec = nested_prefix_loss_suffix_sums(
                 grad_loss, grad_prefix_losses, None, p.values, p.indices, W_dec, PREFIX_SIZES,
                 PREFIX_WEIGHTS, resid)
-            return nested_prefix_loss_pair_grads(S, grad_x, None, p.values, p.indices, W_dec,
-                                                 PREFIX_SIZES)
+            return (grad_x, grad_b_dec,
+                    *nested_prefix_loss_pair_grads(S, p.values, p.indices, W_dec, PREFIX_SIZES))
 
         report.time("nested_prefix_loss backward: triton", backward)
         del resid

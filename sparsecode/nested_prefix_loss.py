@@ -107,9 +107,9 @@ def _nested_prefix_loss_suffix_triton(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
     indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float], resid: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """The Triton backward's first half: (S [G, B, d], grad_x [B, d]) from the forward's
-    residuals resid [G, B, d]."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton backward's first half: (S [G, B, d], grad_x [B, d], grad_b_dec [d]) from the
+    forward's residuals resid [G, B, d]."""
     from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_suffix_sums
 
     return nested_prefix_loss_suffix_sums(grad_loss, grad_prefix_losses, grad_x_hat, values,
@@ -118,14 +118,12 @@ def _nested_prefix_loss_suffix_triton(
 
 @torch.library.custom_op("sparsecode::nested_prefix_loss_pair_grads_triton", mutates_args=())
 def _nested_prefix_loss_pair_grads_triton(
-    S: Tensor, grad_x: Tensor, grad_x_hat: Tensor | None, values: Tensor, indices: Tensor,
-    W_dec: Tensor, prefix_sizes: Sequence[int],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton backward's second half: (grad_values, grad_W_dec, grad_b_dec) from S."""
+    S: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """The Triton backward's second half: (grad_values, grad_W_dec) from S."""
     from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_pair_grads
 
-    return nested_prefix_loss_pair_grads(S, grad_x, grad_x_hat, values, indices, W_dec,
-                                         prefix_sizes)
+    return nested_prefix_loss_pair_grads(S, values, indices, W_dec, prefix_sizes)
 
 
 @_nested_prefix_loss_backward.register_fake
@@ -143,12 +141,12 @@ def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_de
 def _(grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, prefix_sizes,
       prefix_weights, resid):
     G, B, d = resid.shape
-    return values.new_empty(G, B, d), values.new_empty(B, d)
+    return values.new_empty(G, B, d), values.new_empty(B, d), values.new_empty(d)
 
 
 @_nested_prefix_loss_pair_grads_triton.register_fake
-def _(S, grad_x, grad_x_hat, values, indices, W_dec, prefix_sizes):
-    return torch.empty_like(values), torch.empty_like(W_dec), values.new_empty(S.shape[2])
+def _(S, values, indices, W_dec, prefix_sizes):
+    return torch.empty_like(values), torch.empty_like(W_dec)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -189,13 +187,13 @@ def _backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor | None,
                 "the triton backend's nested_prefix_loss frees the residuals its forward saved "
                 "in its first backward, so it cannot run backward through the same graph twice "
                 "(retain_graph=True); run the forward again, or use backend='cuda' or 'cpp'")
-        S, grad_x = _nested_prefix_loss_suffix_triton(
+        S, grad_x, grad_b_dec = _nested_prefix_loss_suffix_triton(
             grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
             ctx.prefix_weights, resid)
         # R [G, B, d] float32 is the backward's largest tensor: gone before grad_W_dec is made.
         ctx.resid_freed = _free(resid)
-        grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_pair_grads_triton(
-            S, grad_x, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes)
+        grad_values, grad_W_dec = _nested_prefix_loss_pair_grads_triton(
+            S, values, indices, W_dec, ctx.prefix_sizes)
     else:
         grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,

@@ -267,10 +267,10 @@ def test_walks_through_the_autotuner_match_the_direct_launch(monkeypatch, seed):
     def outputs(stages: int | None) -> list[torch.Tensor]:
         forward = nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes,
                                                     weights, stages=stages)
-        S, grad_x = nested.nested_prefix_loss_suffix_sums(
+        suffix = nested.nested_prefix_loss_suffix_sums(
             grad_loss, grad_prefix_losses, x, values, indices, W_dec, sizes, weights, forward[3])
-        backward = [S, grad_x, *nested.nested_prefix_loss_pair_grads(S, grad_x, x, values,
-                                                                     indices, W_dec, sizes)]
+        backward = [*suffix, *nested.nested_prefix_loss_pair_grads(suffix[0], values, indices,
+                                                                   W_dec, sizes)]
         return [decode.sparse_decode_forward(values, indices, W_dec, b_dec, stages=stages),
                 decode.sparse_decode_grad_values(x, indices, W_dec, stages=stages),
                 *forward, *backward]
@@ -392,9 +392,9 @@ def test_nested_loss_triton_ops_pass_opcheck(seed):
                   sizes, weights, resid)
         torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_suffix_triton.default,
                               suffix)
-        S, grad_x = torch.ops.sparsecode.nested_prefix_loss_suffix_triton.default(*suffix)
+        S = torch.ops.sparsecode.nested_prefix_loss_suffix_triton.default(*suffix)[0]
         torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_pair_grads_triton.default,
-                              (S, grad_x, grad_x_hat, values, indices, W_dec, sizes))
+                              (S, values, indices, W_dec, sizes))
 
 
 def test_nested_loss_runs_its_walks_where_the_extension_has_no_kernels(monkeypatch, seed):

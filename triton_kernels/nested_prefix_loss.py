@@ -354,11 +354,12 @@ def nested_prefix_loss_suffix_sums(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
     indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
     resid: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """The first half of nested_prefix_loss_forward's backward: (S [G, B, d], grad_x [B, d]), in
-    x's dtype (that of values), from the upstream grad_loss [], grad_prefix_losses [G] and
-    grad_x_hat [B, d] (or None) and the forward's residuals resid [G, B, d] (float32), which the
-    second half (nested_prefix_loss_pair_grads) does not need."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first half of nested_prefix_loss_forward's backward: (S [G, B, d], grad_x [B, d],
+    grad_b_dec [d]), in x's dtype (that of values), from the upstream grad_loss [],
+    grad_prefix_losses [G] and grad_x_hat [B, d] (or None) and the forward's residuals
+    resid [G, B, d] (float32), which the second half (nested_prefix_loss_pair_grads) does not
+    need."""
     G = len(prefix_sizes)
     if resid.dim() != 3 or resid.shape[0] != G or resid.dtype != torch.float32 \
             or not resid.is_contiguous():
@@ -381,16 +382,16 @@ def nested_prefix_loss_suffix_sums(
     _suffix_kernel[(triton.cdiv(B, block_b), triton.cdiv(d, block_d))](
         resid, S, gxh, scale, grad_x, B, d, G, HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b,
         BLOCK_D=block_d, num_warps=_SUFFIX_WARPS)
-    return S, grad_x
+    grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
+    return S, grad_x, grad_b_dec
 
 
 def nested_prefix_loss_pair_grads(
-    S: Tensor, grad_x: Tensor, grad_x_hat: Tensor | None, values: Tensor, indices: Tensor,
-    W_dec: Tensor, prefix_sizes: Sequence[int],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The second half of the backward: (grad_values [B, k], grad_W_dec [n, d], grad_b_dec [d])
-    from nested_prefix_loss_suffix_sums's S [G, B, d] and grad_x [B, d] (checked inputs), the
-    first two from one pass over the pairs (sparse_grad.latent_rows_sum_dots)."""
+    S: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """The second half of the backward: (grad_values [B, k], grad_W_dec [n, d]) from
+    nested_prefix_loss_suffix_sums's S [G, B, d] (checked inputs), in one pass over the pairs
+    (sparse_grad.latent_rows_sum_dots)."""
     G, B, d = S.shape
     device = values.device
     # Pair (b, j) reads S_{group of its latent}[b]: row group * B + b of S.
@@ -399,6 +400,4 @@ def nested_prefix_loss_pair_grads(
     src_rows = (torch.bucketize(idx, sizes[:-1], right=True) * B
                 + torch.arange(B, device=device)[:, None])
     grad_W_dec, dots = latent_rows_sum_dots(-values, idx, S.view(G * B, d), W_dec, src_rows)
-    grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else \
-        grad_x_hat.to(values.dtype).sum(0) - grad_x.sum(0)
-    return (-dots).to(values.dtype), grad_W_dec, grad_b_dec
+    return (-dots).to(values.dtype), grad_W_dec
