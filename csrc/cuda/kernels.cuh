@@ -75,7 +75,7 @@ cudaError_t latent_rows_sum(const int64_t* offsets, const int64_t* rows, const A
 
 // Latents per block of the per-latent sums, and the latent tiles of n latents.
 constexpr int64_t kRowsSumLatentTile = 32;
-inline int64_t rows_sum_latent_tiles(int64_t n) {
+__host__ __device__ inline int64_t rows_sum_latent_tiles(int64_t n) {
   return (n + kRowsSumLatentTile - 1) / kRowsSumLatentTile;
 }
 

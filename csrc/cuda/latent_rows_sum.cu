@@ -385,8 +385,8 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
       // A thread per column e: the tile's latents' row segment of bias_weights (contiguous)
       // against their coef sums, in latent order.
       const int latents = static_cast<int>(min64(kLatentTile, n - i0));
-      const int64_t tiles = (n + kLatentTile - 1) / kLatentTile;  // the grid's x
-      A* partial = bias_partial + (static_cast<int64_t>(kLongPass) * tiles + blockIdx.x) * d;
+      A* partial =
+          bias_partial + (kLongPass * rows_sum_latent_tiles(n) + blockIdx.x) * d;  // grid's x
       for (int col = threadIdx.x; col < kCols; col += blockDim.x) {
         const int64_t e = e0 + col;
         if (e < d) {
@@ -409,7 +409,7 @@ bool rows_addressable(int64_t d, int64_t bytes) { return d * bytes < (int64_t(1)
 // The grid: latent tiles x column tiles (at least one, so that coef_sum is written even when
 // d = 0); false when it is too large for CUDA.
 bool segment_grid(int64_t n, int64_t d, int V, dim3* grid) {
-  const int64_t latent_tiles = (n + kLatentTile - 1) / kLatentTile;
+  const int64_t latent_tiles = rows_sum_latent_tiles(n);
   const int64_t col_tiles = d > 0 ? (d + kWarp * V - 1) / (kWarp * V) : 1;
   if (!grid_fits(latent_tiles, col_tiles)) {
     return false;
