@@ -9,18 +9,19 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
 on the ``triton`` backend every prefix's residual, [G, B, d] in float32, whose memory the
-backward frees once it has made the suffix sums from them (so a second backward through the
-same graph raises; traced by torch.compile, the backward keeps them); on the ``cuda`` backend
-the residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the
-backward walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again). The
-``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32, bfloat16
-and float16; triton_kernels/nested_prefix_loss.py) and the backward as elementwise suffix sums
-and one pass over the pairs (sparse_grad.latent_rows_sum_dots: the extension's per-latent sums,
-or torch ops where it has no kernels for the device); other dtypes on the ``triton`` backend run
-as the extension's kernels, or as the reference where it has none. ``auto`` on CUDA tensors
-picks ``triton`` before ``cuda``, as for the other ops: on an H100 (B=8192, d=2304, d_sae=65536,
-k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks (forward, then a walk back)
-took 3.47 ms against the CUDA kernels' 3.66 ms; the walk-free backward has not run on a GPU yet.
+backward frees once it has made the suffix sums from them (so a second backward through the same
+graph raises; traced by torch.compile, the backward keeps them); on the ``cuda`` backend the
+residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward
+walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again).
+The ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32,
+bfloat16 and float16; triton_kernels/nested_prefix_loss.py) and the backward as elementwise
+suffix sums and one pass over the pairs (sparse_grad.latent_rows_sum_dots: the extension's
+per-latent sums, or torch ops where it has no kernels for the device); other dtypes on the
+``triton`` backend run as the extension's kernels, or as the reference where it has none.
+``auto`` on CUDA tensors picks ``triton`` before ``cuda``, as for the other ops: on an H100
+(B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks
+(forward, then a walk back) took 3.47 ms against the CUDA kernels' 3.66 ms; the walk-free
+backward has not run on a GPU yet.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 

@@ -40,11 +40,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # depth 4 the bfloat16 decode holds 3 slots' gathers in flight per warp (Triton 3.6, sm_90:
 # 80 registers, no spills).
 DECODE_STAGES = (1, 2, 3, 4)
-# The walks' register cap for 16-bit inputs: 80 a thread lets 24 warps share an SM (6 programs of
-# 4 warps, 3 of 8). Unbounded, Triton 3.6 (sm_90, bfloat16) gives the decode at depth 3 96
-# registers and the nested loss's earlier forward 97 to 127 and its earlier walk back 80 to 111;
-# capped, they spilled at most 64 bytes (the nested loss's forward walk today: none in its slot
-# loop at depths 1 and 2, nested_prefix_loss.py). float32 tiles, twice the bytes, are not capped (capped at 80 the
+# The walks' register cap for 16-bit inputs: 80 a thread lets 24 warps share an SM (6 programs of 4
+# warps, 3 of 8). Unbounded, Triton 3.6 (sm_90, bfloat16) gives the decode at depth 3 96 registers
+# and the nested loss's earlier forward 97 to 127 and its earlier walk back 80 to 111; capped, they
+# spilled at most 64 bytes (the nested loss's forward walk today: none in its slot loop at depths 1
+# and 2, nested_prefix_loss.py). float32 tiles, twice the bytes, are not capped (capped at 80 the
 # nested loss's earlier walks spilled 88 to 152 bytes).
 WALK_REGISTERS = 80
 # Walks of fewer gathered elements (B * k * d) run at depth 1 untuned: they take microseconds,
