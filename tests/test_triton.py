@@ -300,6 +300,26 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, grad_path, seed, poiso
                                          TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nested_loss_of_16_prefixes_matches_reference(dtype, seed):
+    """G = 16, the most: the walk packs each slot's group in 4 bits (up to 15), and the rows'
+    slots span every group, the last ones included."""
+    B, d, n, k = 5, 33, 64, 24
+    x, values, indices, W_dec, b_dec, _, _ = nested_tests.make_problem(B, d, n, k, dtype)
+    sizes = list(range(4, n + 1, 4))
+    weights = (torch.rand(len(sizes)) + 0.1).tolist()
+    last = torch.tensor(sizes) - 1  # each group's last latent, n - 1 the last of all
+    rest = torch.tensor([i for i in range(n) if i + 1 not in sizes])
+    picked = [torch.cat([last, rest[torch.randperm(len(rest))[: k - len(sizes)]]])
+              for _ in range(B)]
+    indices = torch.stack([row[torch.randperm(k)] for row in picked])
+    leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2], leaves[3],
+                                            sizes, weights, backend="triton")
+    nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights,
+                                         TOLERANCE[dtype])
+
+
 def test_nested_forward_walk_gives_the_same_bits_with_64_bit_offsets(monkeypatch, seed):
     """The forward walk's 64-bit W_dec and R offsets (taken from WIDE_ELEMENTS on) give the
     bits of its 32-bit ones."""
@@ -476,9 +496,9 @@ def test_nested_loss_rejects_what_it_cannot_run(seed):
     with pytest.raises(ValueError, match="values and indices must be"):
         nested_prefix_loss_and_decode(x, values[:, :2], indices, W_dec, b_dec, [40], [1.0],
                                       backend="triton")
-    huge = W_dec[:1].expand(2**31, -1)  # no memory: every row is the first one
-    with pytest.raises(ValueError, match="d_sae < 2\\^31"):
-        nested_prefix_loss_and_decode(x, values, indices, huge, b_dec, [2**31], [1.0],
+    huge = W_dec[:1].expand(2**27, -1)  # no memory: every row is the first one
+    with pytest.raises(ValueError, match="d_sae < 2\\^27"):
+        nested_prefix_loss_and_decode(x, values, indices, huge, b_dec, [2**27], [1.0],
                                       backend="triton")
 
 

@@ -85,8 +85,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             # 64-bit W_dec and R offsets (WIDE, R_WIDE) only from 2^31 elements: at depth 1 alone.
             (f"nested_prefix_loss forward{' WIDE' if wide else ''}",
              nested_prefix_loss._forward_kernel,
-             {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "latent_ptr": "*i32", "value_ptr": "*fp32",
-              "group_ptr": "*i32", "present_ptr": "*i32", "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
+             {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "slot_ptr": "*i64", "present_ptr": "*i32",
+              "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
               "resid_ptr": "*fp32", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
               "G": "i32"},
              {"WIDE": wide, "R_WIDE": wide}, nested_prefix_loss._WARPS, cap,
@@ -144,9 +144,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
     for k_pad in (1, 64, 256):
         found.append((
             f"nested_prefix_loss plan K_PAD={k_pad}", nested_prefix_loss._plan_kernel,
-            {"idx_ptr": "*i64", "val_ptr": "*bf16", "sizes_ptr": "*i64", "group_ptr": "*i32",
-             "latent_ptr": "*i32", "value_ptr": "*fp32", "present_ptr": "*i32", "B": "i32",
-             "k": "i32", "G": "i32"},
+            {"idx_ptr": "*i64", "val_ptr": "*bf16", "sizes_ptr": "*i64", "slot_ptr": "*i64",
+             "present_ptr": "*i32", "B": "i32", "k": "i32", "G": "i32"},
             {"BLOCK_P": nested_prefix_loss._plan_rows(k_pad), "K_PAD": k_pad}, {},
         ))
     return found

@@ -19,10 +19,10 @@ outputs in x's dtype, float32 accumulation.
 
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
 group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, its
-group, latent and value ([B, k] each: int32, int32, float32), so that a walk loads a position's
-slot without first loading where it is, and each row's groups that hold a slot as the bits of
-present [B] (int32). Reads B*k*(8 + s) bytes (s: the values' element size) and writes
-B*(12*k + 4).
+latent, group and value packed in one int64 (_pack; d_sae < 2^27), so that a walk loads a
+position's slot in one load without first loading where it is, and each row's groups that hold
+a slot as the bits of present [B] (int32). Reads B*k*(8 + s) bytes (s: the values' element
+size) and writes B*(8*k + 4).
 
 Forward walk (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns, as the sparse
 decode's forward does, and walks the k positions with the gathers pipelined at the depth the
@@ -31,14 +31,16 @@ autotuner picks (sparse_decode.autotuned), under the same register cap, holding 
 residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r.
 A walk step is the decode's plus a masked store (each row ends at most G groups in k slots).
 The previous slot's group is carried from the last step, and the offsets of W_dec and of R
-are 32-bit unless it has 2^31 elements or more. In the sm_90 SASS (bfloat16, 8 warps, depth 1,
-Triton 3.6) a step is 140 instructions with 4 barriers (the float32 store's layout conversion
-through shared memory), against 236 without a barrier for the earlier walk, which also took
-every squared norm; 159 with 64-bit R offsets, 190 also with the previous group loaded and
-64-bit W_dec offsets. (Stored as two bfloat16 parts instead, hi and lo as the earlier walk kept
-its residual: 207 without a barrier, Triton 3.9, before those changes.) Of the 140: 16
-multiply-adds, 24 bfloat16 widenings and 12 for the layout conversion; the rest are the slots'
-loads (the group twice, once in the store's layout), the addresses and the masked stores.
+are 32-bit unless it has 2^31 elements or more. The tile's columns come in runs of 4
+(_columns_by_4), so that its 16-bit loads and R's float32 stores share one layout: 4 rows of 4
+columns a thread. In the sm_90 SASS (bfloat16, 8 warps, Triton 3.6) a step is 128
+instructions without a barrier at depth 1 (191 and 235 with 5 barriers at depths 2 and 3, the
+pipeliner's), of which 16 multiply-adds, 24 for the bfloat16 widenings, 4 slot loads (one
+int64 a row) and 4 gathers of 8 bytes. Before the packed slots and the runs of 4 it was 140
+with 4 barriers (247 and 272 with 7 at depths 2 and 3): runs of 8 columns gave 16-byte loads of
+2 rows of 8 columns a thread, each slot's store of R moved the tile to the store's layout
+through shared memory, and a row's group, latent and value were loaded apart. The earlier walk,
+which also took every squared norm, was 236 without a barrier.
 
 Norms (the walk's epilogue). After a barrier (other threads of the program stored them), the
 program reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row
@@ -88,6 +90,7 @@ from sparsecode.triton_kernels.sparse_decode import _blocks, launch_walk, walk_r
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
+MAX_LATENTS = 2**27  # latent * MAX_GROUPS + group fits an int32 (_pack)
 # The forward walk's warps: over 4 (the decode's), its [32, 128] float32 residual tile spilled
 # 264 bytes at the register cap (sm_90, bfloat16, Triton 3.9); over 8, it spills nothing in the
 # slot loop at depths 1 and 2 (80 to 128 bytes outside it, Triton 3.6 and 3.9). The depths that
@@ -114,8 +117,8 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, group_ptr, latent_ptr, value_ptr, present_ptr, B,
-                 k, G, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
+def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, slot_ptr, present_ptr, B, k, G,
+                 BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     slot = tl.arange(0, K_PAD)
     live = (rows < B)[:, None] & (slot < k)[None, :]
@@ -129,23 +132,47 @@ def _plan_kernel(idx_ptr, val_ptr, sizes_ptr, group_ptr, latent_ptr, value_ptr, 
     tl.store(present_ptr + rows, present, mask=rows < B)
     key = tl.where(live, group, G) * K_PAD + slot[None, :]  # padding sorts last
     key = tl.sort(key, 1)
-    tl.store(group_ptr + at, key // K_PAD, mask=live)
     src = rows[:, None].to(tl.int64) * k + key % K_PAD
-    tl.store(latent_ptr + at, tl.load(idx_ptr + src, mask=live, other=0).to(tl.int32), mask=live)
-    tl.store(value_ptr + at, tl.load(val_ptr + src, mask=live, other=0.0).to(tl.float32),
-             mask=live)
+    code = tl.load(idx_ptr + src, mask=live, other=0).to(tl.int32) * 16 + key // K_PAD
+    value = tl.load(val_ptr + src, mask=live, other=0.0).to(tl.float32)
+    tl.store(slot_ptr + at, _pack(code, value), mask=live)
 
 
 @triton.jit
-def _tile(B, d, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's rows and columns: rows [BLOCK_B], row_ok, col_ok, and the tile's offsets in
-    [B, d] and mask."""
+def _pack(code, value):
+    """A walk slot as one int64: code (latent * 16 + group, int32) in the high word, the float32
+    value's bits in the low word."""
+    low = value.to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)
+    return (code.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def _unpack(slot):
+    """(latent, group, value) of a walk slot (_pack): int32, int32, float32."""
+    code = (slot >> 32).to(tl.int32)
+    return code >> 4, code & 15, slot.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile(B, d, cols, BLOCK_B: tl.constexpr):
+    """A program's rows [BLOCK_B] and their row_ok, its columns cols' col_ok, and the tile's
+    offsets in [B, d] and mask."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     col_ok = cols < d
     tile = row_ok[:, None] & col_ok[None, :]
-    return rows, cols, row_ok, col_ok, tile, rows[:, None].to(tl.int64) * d + cols[None, :]
+    return rows, row_ok, col_ok, tile, rows[:, None].to(tl.int64) * d + cols[None, :]
+
+
+@triton.jit
+def _columns_by_4(BLOCK_D: tl.constexpr):
+    """The program's BLOCK_D columns from program_id(1) * BLOCK_D, written so that Triton finds
+    runs of only 4 contiguous ones: its 16-bit loads then take 4 elements (8 bytes) a thread, as
+    its float32 stores of R do (16 bytes), and the walk's tile has one layout. With runs of 8 the
+    loads took 8 a thread, and every slot's store of R moved the tile to the store's layout
+    through shared memory (sm_90 SASS: 12 instructions and 4 barriers a slot)."""
+    lane = tl.arange(0, BLOCK_D)
+    return tl.program_id(1) * BLOCK_D + lane // 4 * 4 + lane % 4
 
 
 @triton.jit
@@ -164,12 +191,12 @@ def _group_at(g, at, stride):
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, bias_ptr, latent_ptr, value_ptr, group_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr,
-    partial_ptr, B, k, d, G,
+    x_ptr, bias_ptr, slot_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr, partial_ptr, B, k, d, G,
     WIDE: tl.constexpr, R_WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
+    cols = _columns_by_4(BLOCK_D)
+    rows, row_ok, col_ok, tile, at = _tile(B, d, cols, BLOCK_B)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     r = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) - bias[None, :]
     walk = rows.to(tl.int64) * k
@@ -181,12 +208,9 @@ def _forward_kernel(
         stride = _group_stride(B, d, BLOCK_B, tl.int32)
     prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
-        at_q = walk + q
-        v = tl.load(value_ptr + at_q, mask=row_ok, other=0.0)
-        i = tl.load(latent_ptr + at_q, mask=row_ok, other=0)
+        i, group, v = _unpack(tl.load(slot_ptr + walk + q, mask=row_ok, other=0))
         if WIDE:  # W_dec's offsets need 64 bits (else 32-bit arithmetic, fewer instructions)
             i = i.to(tl.int64)
-        group = tl.load(group_ptr + at_q, mask=row_ok, other=G)
         # When the previous slot's group is lower, r is its residual.
         tl.store(resid_ptr + _group_at(prev, r_at, stride), r,
                  mask=(prev < group)[:, None] & col_ok[None, :])
@@ -195,7 +219,7 @@ def _forward_kernel(
         w = tl.load(w_ptr + i[:, None] * d + cols[None, :], mask=live[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
         r -= v[:, None] * w
-    last = tl.load(group_ptr + walk + k - 1, mask=row_ok, other=0)
+    last = _unpack(tl.load(slot_ptr + walk + k - 1, mask=row_ok, other=0))[1]
     tl.store(resid_ptr + _group_at(last, r_at, stride), r, mask=tile)
     x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
     tl.store(xhat_ptr + at, (x - r).to(xhat_ptr.dtype.element_ty), mask=tile)
@@ -218,7 +242,8 @@ def _forward_kernel(
 @triton.jit
 def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GXH: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, cols, row_ok, col_ok, tile, at = _tile(B, d, BLOCK_B, BLOCK_D)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows, row_ok, col_ok, tile, at = _tile(B, d, cols, BLOCK_B)
     stride = _group_stride(B, d, BLOCK_B)
     A = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     if HAS_GXH:
@@ -256,9 +281,9 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
     if values.shape[0] != B or indices.shape != values.shape:
         raise ValueError(f"values and indices must be [B, k] with B = {B}, got "
                          f"{list(values.shape)} and {list(indices.shape)}")
-    if W_dec.shape[0] >= 2**31:
-        raise ValueError(f"the triton backend takes d_sae < 2^31 (its walks hold latents as "
-                         f"int32), got {W_dec.shape[0]}; use the cpp backend")
+    if W_dec.shape[0] >= MAX_LATENTS:
+        raise ValueError(f"the triton backend takes d_sae < 2^27 (its walk packs a latent and its "
+                         f"group in an int32), got {W_dec.shape[0]}; use the cpp backend")
     if W_dec.shape[1] != d or (b_dec is not None and b_dec.shape[0] != d):
         raise ValueError(f"W_dec must be [d_sae, d_model] and b_dec [d_model] with d_model = {d}, "
                          f"got {list(W_dec.shape)} and "
@@ -292,13 +317,11 @@ def _on_device(numbers: Sequence[float], dtype: torch.dtype, device: torch.devic
 
 
 class _Walk(NamedTuple):
-    """Each row's slots in walk order (sorted by group, then slot), [B, k] each: the group
-    (int32), latent (int32) and value (float32) at each walk position; and present [B] (int32),
-    the bits of the groups that hold one of the row's slots."""
+    """Each row's slots in walk order (sorted by group, then slot): slot [B, k] (int64), the
+    latent, group and value at each walk position (_pack); and present [B] (int32), the bits of
+    the groups that hold one of the row's slots."""
 
-    group: Tensor
-    latent: Tensor
-    value: Tensor
+    slot: Tensor
     present: Tensor
 
 
@@ -306,8 +329,7 @@ def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk
     """The walk-ordered slots of checked inputs."""
     B, k = indices.shape
     device = indices.device
-    walk = _Walk(*(torch.empty(B, k, dtype=torch.int32, device=device) for _ in range(2)),
-                 torch.empty(B, k, dtype=torch.float32, device=device),
+    walk = _Walk(torch.empty(B, k, dtype=torch.int64, device=device),
                  torch.empty(B, dtype=torch.int32, device=device))
     k_pad = triton.next_power_of_2(max(k, 1))
     block_p = _plan_rows(k_pad)
@@ -341,8 +363,8 @@ def nested_prefix_loss_forward(
     resid = torch.empty(G, B, d, dtype=torch.float32, device=device)
     partial = torch.empty(grid[1], B, G, dtype=torch.float32, device=device)
     launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
-                x.contiguous(), b_dec.contiguous(), walk.latent, walk.value, walk.group,
-                walk.present, W_dec.contiguous(), x_hat, resid, partial, B, k, d, G,
+                x.contiguous(), b_dec.contiguous(), walk.slot, walk.present, W_dec.contiguous(),
+                x_hat, resid, partial, B, k, d, G,
                 WIDE=W_dec.numel() >= WIDE_ELEMENTS, R_WIDE=resid.numel() >= WIDE_ELEMENTS,
                 BLOCK_B=block_b, BLOCK_D=block_d)
     means = partial.double().sum(0).sum(0) / B
