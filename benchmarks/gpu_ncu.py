@@ -7,7 +7,9 @@ what each waits on (warp stall reasons, issue-slot use, memory throughput):
 autotuner picked on an H100), not under the autotuner, whose timing runs ncu would replay.
 Kernels: the fused encode, the decode forward, the decode's per-latent sum with its dots
 (latent_rows_sum_dots), the encode backward's transposed per-latent sum, and the nested
-loss's Triton forward walk (with its norms) and its backward's suffix sums.
+loss's Triton forward walk (with its norms and the loss's own suffix sums) and, as a backward
+under other upstream gradients than the loss's alone takes them, the suffix sums from the
+residuals.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from gpu_profile import K, PREFIX_SIZES, PREFIX_WEIGHTS, problem
 from sparsecode import ops, sparse_grad
 from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
+                                                          nested_prefix_loss_residuals,
                                                           nested_prefix_loss_suffix_sums)
 from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
 from sparsecode.triton_kernels.topk_encode import topk_encode_forward
@@ -35,8 +38,10 @@ def main() -> None:
     v, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
     torch.autograd.grad(v, (W_enc,), torch.randn_like(v))
     with torch.no_grad():
-        resid = nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
-                                           PREFIX_WEIGHTS, stages=NESTED_STAGES)[3]
+        nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
+                                   PREFIX_WEIGHTS, stages=NESTED_STAGES)
+        resid = nested_prefix_loss_residuals(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
+                                             stages=NESTED_STAGES)
         nested_prefix_loss_suffix_sums(
             torch.ones((), device=dev), torch.zeros(len(PREFIX_SIZES), device=dev), None,
             values, indices, W_dec, PREFIX_SIZES, PREFIX_WEIGHTS, resid)

@@ -541,14 +541,15 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
 
     report.time(NESTED, nested("auto"))
     report.time(DECODE_AUTO, decode)
-    # The triton backend's nested loss is a Triton walk forward and a walk-free backward (suffix
-    # sums, then the extension's per-latent sums with dots), which auto picks; the cuda backend's
+    # The triton backend's nested loss is a Triton walk forward, which also makes the loss's own
+    # suffix sums, and a walk-free backward (from the loss alone, the extension's per-latent
+    # sums with dots over those), which auto picks; the cuda backend's
     # is the extension's kernels (H100, 2026-11-27 16:35 UTC: 3.66 ms against the earlier Triton
     # walks' 3.47 ms).
     report.time("nested_prefix_loss fwd+bwd: triton", nested("triton"))
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
     # What one forward + backward holds at its peak, beyond what was allocated before it (the
-    # triton backward frees its residuals before it allocates grad_W_dec).
+    # triton forward holds its residuals R and the suffix sums at once, then only the latter).
     def peak_bytes(run: Callable[[], object]) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -565,30 +566,40 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
     # The Triton walk at the depth the autotuner picks (the rows above) against depth 1, and the
-    # backward alone: its suffix sums, then its pass over the pairs (the op's autograd formula
-    # frees the residuals between the two; here they are kept for the next run).
+    # backward alone: from the loss alone, the pass over the pairs from the forward's suffix
+    # sums P; under other upstream gradients, the residuals walked again, the suffix sums from
+    # them, then the pass over the pairs (the op's autograd formula frees the residuals before
+    # that pass; here they are kept for the next run).
     from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
                                                               nested_prefix_loss_pair_grads,
+                                                              nested_prefix_loss_residuals,
                                                               nested_prefix_loss_suffix_sums)
 
     with torch.no_grad():
         report.time("nested_prefix_loss forward: triton, STAGES=1",
                     lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
                                                        PREFIX_SIZES, PREFIX_WEIGHTS, stages=1))
-        resid = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
-                                           PREFIX_WEIGHTS)[3]
+        P = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
+                                       PREFIX_WEIGHTS)[3]
+        report.time("nested_prefix_loss backward from the loss alone: triton",
+                    lambda: (nested_prefix_loss_pair_grads(P, p.values, p.indices, W_dec,
+                                                           PREFIX_SIZES), -P[0].sum(0)))
+        del P
         grad_loss = torch.ones((), device=DEVICE)
         grad_prefix_losses = torch.zeros(len(PREFIX_SIZES), device=DEVICE)
 
         def backward() -> tuple[Tensor, ...]:
+            resid = nested_prefix_loss_residuals(p.x, p.values, p.indices, W_dec, b_dec,
+                                                 PREFIX_SIZES)
             S, grad_x, grad_b_dec = nested_prefix_loss_suffix_sums(
                 grad_loss, grad_prefix_losses, None, p.values, p.indices, W_dec, PREFIX_SIZES,
                 PREFIX_WEIGHTS, resid)
+            del resid
             return (grad_x, grad_b_dec,
                     *nested_prefix_loss_pair_grads(S, p.values, p.indices, W_dec, PREFIX_SIZES))
 
-        report.time("nested_prefix_loss backward: triton", backward)
-        del resid
+        report.time("nested_prefix_loss backward under other upstream gradients: triton "
+                    "(the residuals walked again)", backward)
     from sparsecode.triton_kernels.sparse_decode import picked_depths
 
     report.add("Triton walks: pipelining depths the autotuner picked",

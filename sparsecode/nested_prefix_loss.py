@@ -8,20 +8,20 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 (DESIGN.md §3.4), never G decodes. The registered op ``torch.ops.sparsecode.nested_prefix_loss``
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
-on the ``triton`` backend every prefix's residual, [G, B, d] in float32, whose memory the
-backward frees once it has made the suffix sums from them (so a second backward through the same
-graph raises; traced by torch.compile, the backward keeps them); on the ``cuda`` backend the
+on the ``triton`` backend the suffix sums of a backward from the loss alone, [G, B, d] in x's
+dtype (a backward that also takes gradients from the prefix losses or x_hat walks the forward
+again for the residuals); on the ``cuda`` backend the
 residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward
 walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again).
 The ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32,
-bfloat16 and float16; triton_kernels/nested_prefix_loss.py) and the backward as elementwise
-suffix sums and one pass over the pairs (sparse_grad.latent_rows_sum_dots: the extension's
-per-latent sums, or torch ops where it has no kernels for the device); other dtypes on the
+bfloat16 and float16; triton_kernels/nested_prefix_loss.py) and the backward as one pass over
+the pairs (sparse_grad.latent_rows_sum_dots: the extension's per-latent sums, or torch ops where
+it has no kernels for the device) after elementwise suffix sums where needed; other dtypes on the
 ``triton`` backend run as the extension's kernels, or as the reference where it has none.
 ``auto`` on CUDA tensors picks ``triton`` before ``cuda``, as for the other ops: on an H100
 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks
-(forward, then a walk back) took 3.47 ms against the CUDA kernels' 3.66 ms; the walk-free
-backward has not run on a GPU yet.
+(forward, then a walk back) took 3.47 ms against the CUDA kernels' 3.66 ms (3.16 against 3.49
+in a later run); the walk-free backward has not run on a GPU yet.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 
@@ -74,7 +74,7 @@ def _nested_prefix_loss(
 @_nested_prefix_loss.register_fake
 def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend):
     if _walks_in_triton(x, backend):
-        resid = x.new_empty(len(prefix_sizes), *x.shape, dtype=torch.float32)
+        resid = x.new_empty(len(prefix_sizes), *x.shape)
     else:
         resid = x.new_empty(2, x.shape[0] if x.device.type == "cuda" else 0, x.shape[1])
     return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x), resid
@@ -103,14 +103,25 @@ def _nested_prefix_loss_backward(
     )
 
 
+@torch.library.custom_op("sparsecode::nested_prefix_loss_residuals_triton", mutates_args=())
+def _nested_prefix_loss_residuals_triton(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+    prefix_sizes: Sequence[int],
+) -> Tensor:
+    """Every prefix's residual R [G, B, d] (float32), from the Triton forward walk again."""
+    from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_residuals
+
+    return nested_prefix_loss_residuals(x, values, indices, W_dec, b_dec, prefix_sizes)
+
+
 @torch.library.custom_op("sparsecode::nested_prefix_loss_suffix_triton", mutates_args=())
 def _nested_prefix_loss_suffix_triton(
     grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, values: Tensor,
     indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float], resid: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton backward's first half: (S [G, B, d], grad_x [B, d], grad_b_dec [d]) from the
-    forward's residuals resid [G, B, d]."""
+    """The first half of the Triton backward under any upstream gradients: (S [G, B, d],
+    grad_x [B, d], grad_b_dec [d]) from the residuals resid [G, B, d]."""
     from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_suffix_sums
 
     return nested_prefix_loss_suffix_sums(grad_loss, grad_prefix_losses, grad_x_hat, values,
@@ -121,7 +132,7 @@ def _nested_prefix_loss_suffix_triton(
 def _nested_prefix_loss_pair_grads_triton(
     S: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
 ) -> tuple[Tensor, Tensor]:
-    """The Triton backward's second half: (grad_values, grad_W_dec) from S."""
+    """The pass over the pairs of the Triton backward: (grad_values, grad_W_dec) from S."""
     from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_pair_grads
 
     return nested_prefix_loss_pair_grads(S, values, indices, W_dec, prefix_sizes)
@@ -136,6 +147,11 @@ def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_de
         torch.empty_like(W_dec),
         torch.empty_like(b_dec),
     )
+
+
+@_nested_prefix_loss_residuals_triton.register_fake
+def _(x, values, indices, W_dec, b_dec, prefix_sizes):
+    return x.new_empty(len(prefix_sizes), *x.shape, dtype=torch.float32)
 
 
 @_nested_prefix_loss_suffix_triton.register_fake
@@ -155,47 +171,63 @@ def _setup_context(ctx, inputs, output) -> None:
     resid = output[3]
     ctx.mark_non_differentiable(resid)
     # Outputs without a gradient get None, not zeros: resid's would be as large as resid (the
-    # triton backend's [G, B, d] float32), and x_hat's, unused by a loss, a [B, d] pass.
+    # triton backend's [G, B, d]), and x_hat's, unused by a loss, a [B, d] pass.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, values, indices, W_dec, b_dec, resid)
     ctx.prefix_sizes = prefix_sizes
     ctx.prefix_weights = prefix_weights
     ctx.backend = backend
-    ctx.resid_freed = False
 
 
-def _free(resid: Tensor) -> bool:
-    """Frees the memory of the saved residuals resid (eager tensors only; a traced backward,
-    whose tensors are fakes, keeps them); returns whether it did."""
+def _free(resid: Tensor) -> None:
+    """Frees the memory of resid (eager tensors only; a traced backward, whose tensors are
+    fakes, keeps it)."""
     if type(resid) is not Tensor:
-        return False
+        return
     if resid.is_cuda:  # not reused before the kernels queued on this stream have read it
         resid.record_stream(torch.cuda.current_stream(resid.device))
     resid.untyped_storage().resize_(0)
-    return True
+
+
+def _triton_backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor | None,
+                     grad_x_hat: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_values, grad_W_dec, grad_b_dec) of the Triton walks. From the loss alone
+    (the usual training step) S = grad_loss P, the suffix sums the forward saved, and the pass
+    over the pairs takes grad_loss into its coefficients; under other upstream gradients the
+    backward walks the forward again for the residuals R [G, B, d] (float32), makes S from them
+    and frees R before the pass over the pairs allocates grad_W_dec."""
+    x, values, indices, W_dec, b_dec, P = ctx.saved_tensors
+    if grad_prefix_losses is None and grad_x_hat is None:
+        grad_loss = grad_loss.to(values.dtype)
+        grad_values, grad_W_dec = _nested_prefix_loss_pair_grads_triton(
+            P, values * grad_loss, indices, W_dec, ctx.prefix_sizes)
+        grad_x = P[0] * grad_loss
+        return grad_x, grad_values * grad_loss, grad_W_dec, -grad_x.sum(0)
+    if grad_loss is None:
+        grad_loss = x.new_zeros(())
+    if grad_prefix_losses is None:
+        grad_prefix_losses = x.new_zeros(len(ctx.prefix_sizes))
+    R = _nested_prefix_loss_residuals_triton(x, values, indices, W_dec, b_dec, ctx.prefix_sizes)
+    S, grad_x, grad_b_dec = _nested_prefix_loss_suffix_triton(
+        grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
+        ctx.prefix_weights, R)
+    _free(R)  # the backward's largest tensor: gone before grad_W_dec is made
+    grad_values, grad_W_dec = _nested_prefix_loss_pair_grads_triton(
+        S, values, indices, W_dec, ctx.prefix_sizes)
+    return grad_x, grad_values, grad_W_dec, grad_b_dec
 
 
 def _backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor | None,
               grad_x_hat: Tensor | None, _grad_resid: Tensor | None):
     x, values, indices, W_dec, b_dec, resid = ctx.saved_tensors
-    if grad_loss is None:
-        grad_loss = x.new_zeros(())
-    if grad_prefix_losses is None:
-        grad_prefix_losses = x.new_zeros(len(ctx.prefix_sizes))
     if _walks_in_triton(x, ctx.backend):
-        if ctx.resid_freed:
-            raise RuntimeError(
-                "the triton backend's nested_prefix_loss frees the residuals its forward saved "
-                "in its first backward, so it cannot run backward through the same graph twice "
-                "(retain_graph=True); run the forward again, or use backend='cuda' or 'cpp'")
-        S, grad_x, grad_b_dec = _nested_prefix_loss_suffix_triton(
-            grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
-            ctx.prefix_weights, resid)
-        # R [G, B, d] float32 is the backward's largest tensor: gone before grad_W_dec is made.
-        ctx.resid_freed = _free(resid)
-        grad_values, grad_W_dec = _nested_prefix_loss_pair_grads_triton(
-            S, values, indices, W_dec, ctx.prefix_sizes)
+        grad_x, grad_values, grad_W_dec, grad_b_dec = _triton_backward(
+            ctx, grad_loss, grad_prefix_losses, grad_x_hat)
     else:
+        if grad_loss is None:
+            grad_loss = x.new_zeros(())
+        if grad_prefix_losses is None:
+            grad_prefix_losses = x.new_zeros(len(ctx.prefix_sizes))
         grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
             ctx.prefix_sizes, ctx.prefix_weights, resid, ctx.backend)

@@ -42,10 +42,11 @@ def check_against_reference(
     outputs: tuple[torch.Tensor, ...], leaves: list[torch.Tensor], indices: torch.Tensor,
     sizes: list[int], weights: list[float], tol: float,
     backward: Callable[[], ContextManager] = contextlib.nullcontext, label: str = "",
+    loss_only: bool = False,
 ) -> None:
     """outputs = (loss, prefix_losses, x_hat) of the leaves (x, values, W_dec, b_dec) and their
-    gradients through all three outputs (computed inside backward()) against the float64
-    reference's autograd."""
+    gradients through all three outputs, or through the loss alone (loss_only, as a training
+    step takes them), computed inside backward(), against the float64 reference's autograd."""
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     x, values, W_dec, b_dec = leaves64
     ref_loss, ref_prefix = reference.nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes,
@@ -60,10 +61,11 @@ def check_against_reference(
     # They are drawn in the inputs' dtype so both sides get exactly the same values.
     shapes = [(), (len(sizes),), tuple(leaves[0].shape)]
     upstream = [torch.randn(s, device=x.device).to(leaves[0].dtype) for s in shapes]
+    used = 1 if loss_only else 3
     with backward():
-        grads = torch.autograd.grad(outputs, leaves, upstream)
-    upstream64 = [u.double() for u in upstream]
-    ref_grads = torch.autograd.grad(ref_outputs, leaves64, upstream64)
+        grads = torch.autograd.grad(outputs[:used], leaves, upstream[:used])
+    upstream64 = [u.double() * (i < used) for i, u in enumerate(upstream)]
+    ref_grads = torch.autograd.grad(ref_outputs[:used], leaves64, upstream64[:used])
     for name, g, r in zip(["W_dec", "b_dec"], grads[2:], ref_grads[2:]):
         assert_close(g, r, tol, f"{label}grad {name}")
     # grad x is a sum of the G scaled residuals, whose random upstream scales can cancel, and a

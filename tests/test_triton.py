@@ -286,18 +286,20 @@ def test_walks_through_the_autotuner_match_the_direct_launch(monkeypatch, seed):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])  # no tl.dot: bf16 runs interpreted
 @pytest.mark.parametrize("B,d,n,k", SHAPES)
 def test_nested_loss_matches_reference(B, d, n, k, dtype, grad_path, seed, poisoned):
-    """The Triton forward walk (loss, prefix losses, x_hat) and the op's gradients, on rows
-    whose slots are not in index order, with a zero value, a one-latent group and a prefix
-    smaller than k."""
+    """The Triton forward walk (loss, prefix losses, x_hat) and the op's gradients, through all
+    three outputs (the residuals walked again) and through the loss alone (the forward's suffix
+    sums), on rows whose slots are not in index order, with a zero value, a one-latent group
+    and a prefix smaller than k."""
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(B, d, n, k, dtype)
     values[0, 0] = 0.0
     shuffle = torch.rand(B, k).argsort(dim=1)
     values, indices = values.gather(1, shuffle), indices.gather(1, shuffle)
     leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
-    outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2], leaves[3],
-                                            sizes, weights, backend="triton")
-    nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights,
-                                         TOLERANCE[dtype])
+    for loss_only in (False, True):
+        outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
+                                                leaves[3], sizes, weights, backend="triton")
+        nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights,
+                                             TOLERANCE[dtype], loss_only=loss_only)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -339,8 +341,7 @@ def test_nested_suffix_sums_give_the_same_bits_over_any_tiles(monkeypatch, seed)
 
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
         5, 33, 40, 4, torch.float32)
-    resid = nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, sizes,
-                                              weights)[3]
+    resid = nested.nested_prefix_loss_residuals(x, values, indices, W_dec, b_dec, sizes)
     upstream = (torch.tensor(0.7), torch.rand(len(sizes)), torch.randn_like(x))
     arguments = (*upstream, values, indices, W_dec, sizes, weights, resid)
     default = nested.nested_prefix_loss_suffix_sums(*arguments)
@@ -350,30 +351,44 @@ def test_nested_suffix_sums_give_the_same_bits_over_any_tiles(monkeypatch, seed)
         assert torch.equal(got, want)
 
 
-def test_nested_loss_backward_frees_its_residuals(seed):
-    """The Triton backward frees the residuals its forward saved once it has made its suffix
-    sums from them (so that they and grad_W_dec are never held at once): a second backward
-    through the same graph raises instead of reading freed memory, and the first backward's
-    gradients match a fresh graph's."""
+def test_nested_loss_backward_from_the_loss_alone_takes_the_forward_suffix_sums(monkeypatch,
+                                                                                 seed):
+    """A backward from the loss alone takes the suffix sums the forward saved, without walking
+    the residuals again, and gives the bits of the backward that walks them (upstream zeros on
+    the prefix losses take that one); the graph keeps what it saved, so a second backward
+    through it gives the same bits."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
         5, 32, 130, 8, torch.float32)
-    W_dec.requires_grad_()
-    loss, prefix_losses, _, resid = torch.ops.sparsecode.nested_prefix_loss(
-        x, values, indices, W_dec, b_dec, sizes, weights, "triton")
-    assert resid.untyped_storage().nbytes() == resid.numel() * 4
-    (first,) = torch.autograd.grad(prefix_losses[0], W_dec, retain_graph=True)
-    assert resid.untyped_storage().nbytes() == 0
-    with pytest.raises(RuntimeError, match="cannot run backward through the same graph twice"):
-        torch.autograd.grad(loss, W_dec)
-    again = nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
-                                          backend="triton")[1]
-    assert torch.equal(torch.autograd.grad(again[0], W_dec)[0], first)
+    leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    walks = []
+    residuals = nested.nested_prefix_loss_residuals
+
+    def spy(*args):
+        walks.append("residuals")
+        return residuals(*args)
+
+    monkeypatch.setattr(nested, "nested_prefix_loss_residuals", spy)
+    loss, prefix_losses, _ = nested_prefix_loss_and_decode(*leaves[:2], indices, *leaves[2:],
+                                                           sizes, weights, backend="triton")
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    assert walks == []
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(loss, leaves), first))
+    loss, prefix_losses, _ = nested_prefix_loss_and_decode(*leaves[:2], indices, *leaves[2:],
+                                                           sizes, weights, backend="triton")
+    walked = torch.autograd.grad([loss, prefix_losses], leaves,
+                                 [torch.tensor(1.0), torch.zeros(len(sizes))])
+    assert walks == ["residuals"]
+    for name, a, b in zip(["x", "values", "W_dec", "b_dec"], first, walked, strict=True):
+        assert torch.equal(a, b), f"grad {name}"
 
 
 def test_nested_loss_backward_never_holds_the_residuals_and_grad_W_dec(monkeypatch, seed):
-    """The residuals R [G, B, d] (float32) are freed before the pass over the pairs allocates
-    grad_W_dec, and outputs without a gradient get none rather than zeros (resid's would be as
-    large as R; x_hat's, unused by the loss, reaches the backward as None)."""
+    """Under other upstream gradients than the loss's alone, the residuals R [G, B, d]
+    (float32) that the backward walks again are freed before the pass over the pairs allocates
+    grad_W_dec, and outputs without a gradient get none rather than zeros (x_hat's, unused here,
+    reaches the backward as None)."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
@@ -383,30 +398,38 @@ def test_nested_loss_backward_never_holds_the_residuals_and_grad_W_dec(monkeypat
     suffix_sums, pair_sums = nested.nested_prefix_loss_suffix_sums, nested.latent_rows_sum_dots
 
     def spy_suffix(*args):
-        seen["grad_x_hat"] = args[2]
+        seen["grad_x_hat"], seen["R"] = args[2], args[-1]
         return suffix_sums(*args)
 
     def spy_pairs(*args):
-        seen["resid bytes"] = resid.untyped_storage().nbytes()
+        seen["R bytes"] = seen.pop("R").untyped_storage().nbytes()
         return pair_sums(*args)
 
     monkeypatch.setattr(nested, "nested_prefix_loss_suffix_sums", spy_suffix)
     monkeypatch.setattr(nested, "latent_rows_sum_dots", spy_pairs)
-    loss, _, _, resid = torch.ops.sparsecode.nested_prefix_loss(
-        x, values, indices, W_dec, b_dec, sizes, weights, "triton")
-    loss.backward()
-    assert seen == {"grad_x_hat": None, "resid bytes": 0}
+    loss, prefix_losses, _ = nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec,
+                                                           sizes, weights, backend="triton")
+    (loss + prefix_losses[0]).backward()
+    assert seen == {"grad_x_hat": None, "R bytes": 0}
 
 
 def test_nested_loss_triton_ops_pass_opcheck(seed):
-    """torch.library.opcheck of the triton forward and of the backward's two halves, with and
-    without grad_x_hat: schemas, fake tensors and tracing agree with what the ops do."""
+    """torch.library.opcheck of the triton forward and of the backward's ops (the pass over the
+    pairs from the forward's suffix sums; the residuals walked again, the suffix sums with and
+    without grad_x_hat and the pass over the pairs from them): schemas, fake tensors and tracing
+    agree with what the ops do."""
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
         6, 5, 14, 3, torch.float32)
     torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss.default,
                           (x, values, indices, W_dec, b_dec, sizes, weights, "triton"))
-    resid = torch.ops.sparsecode.nested_prefix_loss.default(
+    P = torch.ops.sparsecode.nested_prefix_loss.default(
         x, values, indices, W_dec, b_dec, sizes, weights, "triton")[3]
+    torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_pair_grads_triton.default,
+                          (P, values, indices, W_dec, sizes))
+    residuals = (x, values, indices, W_dec, b_dec, sizes)
+    torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_residuals_triton.default,
+                          residuals)
+    resid = torch.ops.sparsecode.nested_prefix_loss_residuals_triton.default(*residuals)
     for grad_x_hat in (None, torch.randn_like(x)):
         suffix = (torch.tensor(1.5), torch.rand(len(sizes)), grad_x_hat, values, indices, W_dec,
                   sizes, weights, resid)

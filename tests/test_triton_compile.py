@@ -82,16 +82,17 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
               "B": "i32", "k": "i32", "d": "i32"},
              {}, sparse_decode._WARPS, cap, sparse_decode.DECODE_STAGES),
         ] + [
+            # The forward (SUFFIX: with the loss's suffix sums) and the residuals walked again;
             # 64-bit W_dec and R offsets (WIDE, R_WIDE) only from 2^31 elements: at depth 1 alone.
-            (f"nested_prefix_loss forward{' WIDE' if wide else ''}",
+            (f"nested_prefix_loss forward SUFFIX={suffix}{' WIDE' if wide else ''}",
              nested_prefix_loss._forward_kernel,
              {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "slot_ptr": "*i64", "present_ptr": "*i32",
-              "w_ptr": f"*{t}", "xhat_ptr": f"*{t}",
-              "resid_ptr": "*fp32", "partial_ptr": "*fp32", "B": "i32", "k": "i32", "d": "i32",
-              "G": "i32"},
-             {"WIDE": wide, "R_WIDE": wide}, nested_prefix_loss._WARPS, cap,
+              "w_ptr": f"*{t}", "xhat_ptr": f"*{t}", "resid_ptr": "*fp32",
+              "partial_ptr": "*fp32", "coef_ptr": "*fp32", "p_ptr": f"*{t}", "B": "i32",
+              "k": "i32", "d": "i32", "G": "i32"},
+             {"SUFFIX": suffix, "WIDE": wide, "R_WIDE": wide}, nested_prefix_loss._WARPS, cap,
              (1,) if wide else nested_prefix_loss.NESTED_STAGES)
-            for wide in (False, True)
+            for suffix in (True, False) for wide in (False, True)
         ]
         # Every pipelining depth that the autotuner may pick on a GPU, with the launchers'
         # register caps.

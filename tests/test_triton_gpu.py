@@ -174,14 +174,18 @@ def check_nested(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_de
                  sizes: list[int], poison_backward: bool) -> None:
     """ops' nested-prefix loss with its reconstruction (triton: the Triton walks, the
     extension's per-latent sum) and the gradients of x, values, W_dec and b_dec through all
-    three outputs, against the float64 reference's autograd."""
+    three outputs (the residuals walked again) and through the loss alone (the forward's suffix
+    sums), against the float64 reference's autograd."""
     weights = [1.0 + 0.5 * g for g in range(len(sizes))]
     leaves = [t.clone().requires_grad_() for t in (x, values, W_dec, b_dec)]
-    with poisoned_memory():
-        outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
-                                                leaves[3], sizes, weights, backend="triton")
-    check_against_reference(outputs, leaves, indices, sizes, weights, TOLERANCE[x.dtype],
-                            backward=lambda: poisoned_memory(poison_backward), label="nested ")
+    for loss_only in (False, True):
+        with poisoned_memory():
+            outputs = nested_prefix_loss_and_decode(leaves[0], leaves[1], indices, leaves[2],
+                                                    leaves[3], sizes, weights, backend="triton")
+        check_against_reference(outputs, leaves, indices, sizes, weights, TOLERANCE[x.dtype],
+                                backward=lambda: poisoned_memory(poison_backward),
+                                label=f"nested{' (loss alone)' if loss_only else ''} ",
+                                loss_only=loss_only)
 
 
 def check_exact_ties(inputs: list[Tensor], values: Tensor, indices: Tensor, k: int) -> Tensor:

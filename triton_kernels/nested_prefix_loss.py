@@ -1,6 +1,8 @@
 """Nested-prefix (Matryoshka) loss forward and backward (DESIGN.md §3.4): every prefix's
-squared residual and the full reconstruction from one walk of gathered decoder rows per row, as
-the sparse decode makes, and every gradient from the residuals that walk stores, without a walk.
+squared residual, the full reconstruction and the loss's own suffix sums from one walk of
+gathered decoder rows per row, as the sparse decode makes, and every gradient from those suffix
+sums without a walk (under other upstream gradients than the loss's alone, from the residuals
+of the walk made again).
 
     group[b, j]      = the first g with indices[b, j] < prefix_sizes[g]
     r_g[b]           = x[b] - b_dec - sum of values[b, j] * W_dec[indices[b, j]] over the slots
@@ -13,6 +15,8 @@ the sparse decode makes, and every gradient from the residuals that walk stores,
     grad_values[b,j] = -W_dec[indices[b, j]] . S_{group[b, j]}[b]
     grad_W_dec[i]    = -sum over the pairs (b, j) of latent i of values[b, j] S_{group[b, j]}[b]
     grad_x           = S_0 + grad_x_hat,   grad_b_dec = sum over b of grad_x_hat - grad_x
+    P_h[b]           = sum over g >= h of (2 w_g / B) r_g[b]    (the forward's: from the loss
+                       alone, grad_prefix_losses and grad_x_hat absent, S = grad_loss P)
 
 x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 prefix sizes;
 outputs in x's dtype, float32 accumulation.
@@ -33,8 +37,8 @@ A walk step is the decode's plus a masked store (each row ends at most G groups 
 The previous slot's group is carried from the last step, and the offsets of W_dec and of R
 are 32-bit unless it has 2^31 elements or more. The tile's columns come in runs of 4
 (_columns_by_4), so that its 16-bit loads and R's float32 stores share one layout: 4 rows of 4
-columns a thread. In the sm_90 SASS (bfloat16, 8 warps, Triton 3.6) a step is 128
-instructions without a barrier at depth 1 (191 and 235 with 5 barriers at depths 2 and 3, the
+columns a thread. In the sm_90 SASS (bfloat16, 8 warps, Triton 3.6) a step is 125 to 128
+instructions without a barrier at depth 1 (175 to 243 with 5 barriers at depths 2 and 3, the
 pipeliner's), of which 16 multiply-adds, 24 for the bfloat16 widenings, 4 slot loads (one
 int64 a row) and 4 gathers of 8 bytes. Before the packed slots and the runs of 4 it was 140
 with 4 barriers (247 and 272 with 7 at depths 2 and 3): runs of 8 columns gave 16-byte loads of
@@ -42,36 +46,46 @@ with 4 barriers (247 and 272 with 7 at depths 2 and 3): runs of 8 columns gave 1
 through shared memory, and a row's group, latent and value were loaded apart. The earlier walk,
 which also took every squared norm, was 236 without a barrier.
 
-Norms (the walk's epilogue). After a barrier (other threads of the program stored them), the
-program reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row
-has a slot of group g, else r_{g-1} (x - b_dec below the row's first group), written to R[g]
-there; partial holds the tile's part of each squared norm. These reads follow the walk's
-stores of the same tile, so they mostly hit L2. (The earlier walk took each squared norm in
-the walk, a reduction over the tile's columns at every position, since some row of a tile
-nearly always crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100,
-B=8192, d=2304, k=64, G=6, bf16, 2026-11-27.)
+The walk's epilogue. After a barrier (other threads of the program stored them), the program
+reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row has a slot
+of group g, else r_{g-1} (x - b_dec below the row's first group), written to R[g] there;
+partial holds the tile's part of each squared norm. These reads follow the walk's stores of the
+same tile, so they mostly hit L2. (The earlier walk took each squared norm in the walk, a
+reduction over the tile's columns at every position, since some row of a tile nearly always
+crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100, B=8192, d=2304,
+k=64, G=6, bf16, 2026-11-27.) Then (SUFFIX, the forward's walk) the suffix sums of the same
+tile, as _suffix_kernel makes them below, with coef_g = 2 w_g / B: from the last group down,
+A += coef_g R[g], P_g = A stored in x's dtype (71 instructions a group, sm_90 SASS). The
+forward returns P; R was its scratch.
 
-Backward (_suffix_kernel, then one pass over the pairs). A program owns a tile of rows and
-columns (16 x 256, 4 warps) and, from the last group down, accumulates A += scale_g R[g] and
-writes S_g = A - grad_x_hat in x's dtype to S [G, B, d]; grad_x = A at the end, kept apart from
-grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own gradient in S, and adding it
-back would lose grad_x's low bits). R is then no longer needed: the op's autograd formula
-(sparsecode.nested_prefix_loss) frees its memory before the pass over the pairs allocates
-grad_W_dec, so that R and grad_W_dec are never held at once. Then grad_W_dec and grad_values are
-one latent_rows_sum_dots over the pairs with src_rows = group * B + b
-(sparse_grad.latent_rows_sum_dots: the extension's kernels, or torch ops where it has none for
-the device), as the sparse decode's backward with its grad_out replaced by S. R is kept in
-float32 because rounded to bfloat16 it lost too much: on random problems at the test shapes the
-worst bfloat16 grad b_dec error went from 7.7e-3 to 1.7e-2 of the 2e-2 tolerance.
+Backward from the loss alone (the training step's): S = grad_loss P, so one pass over the pairs
+of P gives grad_W_dec (coefficients grad_loss * values) and grad_values (grad_loss times the
+dots): latent_rows_sum_dots with src_rows = group * B + b (sparse_grad.latent_rows_sum_dots:
+the extension's kernels, or torch ops where it has none for the device), as the sparse
+decode's backward with its grad_out replaced by P; grad_x = grad_loss P_0. With grad_loss = 1
+these are the bits of the backward below.
+
+Backward under other upstream gradients (grad_prefix_losses or grad_x_hat given): the walk
+again without SUFFIX (nested_prefix_loss_residuals) for R, then _suffix_kernel: a program owns
+a tile of rows and columns (16 x 256, 4 warps) and, from the last group down, accumulates
+A += scale_g R[g] and writes S_g = A - grad_x_hat in x's dtype to S [G, B, d]; grad_x = A at
+the end, kept apart from grad_x_hat (an upstream grad_x_hat nearly cancels the loss's own
+gradient in S, and adding it back would lose grad_x's low bits). R is then no longer needed:
+the op's autograd formula (sparsecode.nested_prefix_loss) frees its memory before the pass over
+the pairs of S allocates grad_W_dec. R is float32 because rounded to bfloat16 it lost too much:
+on random problems at the test shapes the worst bfloat16 grad b_dec error went from 7.7e-3 to
+1.7e-2 of the 2e-2 tolerance.
 
 Cost. Forward: the decode's 2*B*k*d FLOPs and B*k*d gathered weight elements (each row segment
-contiguous), x read twice, x_hat and G*B*d float32 elements of R written, then the norms
-(2*G*B*d FLOPs; R read back). Backward: 2*G*B*d FLOPs, R read and S written (G*B*d elements
-each), then the decode backward's pass over the pairs (4*B*k*d FLOPs; B*k rows of S gathered,
-n*d written). R, kept from the forward to the backward, is 4*G*B*d bytes; at most R and S are
-held at once in the backward, then S and grad_W_dec (the earlier walk back kept 2*B*d elements
-in x's dtype, wrote S (G*B*d) and the dots' partial sums in its backward, and gathered the rows
-again).
+contiguous), x read twice, x_hat and G*B*d float32 elements of R written, then the norms and
+the suffix sums (4*G*B*d FLOPs; R read back twice, mostly from L2; G*B*d elements of P
+written). Backward from the loss alone: the decode backward's pass over the pairs (4*B*k*d
+FLOPs; B*k rows of P gathered, n*d written). The forward holds R and P at once, P is kept for
+the backward (2*G*B*d bytes in bfloat16, against R's 4*G*B*d); the backward holds P and
+grad_W_dec. Against the suffix sums made in the backward from R kept by the forward (the
+design before this one), the training step no longer reads R back from memory in its
+backward: 4*G*B*d bytes (453 MB at B=8192, d=2304, G=6), about 0.15 ms of an H100's HBM. The
+other upstream gradients cost the walk again.
 """
 
 from __future__ import annotations
@@ -191,9 +205,10 @@ def _group_at(g, at, stride):
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, bias_ptr, slot_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr, partial_ptr, B, k, d, G,
-    WIDE: tl.constexpr, R_WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
+    x_ptr, bias_ptr, slot_ptr, present_ptr, w_ptr, xhat_ptr, resid_ptr, partial_ptr, coef_ptr,
+    p_ptr, B, k, d, G,
+    SUFFIX: tl.constexpr, WIDE: tl.constexpr, R_WIDE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     cols = _columns_by_4(BLOCK_D)
     rows, row_ok, col_ok, tile, at = _tile(B, d, cols, BLOCK_B)
@@ -237,6 +252,26 @@ def _forward_kernel(
                      tl.load(resid_ptr + g_at, mask=has[:, None] & col_ok[None, :], other=0.0), r)
         tl.store(resid_ptr + g_at, r, mask=(row_ok & ~has)[:, None] & col_ok[None, :])
         tl.store(partial_ptr + out + g, tl.sum(r * r, axis=1), mask=row_ok)
+    if SUFFIX:  # the loss's own suffix sums, from the tile of R just completed
+        tl.debug_barrier()  # other threads may have completed the parts of R this one reads
+        _suffix_sums(resid_ptr, p_ptr, coef_ptr, r, r_at, stride, tile, G, False)
+
+
+@triton.jit
+def _suffix_sums(resid_ptr, s_ptr, scale_ptr, gxh, at, stride, tile, G, HAS_GXH: tl.constexpr):
+    """From the last group down, A += scale_g R[g] over a tile (offsets `at` in [B, d], mask
+    tile, stride: _group_stride) and S_g = A, less gxh (the tile of grad_x_hat, float32) when
+    HAS_GXH, stored to S [G, B, d] in its dtype; returns A (float32). gxh's shape and layout
+    are the tile's."""
+    A = tl.zeros_like(gxh)
+    for q in range(0, G):
+        g_at = _group_at(G - 1 - q, at, stride)
+        A += tl.load(scale_ptr + G - 1 - q) * tl.load(resid_ptr + g_at, mask=tile, other=0.0)
+        S = A
+        if HAS_GXH:
+            S = A - gxh
+        tl.store(s_ptr + g_at, S.to(s_ptr.dtype.element_ty), mask=tile)
+    return A
 
 
 @triton.jit
@@ -245,16 +280,10 @@ def _suffix_kernel(resid_ptr, s_ptr, gxh_ptr, scale_ptr, gx_ptr, B, d, G, HAS_GX
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows, row_ok, col_ok, tile, at = _tile(B, d, cols, BLOCK_B)
     stride = _group_stride(B, d, BLOCK_B)
-    A = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    gxh = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     if HAS_GXH:
         gxh = tl.load(gxh_ptr + at, mask=tile, other=0.0).to(tl.float32)
-    for q in range(0, G):
-        g_at = _group_at(G - 1 - q, at, stride)
-        A += tl.load(scale_ptr + G - 1 - q) * tl.load(resid_ptr + g_at, mask=tile, other=0.0)
-        S = A
-        if HAS_GXH:
-            S = A - gxh
-        tl.store(s_ptr + g_at, S.to(s_ptr.dtype.element_ty), mask=tile)
+    A = _suffix_sums(resid_ptr, s_ptr, scale_ptr, gxh, at, stride, tile, G, HAS_GXH)
     tl.store(gx_ptr + at, A.to(gx_ptr.dtype.element_ty), mask=tile)
 
 
@@ -340,18 +369,12 @@ def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk
     return walk
 
 
-def nested_prefix_loss_forward(
-    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-    prefix_sizes: Sequence[int], prefix_weights: Sequence[float], stages: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype, and
-    every prefix's residual as resid [G, B, d] (float32): resid[g] = r_g.
-
-    Forward only: nested_prefix_loss_suffix_sums, then nested_prefix_loss_pair_grads, are its
-    backward.
-    stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
-    """
-    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+def _walk(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+          prefix_sizes: Sequence[int], coef: Sequence[float] | None,
+          stages: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The forward walk over checked inputs: (partial [column tiles, B, G], x_hat [B, d], R, and
+    when coef is given (one float per group) the suffix sums P_g = sum over h >= g of
+    coef_h R[h], [G, B, d] in x's dtype)."""
     walk = _plan(values, indices, prefix_sizes)
     B, d = x.shape
     k = values.shape[1]
@@ -362,14 +385,48 @@ def nested_prefix_loss_forward(
     x_hat = torch.empty(B, d, dtype=x.dtype, device=device)
     resid = torch.empty(G, B, d, dtype=torch.float32, device=device)
     partial = torch.empty(grid[1], B, G, dtype=torch.float32, device=device)
+    P = None if coef is None else torch.empty(G, B, d, dtype=x.dtype, device=device)
     launch_walk(_forward_kernel, grid, stages, NESTED_STAGES, _WARPS, walk_registers(x.dtype),
                 x.contiguous(), b_dec.contiguous(), walk.slot, walk.present, W_dec.contiguous(),
-                x_hat, resid, partial, B, k, d, G,
-                WIDE=W_dec.numel() >= WIDE_ELEMENTS, R_WIDE=resid.numel() >= WIDE_ELEMENTS,
-                BLOCK_B=block_b, BLOCK_D=block_d)
+                x_hat, resid, partial,
+                partial if coef is None else _on_device(coef, torch.float32, device),
+                resid if P is None else P, B, k, d, G,
+                SUFFIX=P is not None, WIDE=W_dec.numel() >= WIDE_ELEMENTS,
+                R_WIDE=resid.numel() >= WIDE_ELEMENTS, BLOCK_B=block_b, BLOCK_D=block_d)
+    return partial, x_hat, resid, P
+
+
+def nested_prefix_loss_forward(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+    prefix_sizes: Sequence[int], prefix_weights: Sequence[float], stages: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype, and
+    the loss's own suffix sums P [G, B, d] in x's dtype: P_g = sum over h >= g of
+    (2 prefix_weights[h] / B) r_h, the S of a backward from the loss alone (S = grad_loss P).
+
+    Forward only: its backward is nested_prefix_loss_pair_grads of grad_loss P, or with other
+    upstream gradients nested_prefix_loss_residuals, nested_prefix_loss_suffix_sums, then
+    nested_prefix_loss_pair_grads.
+    stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
+    """
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    B = x.shape[0]
+    coef = [w * (2.0 / max(B, 1)) for w in prefix_weights]  # no rows, no terms
+    partial, x_hat, _, P = _walk(x, values, indices, W_dec, b_dec, prefix_sizes, coef, stages)
     means = partial.double().sum(0).sum(0) / B
-    weights = _on_device(prefix_weights, torch.float64, device)
-    return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, resid
+    weights = _on_device(prefix_weights, torch.float64, x.device)
+    return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, P
+
+
+def nested_prefix_loss_residuals(
+    x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+    prefix_sizes: Sequence[int], stages: int | None = None,
+) -> Tensor:
+    """Every prefix's residual R [G, B, d] (float32), R[g] = r_g, from the forward walk again:
+    what nested_prefix_loss_suffix_sums takes when the upstream gradients are not the loss's
+    alone."""
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, [1.0] * len(prefix_sizes))
+    return _walk(x, values, indices, W_dec, b_dec, prefix_sizes, None, stages)[2]
 
 
 def nested_prefix_loss_suffix_sums(
@@ -377,16 +434,16 @@ def nested_prefix_loss_suffix_sums(
     indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int], prefix_weights: Sequence[float],
     resid: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The first half of nested_prefix_loss_forward's backward: (S [G, B, d], grad_x [B, d],
-    grad_b_dec [d]), in x's dtype (that of values), from the upstream grad_loss [],
-    grad_prefix_losses [G] and grad_x_hat [B, d] (or None) and the forward's residuals
-    resid [G, B, d] (float32), which the second half (nested_prefix_loss_pair_grads) does not
-    need."""
+    """The first half of nested_prefix_loss_forward's backward under any upstream gradients:
+    (S [G, B, d], grad_x [B, d], grad_b_dec [d]), in x's dtype (that of values), from the
+    upstream grad_loss [], grad_prefix_losses [G] and grad_x_hat [B, d] (or None) and the
+    residuals resid [G, B, d] (float32; nested_prefix_loss_residuals), which the second half
+    (nested_prefix_loss_pair_grads) does not need."""
     G = len(prefix_sizes)
     if resid.dim() != 3 or resid.shape[0] != G or resid.dtype != torch.float32 \
             or not resid.is_contiguous():
-        raise ValueError(f"resid must be the forward's contiguous float32 [G, B, d_model] "
-                         f"residuals, got {list(resid.shape)} {resid.dtype}")
+        raise ValueError(f"resid must be nested_prefix_loss_residuals's contiguous float32 "
+                         f"[G, B, d_model] residuals, got {list(resid.shape)} {resid.dtype}")
     B, d = resid.shape[1:]
     device = values.device
     grad_x = torch.empty(B, d, dtype=values.dtype, device=device)
