@@ -322,16 +322,27 @@ def test_nested_loss_of_16_prefixes_matches_reference(dtype, seed):
                                          TOLERANCE[dtype])
 
 
-def test_nested_forward_walk_gives_the_same_bits_with_64_bit_offsets(monkeypatch, seed):
-    """The forward walk's 64-bit W_dec and R offsets (taken from WIDE_ELEMENTS on) give the
-    bits of its 32-bit ones."""
+def test_walks_give_the_same_bits_with_64_bit_offsets(monkeypatch, seed):
+    """The walks' 64-bit offsets of W_dec, the code and R (taken from WIDE_ELEMENTS on) give the
+    bits of their 32-bit ones: the decode, its grad_values and the nested loss's forward walk
+    (its suffix sums, and the residuals walked again)."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
+    from sparsecode.triton_kernels import sparse_decode as decode
 
     problem = nested_tests.make_problem(5, 32, 130, 8, torch.float32)
-    narrow = nested.nested_prefix_loss_forward(*problem)
+    x, values, indices, W_dec, b_dec, sizes, _ = problem
+
+    def outputs() -> list[torch.Tensor]:
+        return [decode.sparse_decode_forward(values, indices, W_dec, b_dec),
+                decode.sparse_decode_grad_values(x, indices, W_dec),
+                *nested.nested_prefix_loss_forward(*problem),
+                nested.nested_prefix_loss_residuals(x, values, indices, W_dec, b_dec, sizes)]
+
+    narrow = outputs()
+    monkeypatch.setattr(decode, "WIDE_ELEMENTS", 0)
     monkeypatch.setattr(nested, "WIDE_ELEMENTS", 0)
-    for got, want in zip(nested.nested_prefix_loss_forward(*problem), narrow, strict=True):
-        assert torch.equal(got, want)
+    for position, (got, want) in enumerate(zip(outputs(), narrow, strict=True)):
+        assert torch.equal(got, want), f"output {position}"
 
 
 def test_nested_suffix_sums_give_the_same_bits_over_any_tiles(monkeypatch, seed):

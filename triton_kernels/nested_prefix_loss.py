@@ -32,19 +32,19 @@ Forward walk (_forward_kernel). A program owns BLOCK_B rows and BLOCK_D columns,
 decode's forward does, and walks the k positions with the gathers pipelined at the depth the
 autotuner picks (sparse_decode.autotuned), under the same register cap, holding the residual r
 (float32): before a slot whose group is above the previous slot's, r is the previous group's
-residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r.
-A walk step is the decode's plus a masked store (each row ends at most G groups in k slots).
-The previous slot's group is carried from the last step, and the offsets of W_dec and of R
-are 32-bit unless it has 2^31 elements or more. The tile's columns come in runs of 4
-(_columns_by_4), so that its 16-bit loads and R's float32 stores share one layout: 4 rows of 4
-columns a thread. In the sm_90 SASS (bfloat16, 8 warps, Triton 3.6) a step is 125 to 128
-instructions without a barrier at depth 1 (175 to 243 with 5 barriers at depths 2 and 3, the
-pipeliner's), of which 16 multiply-adds, 24 for the bfloat16 widenings, 4 slot loads (one
-int64 a row) and 4 gathers of 8 bytes. Before the packed slots and the runs of 4 it was 140
-with 4 barriers (247 and 272 with 7 at depths 2 and 3): runs of 8 columns gave 16-byte loads of
-2 rows of 8 columns a thread, each slot's store of R moved the tile to the store's layout
-through shared memory, and a row's group, latent and value were loaded apart. The earlier walk,
-which also took every squared norm, was 236 without a barrier.
+residual, stored to R; after the last slot r goes to R as the last group's, and x_hat = x - r. A
+walk step is the decode's plus a masked store (each row ends at most G groups in k slots). The
+previous slot's group is carried from the last step. W_dec's offsets are 32-bit unless W_dec or
+the code has 2^31 elements or more (sparse_decode.wide_offsets), R's unless R has. The tile's
+columns come in runs of 4 (_columns_by_4), so that its 16-bit loads and R's float32 stores share
+one layout: 4 rows of 4 columns a thread. In the sm_90 SASS (bfloat16, 8 warps, Triton 3.6) a
+step is 125 to 128 instructions without a barrier at depth 1 (175 to 243 with 5 barriers at
+depths 2 and 3, the pipeliner's), of which 16 multiply-adds, 24 for the bfloat16 widenings, 4
+slot loads (one int64 a row) and 4 gathers of 8 bytes. Before the packed slots and the runs of 4
+it was 140 with 4 barriers (247 and 272 with 7 at depths 2 and 3): runs of 8 columns gave
+16-byte loads of 2 rows of 8 columns a thread, each slot's store of R moved the tile to the
+store's layout through shared memory, and a row's group, latent and value were loaded apart. The
+earlier walk, which also took every squared norm, was 236 without a barrier.
 
 The walk's epilogue. After a barrier (other threads of the program stored them), the program
 reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row has a slot
@@ -100,7 +100,8 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsecode.sparse_grad import latent_rows_sum_dots
-from sparsecode.triton_kernels.sparse_decode import _blocks, launch_walk, walk_registers
+from sparsecode.triton_kernels.sparse_decode import (WIDE_ELEMENTS, _blocks, launch_walk,
+                                                     walk_registers, wide_offsets)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
@@ -111,8 +112,6 @@ MAX_LATENTS = 2**27  # latent * MAX_GROUPS + group fits an int32 (_pack)
 # the autotuner tries (sparse_decode.autotuned):
 _WARPS = 8
 NESTED_STAGES = (1, 2, 3)
-# W_dec and R sizes (elements) from which the forward walk computes their offsets in 64 bits.
-WIDE_ELEMENTS = 2**31
 # A suffix program's tile: rows x columns, 32 float32 elements a thread over 4 warps (the
 # benchmark's d_model, 2304, is 9 column tiles, none of them masked).
 _SUFFIX_ROWS, _SUFFIX_COLS, _SUFFIX_WARPS = 16, 256, 4
@@ -224,7 +223,7 @@ def _forward_kernel(
     prev = tl.full([BLOCK_B], G, tl.int32)  # the previous slot's group (G before the first)
     for q in tl.range(0, k, num_stages=STAGES):
         i, group, v = _unpack(tl.load(slot_ptr + walk + q, mask=row_ok, other=0))
-        if WIDE:  # W_dec's offsets need 64 bits (else 32-bit arithmetic, fewer instructions)
+        if WIDE:  # W_dec's offsets need 64 bits (sparse_decode.wide_offsets)
             i = i.to(tl.int64)
         # When the previous slot's group is lower, r is its residual.
         tl.store(resid_ptr + _group_at(prev, r_at, stride), r,
@@ -391,7 +390,7 @@ def _walk(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tens
                 x_hat, resid, partial,
                 partial if coef is None else _on_device(coef, torch.float32, device),
                 resid if P is None else P, B, k, d, G,
-                SUFFIX=P is not None, WIDE=W_dec.numel() >= WIDE_ELEMENTS,
+                SUFFIX=P is not None, WIDE=wide_offsets(W_dec, B, k),
                 R_WIDE=resid.numel() >= WIDE_ELEMENTS, BLOCK_B=block_b, BLOCK_D=block_d)
     return partial, x_hat, resid, P
 
