@@ -612,13 +612,16 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
 class TrainStep:
     """One training step of `sae` on bfloat16 x [B, d_model]: the SAE's weights are bfloat16,
     their float32 masters and Adam moments live in a MasterWeightAdam; forward, loss and
-    backward, with each weight stepped (and its gradient freed) as its gradient lands, or with
-    after_backward, one optimiser step after the backward."""
+    backward, with each weight stepped (and its gradient freed) as its gradient lands (with
+    side_stream, on a second CUDA stream), or with after_backward, one optimiser step after the
+    backward."""
 
-    def __init__(self, sae: sparsecode.SAE, x: Tensor, after_backward: bool = False) -> None:
+    def __init__(self, sae: sparsecode.SAE, x: Tensor, after_backward: bool = False,
+                 side_stream: bool = False) -> None:
         self.sae, self.x = sae.to(DTYPE), x
         self.after_backward = after_backward
-        self.opt = MasterWeightAdam(sae.parameters(), lr=LR, step_in_backward=not after_backward)
+        self.opt = MasterWeightAdam(sae.parameters(), lr=LR, step_in_backward=not after_backward,
+                                    side_stream=side_stream)
 
     def __call__(self) -> None:
         self.sae(self.x).loss.backward()
@@ -654,7 +657,8 @@ class StepFigures:
 
 
 def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
-                 floors: bool = False, after_backward: bool = False) -> StepFigures:
+                 floors: bool = False, after_backward: bool = False,
+                 side_stream: bool = False) -> StepFigures:
     """Times the TrainStep of a `kind` ("matryoshka" or "topk") SAE on `backend` at `batch`
     rows, then measures one step's peak memory; with floors, also times the Adam step alone
     and the bare encoder GEMM x @ W_enc in bfloat16."""
@@ -665,7 +669,7 @@ def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
     else:
         sae = sparsecode.TopKSAE(D_MODEL, D_SAE, K, backend=backend, device=DEVICE)
     x = torch.randn(batch, D_MODEL, device=DEVICE, dtype=DTYPE)
-    step = TrainStep(sae, x, after_backward)
+    step = TrainStep(sae, x, after_backward, side_stream)
     ms = time_ms(step, runs=runs)
     gemm_ms = adam_ms = None
     if floors:
@@ -709,11 +713,15 @@ def test_training_steps(report: Report) -> None:
     after = report.attempt("step: matryoshka, auto, Adam after the backward",
                            lambda: measure_step("matryoshka", "auto", BATCH, after_backward=True))
     torch.cuda.empty_cache()
+    side = report.attempt("step: matryoshka, auto, Adam on a side stream",
+                          lambda: measure_step("matryoshka", "auto", BATCH, side_stream=True))
+    torch.cuda.empty_cache()
     ref = report.attempt("step: matryoshka, reference", lambda: reference_step(report))
     torch.cuda.empty_cache()
 
     for label, figures in (("step: matryoshka, auto", matryoshka), ("step: topk, auto", topk),
                            ("step: matryoshka, auto, Adam after the backward", after),
+                           ("step: matryoshka, auto, Adam on a side stream", side),
                            ("step: matryoshka, reference", ref)):
         if figures is not None:
             report.add(f"{label}, B={figures.batch}", figures.summary())

@@ -17,6 +17,11 @@ accumulated in the backward and frees that gradient, so that at most one weight'
 alive at a time (the optimiser-in-backward technique). It cannot be combined with gradient
 accumulation over several backwards, gradient clipping, edits of the gradients before the step,
 or DistributedDataParallel; ``step()`` then only steps parameters whose gradients are still set.
+With ``side_stream=True`` (CUDA) those steps run on a second CUDA stream, after the work queued
+so far, so that a weight's step overlaps the rest of the backward (in an SAE, the decoder's step
+runs while the encoder's backward does: the one is bound by memory traffic, the other by
+instruction issue); the backward's end makes the caller's stream wait for them, without making
+the host wait. Whether that is faster depends on the GPU: the GPU benchmark times both.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ class MasterWeightAdam(torch.optim.Optimizer):
     params: tensors of float32, bfloat16 or float16, contiguous; a float32 parameter is its own
     master. lr, betas, eps: as torch.optim.Adam. backend: "auto" runs the Triton kernel on CUDA
     tensors where Triton is installed; "triton" asks for it (CPU tensors only under
-    TRITON_INTERPRET=1); any other backend name runs the torch-op step. step_in_backward: see the
-    module docstring. Its state per parameter: step (int), exp_avg, exp_avg_sq and, for a
+    TRITON_INTERPRET=1); any other backend name runs the torch-op step. step_in_backward,
+    side_stream: see the module docstring. Its state per parameter: step (int), exp_avg, exp_avg_sq and, for a
     parameter that is not float32, master, each float32 of the parameter's shape.
     """
 
@@ -55,6 +60,7 @@ class MasterWeightAdam(torch.optim.Optimizer):
         *,
         backend: str = "auto",
         step_in_backward: bool = False,
+        side_stream: bool = False,
     ) -> None:
         if not (lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a non-negative number, got {lr}")
@@ -62,8 +68,15 @@ class MasterWeightAdam(torch.optim.Optimizer):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps}")
+        if side_stream and not step_in_backward:
+            raise ValueError("side_stream=True runs the steps that step_in_backward=True takes "
+                             "in the backward; pass step_in_backward=True too")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self.backend = backend
+        # The side stream of each device (side_stream=True), and whether this backward's end
+        # already has the callback that makes the caller's streams wait for them.
+        self._sides: dict[torch.device, torch.cuda.Stream] | None = {} if side_stream else None
+        self._rejoin_queued = False
         for param in self._params():
             if param.dtype not in _FLOATS:
                 raise TypeError(f"MasterWeightAdam takes float32, bfloat16 or float16 "
@@ -72,6 +85,9 @@ class MasterWeightAdam(torch.optim.Optimizer):
                 raise ValueError(f"MasterWeightAdam needs contiguous parameters, got one of "
                                  f"shape {list(param.shape)}: make it contiguous first")
             resolve_backend(backend, param.device)
+            if side_stream and param.device.type != "cuda":
+                raise ValueError(f"side_stream=True needs CUDA parameters, got one on "
+                                 f"{param.device}; leave side_stream off there")
             if step_in_backward:
                 param.register_post_accumulate_grad_hook(self._step_in_backward)
 
@@ -84,8 +100,26 @@ class MasterWeightAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_in_backward(self, param: Tensor) -> None:
-        self._step_param(param, self._group_of(param))
+        if self._sides is None:
+            self._step_param(param, self._group_of(param))
+        else:
+            side = self._sides.get(param.device)
+            if side is None:
+                side = self._sides[param.device] = torch.cuda.Stream(param.device)
+            side.wait_stream(torch.cuda.current_stream(param.device))
+            with torch.cuda.stream(side):
+                self._step_param(param, self._group_of(param))
+            param.grad.record_stream(side)  # not reused before the step has read it
+            if not self._rejoin_queued:
+                self._rejoin_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._rejoin)
         param.grad = None
+
+    def _rejoin(self) -> None:
+        """At the backward's end: the caller's stream of each device waits for the steps."""
+        for device, side in self._sides.items():
+            torch.cuda.current_stream(device).wait_stream(side)
+        self._rejoin_queued = False
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]

@@ -166,6 +166,11 @@ def test_bad_input():
         MasterWeightAdam([torch.zeros(3, requires_grad=True)], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="backend must be one of"):
         MasterWeightAdam([torch.zeros(3, requires_grad=True)], backend="fast")
+    with pytest.raises(ValueError, match="pass step_in_backward=True too"):
+        MasterWeightAdam([torch.zeros(3, requires_grad=True)], side_stream=True)
+    with pytest.raises(ValueError, match="side_stream=True needs CUDA parameters, got one on cpu"):
+        MasterWeightAdam([torch.zeros(3, requires_grad=True)], step_in_backward=True,
+                         side_stream=True)
     param = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
     opt = MasterWeightAdam([param])
     with pytest.raises(ValueError, match="not one this optimiser steps"):

@@ -345,6 +345,38 @@ def test_training_step_ops_do_not_synchronise(nested_backend: str, seed: int) ->
     torch.cuda.synchronize()
 
 
+def test_side_stream_steps_match_and_do_not_synchronise(seed: int) -> None:
+    """MasterWeightAdam(step_in_backward=True, side_stream=True): three Matryoshka steps give
+    the weights of the steps taken on the backward's own stream, bit for bit (every kernel of
+    the step is deterministic), and a step never makes the host wait for the GPU."""
+    d_model, d_sae, k, batch = 256, 4096, 32, 2048
+    xs = [torch.randn(batch, d_model, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    trained = []
+    for side_stream in (False, True):
+        torch.manual_seed(seed)
+        sae = MatryoshkaSAE(d_model, d_sae, k, [512, 1024, 2048, 4096], backend="triton",
+                            device=DEVICE, dtype=torch.bfloat16)
+        MasterWeightAdam(sae.parameters(), lr=1e-3, step_in_backward=True,
+                         side_stream=side_stream)
+        for step, x in enumerate(xs):
+            values, indices = ops.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k,
+                                              backend="triton")
+            loss, _, _ = nested_prefix_loss_and_decode(x, values, indices, sae.W_dec, sae.b_dec,
+                                                       sae.prefix_sizes, sae.prefix_weights,
+                                                       backend="triton")
+            if step == len(xs) - 1:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert all(p.grad is None for p in sae.parameters())
+        trained.append([p.detach().clone() for p in sae.parameters()])
+    for (name, _), a, b in zip(sae.named_parameters(), *trained, strict=True):
+        assert torch.equal(a, b), f"{name} differs with side_stream=True"
+
+
 def test_compiled_training_step_matches_eager(seed: int) -> None:
     """torch.compile(fullgraph=True) of a MatryoshkaSAE's loss on the triton backend runs
     without graph breaks, and two Adam steps through it match two eager steps: same losses,
