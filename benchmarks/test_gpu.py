@@ -568,8 +568,8 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     # The Triton walk at the depth the autotuner picks (the rows above) against depth 1, and the
     # backward alone: from the loss alone, the pass over the pairs from the forward's suffix
     # sums P; under other upstream gradients, the residuals walked again, the suffix sums from
-    # them, then the pass over the pairs (the op's autograd formula frees the residuals before
-    # that pass; here they are kept for the next run).
+    # them, then the pass over the pairs (the residuals freed before it, as the op's autograd
+    # formula frees them).
     from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
                                                               nested_prefix_loss_pair_grads,
                                                               nested_prefix_loss_residuals,
