@@ -85,8 +85,9 @@ SWEEP = [
 # 128-deep d steps (96 KB of tiles per stage); 64-row tiles over 4 warps at 2 stages (82 KB of
 # shared memory and 255 registers a thread, so two programs fit on an SM and one can select
 # while the other multiplies, at the cost of loading each W_enc tile for 64 rows instead of
-# 128), as the default and with the count alone. Swept last (test_encode_tma_sweep), so that
-# a fault there cannot spoil the other measurements of the run.
+# 128), as the default and with the count alone; the default as one loop over every tile's d
+# steps (flat). Swept last (test_encode_tma_sweep), so that a fault there cannot spoil the other
+# measurements of the run.
 TMA_TILES = {**TILES, "block_n": 256, "tma": True, "num_stages": 4}
 TMA_DEFAULT = {**TMA_TILES, "select_halves": True}
 TMA_SWEEP = [
@@ -99,6 +100,7 @@ TMA_SWEEP = [
     {**TMA_DEFAULT, "block_d": 128, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2, "unchecked_steps": 128},
+    {**TMA_DEFAULT, "flat": True},
 ]
 
 

@@ -225,6 +225,25 @@ def test_encode_unchecked_steps_change_nothing(unchecked, fold, dtype, seed):
         assert torch.equal(got[0], expected[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fold", FOLDS)
+@pytest.mark.parametrize("tma", [False, pytest.param(True, marks=needs_interpreted_descriptors)])
+def test_encode_flat_loop_changes_nothing(tma, fold, dtype, seed):
+    """One loop over every tile's d steps (EncodeConfig.flat) gives the nested loops' values
+    and indices bit for bit: ranges of several tiles, the last one past d_sae, and d_model a
+    multiple of the d step, not one and smaller than one, on random rows and on rows full of
+    exact ties."""
+    tiles = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, tma=tma,
+                 **FOLDS[fold])
+    problems = [make_inputs(5, d, 136, dtype) for d in (32, 40, 8)]
+    problems.append([t.to(dtype) for t in exact_tie_inputs(5, 16, 136)])
+    for inputs in problems:
+        expected = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles))
+        got = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, flat=True))
+        assert torch.equal(got[1], expected[1])
+        assert torch.equal(got[0], expected[0])
+
+
 def test_encode_all_negative_preactivations_give_zero_values(seed):
     x, W_enc, b_enc, b_dec = make_inputs(5, 7, 33, torch.float32)
     values, indices = ops.topk_encode(x, W_enc, b_enc - 100.0, b_dec, 3, backend="triton")

@@ -48,18 +48,21 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
         pads = (1, 64, 256) if name == "bfloat16" else (1, 64)
         variants = [(topk_encode.default_tiles(dtype, tma), pads) for tma in tma_options]
         if name == "bfloat16":
-            # The benchmark's sweep also folds the pointer tiles by halves, and takes insertion
-            # steps before testing across warps (some, or the count alone) with the last tiles.
+            # The benchmark's sweep also folds the pointer tiles by halves, takes insertion
+            # steps before testing across warps (some, or the count alone) with the last tiles,
+            # and runs them as one loop over every tile's d steps (flat).
             pointer, last = variants[0][0], variants[-1][0]
             variants.append((dataclasses.replace(pointer, select_halves=True), pads))
             variants += [(dataclasses.replace(last, unchecked_steps=steps), (64,))
                          for steps in (16, 128)]
+            variants += [(dataclasses.replace(tiles, flat=True), (64,))
+                         for tiles in {pointer, last}]
         for tiles, k_pads in variants:
             tma = tiles.tma
             for k_pad in k_pads:
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
-                    f"unchecked_steps={tiles.unchecked_steps} K_PAD={k_pad}",
+                    f"unchecked_steps={tiles.unchecked_steps} flat={tiles.flat} K_PAD={k_pad}",
                     topk_encode._encode_kernel,
                     {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "B": "i32", "d": "i32",
@@ -68,7 +71,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
                      "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1,
                      "KEYED": topk_encode._keyed(dtype, tiles),
-                     "UNCHECKED": tiles.unchecked_steps},
+                     "UNCHECKED": tiles.unchecked_steps, "FLAT": tiles.flat},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         cap = sparse_decode.walk_registers(dtype)

@@ -252,13 +252,16 @@ ENCODE_OPTIONS = [
     pytest.param({"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
     pytest.param({"unchecked_steps": 128}, torch.bfloat16, id="unchecked128-bfloat16"),
     pytest.param({"unchecked_steps": 128}, torch.float32, id="unchecked128-float32"),
+    pytest.param({"flat": True}, torch.bfloat16, id="flat-bfloat16"),
+    pytest.param({"flat": True}, torch.float32, id="flat-float32"),
 ]
 
 
 @pytest.mark.parametrize("option,dtype", ENCODE_OPTIONS)
 def test_encode_options_match_the_default(option: dict, dtype: torch.dtype, seed: int) -> None:
-    """Insertion steps before the test across warps give the default encode's values and
-    indices bit for bit at the benchmarks' size (every output poisoned)."""
+    """Insertion steps before the test across warps, and one loop over every tile's d steps,
+    give the default encode's values and indices bit for bit at the benchmarks' size (every
+    output poisoned)."""
     from sparsecode.triton_kernels import topk_encode as module
 
     d, n, k = ISSUE_SIZE

@@ -47,6 +47,14 @@ column tile (from L2), W_enc once per row block (from L2; once from HBM when the
 march together), and B*splits*k*8 bytes of candidates, instead of the B*n*4 bytes of a
 pre-activation matrix that the naive mm + topk writes and reads back.
 
+Flat loop (EncodeConfig(flat=True), off by default until a GPU has timed it). The tiles' d
+loops and the walk over the tiles become one loop over every tile's d steps, the selection under
+the last step of each tile: Triton's pipeliner then issues the next tile's first loads before a
+tile's selection runs, where the nested loops started each tile's pipeline afresh after it. In
+the sm_90 SASS (bf16, TMA tiles, halves, Triton 3.6) a d step is about 75 instructions either
+way, 255 registers and no spills (with the tile and d step computed from the step number by a
+division, it spilled 152 bytes).
+
 Loads. The x' and W_enc tiles are masked pointer loads, or with EncodeConfig(tma=True) loads
 through device-side tensor descriptors (TMA on Hopper and newer, zero-filled past the edges as
 the masks do), which need 16-byte aligned data and rows: d and n multiples of 16 bytes /
@@ -80,6 +88,7 @@ class EncodeConfig:
     select_halves: bool = False  # fold each tile into the top k one column half at a time
     keys: bool = True  # 16-bit inputs: rank by int32 keys (see the docstring), not by values
     unchecked_steps: int = 0  # insertion steps per fold before the first "any row left?" test
+    flat: bool = False  # one loop over every tile's d steps (the next tile's loads prefetched)
 
     def __post_init__(self) -> None:
         for name in ("block_b", "block_n", "block_d"):
@@ -207,12 +216,54 @@ def _fold_tile(pre, c0, top_v, top_i, thr, WIDTH: tl.constexpr, K_PAD: tl.conste
 
 
 @triton.jit
+def _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols, col_ok, d, n,
+                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """The x' tile [BLOCK_B, BLOCK_D] at (row0, d0) and the W_enc tile [BLOCK_D, BLOCK_N] at
+    (d0, c0), zero past the edges."""
+    if TMA:
+        a = x_desc.load([row0, d0])
+        w = w_desc.load([d0, c0])
+    else:
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < d
+        a = tl.load(xc_ptr + rows[:, None].to(tl.int64) * d + dd[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + dd[:, None].to(tl.int64) * n + cols[None, :],
+                    mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    return a, w
+
+
+@triton.jit
+def _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i, thr, BLOCK_B: tl.constexpr,
+                 BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, SELECT_SPLIT: tl.constexpr,
+                 KEYED: tl.constexpr, UNCHECKED: tl.constexpr):
+    """Folds the tile acc [BLOCK_B, BLOCK_N] of x' @ W_enc (columns c0 ...), plus b_enc, into
+    the running top-k; returns top_v, top_i and thr."""
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :], float("-inf"))
+    if SELECT_SPLIT == 2:
+        # The two column halves of the tile, each selected on its own (fewer insertion steps in
+        # all: a step scans half the columns, and the slowest row of a half sets the number of
+        # steps for that half only).
+        lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, BLOCK_N // 2]), [0, 2, 1]))
+        top_v, top_i, thr = _fold_tile(lo, c0, top_v, top_i, thr, BLOCK_N // 2, K_PAD, KEYED,
+                                       UNCHECKED)
+        top_v, top_i, thr = _fold_tile(hi, c0 + BLOCK_N // 2, top_v, top_i, thr, BLOCK_N // 2,
+                                       K_PAD, KEYED, UNCHECKED)
+    else:
+        top_v, top_i, thr = _fold_tile(pre, c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED,
+                                       UNCHECKED)
+    return top_v, top_i, thr
+
+
+@triton.jit
 def _encode_kernel(
     xc_ptr, w_ptr, b_ptr, cand_v_ptr, cand_i_ptr,
     B, d, n, k, tiles_per_split,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     SELECT_SPLIT: tl.constexpr, KEYED: tl.constexpr, UNCHECKED: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -222,6 +273,8 @@ def _encode_kernel(
     col_begin = pid_s * tiles_per_split * BLOCK_N
     slot = tl.arange(0, K_PAD)
     pos = tl.arange(0, BLOCK_N)
+    x_desc = None
+    w_desc = None
     if TMA:
         x_desc = tl.make_tensor_descriptor(xc_ptr, shape=[B, d], strides=[d, 1],
                                            block_shape=[BLOCK_B, BLOCK_D])
@@ -233,38 +286,39 @@ def _encode_kernel(
     if KEYED:
         top_v = _ordered_bits(top_v) | 255
     thr = tl.min(top_v, axis=1)
-    for t in range(0, tiles_per_split):
-        c0 = col_begin + t * BLOCK_N
-        cols = c0 + pos
-        col_ok = cols < n
+    if FLAT:
+        # One loop over every tile's d steps, the selection under its last one: the pipeliner
+        # then issues the next tile's first loads before a tile's selection runs.
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            if TMA:
-                a = x_desc.load([row0, d0])
-                w = w_desc.load([d0, c0])
-            else:
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < d
-                a = tl.load(xc_ptr + rows[:, None].to(tl.int64) * d + dd[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + dd[:, None].to(tl.int64) * n + cols[None, :],
-                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        d0 = 0
+        c0 = col_begin
+        for _ in tl.range(0, tiles_per_split * tl.maximum(tl.cdiv(d, BLOCK_D), 1)):
+            cols = c0 + pos
+            col_ok = cols < n
+            a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
+                               col_ok, d, n, BLOCK_D, TMA)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :], float("-inf"))
-
-        if SELECT_SPLIT == 2:
-            # The two column halves of the tile, each selected on its own (fewer insertion
-            # steps in all: a step scans half the columns, and the slowest row of a half sets
-            # the number of steps for that half only).
-            lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, BLOCK_N // 2]), [0, 2, 1]))
-            top_v, top_i, thr = _fold_tile(lo, c0, top_v, top_i, thr, BLOCK_N // 2, K_PAD,
-                                           KEYED, UNCHECKED)
-            top_v, top_i, thr = _fold_tile(hi, c0 + BLOCK_N // 2, top_v, top_i, thr,
-                                           BLOCK_N // 2, K_PAD, KEYED, UNCHECKED)
-        else:
-            top_v, top_i, thr = _fold_tile(pre, c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED,
-                                           UNCHECKED)
+            if d0 + BLOCK_D >= d:
+                top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v,
+                                                 top_i, thr, BLOCK_B, BLOCK_N, K_PAD,
+                                                 SELECT_SPLIT, KEYED, UNCHECKED)
+                acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+                c0 += BLOCK_N
+                d0 = -BLOCK_D
+            d0 += BLOCK_D
+    else:
+        for t in range(0, tiles_per_split):
+            c0 = col_begin + t * BLOCK_N
+            cols = c0 + pos
+            col_ok = cols < n
+            acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0,
+                                   cols, col_ok, d, n, BLOCK_D, TMA)
+                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i,
+                                             thr, BLOCK_B, BLOCK_N, K_PAD, SELECT_SPLIT, KEYED,
+                                             UNCHECKED)
     if KEYED:  # the kept values, their low 8 bits set (within 2^-15 of pre, relative)
         top_v = _ordered_bits(top_v).to(tl.float32, bitcast=True)
 
@@ -410,7 +464,7 @@ def topk_encode_forward(
         BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         K_PAD=triton.next_power_of_2(k), INPUT_PRECISION="tf32" if tf32 else "ieee",
         TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1,
-        KEYED=_keyed(x.dtype, config), UNCHECKED=config.unchecked_steps,
+        KEYED=_keyed(x.dtype, config), UNCHECKED=config.unchecked_steps, FLAT=config.flat,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     width = splits * k
