@@ -86,8 +86,10 @@ SWEEP = [
 # shared memory and 255 registers a thread, so two programs fit on an SM and one can select
 # while the other multiplies, at the cost of loading each W_enc tile for 64 rows instead of
 # 128), as the default and with the count alone; the default as one loop over every tile's d
-# steps (flat). Swept last (test_encode_tma_sweep), so that a fault there cannot spoil the other
-# measurements of the run.
+# steps (flat); 128-column tiles folded whole, each fold a step at a time under the next tile's
+# MMAs (interleave), at 4 and 6 stages (32 KB of tiles a stage), and the same tiles flat at 6
+# stages, their comparison without the interleaving. Swept last (test_encode_tma_sweep), so
+# that a fault there cannot spoil the other measurements of the run.
 TMA_TILES = {**TILES, "block_n": 256, "tma": True, "num_stages": 4}
 TMA_DEFAULT = {**TMA_TILES, "select_halves": True}
 TMA_SWEEP = [
@@ -101,6 +103,9 @@ TMA_SWEEP = [
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2, "unchecked_steps": 128},
     {**TMA_DEFAULT, "flat": True},
+    {**TMA_TILES, "block_n": 128, "interleave": True},
+    {**TMA_TILES, "block_n": 128, "interleave": True, "num_stages": 6},
+    {**TMA_TILES, "block_n": 128, "flat": True, "num_stages": 6},
 ]
 
 

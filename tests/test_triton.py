@@ -225,23 +225,34 @@ def test_encode_unchecked_steps_change_nothing(unchecked, fold, dtype, seed):
         assert torch.equal(got[0], expected[0])
 
 
+# One loop over every tile's d steps (EncodeConfig.flat), and with each tile's fold taken a
+# step at a time under the next tile's d steps (interleave, whole-tile folds only).
+LOOPS = [({"flat": True}, "whole"), ({"flat": True}, "halves"), ({"interleave": True}, "whole")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fold", FOLDS)
+@pytest.mark.parametrize("loop,fold", LOOPS, ids=["flat-whole", "flat-halves", "interleave"])
 @pytest.mark.parametrize("tma", [False, pytest.param(True, marks=needs_interpreted_descriptors)])
-def test_encode_flat_loop_changes_nothing(tma, fold, dtype, seed):
-    """One loop over every tile's d steps (EncodeConfig.flat) gives the nested loops' values
-    and indices bit for bit: ranges of several tiles, the last one past d_sae, and d_model a
-    multiple of the d step, not one and smaller than one, on random rows and on rows full of
-    exact ties."""
+def test_encode_single_loops_change_nothing(tma, loop, fold, dtype, seed):
+    """The single-loop forms of the encode give the nested loops' values and indices bit for
+    bit: ranges of several tiles, the last one past d_sae, and d_model a multiple of the d
+    step, not one and smaller than one (one d step a tile: a tile's fold then gets no step
+    before the next tile's end), on random rows and on rows full of exact ties."""
     tiles = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, tma=tma,
                  **FOLDS[fold])
     problems = [make_inputs(5, d, 136, dtype) for d in (32, 40, 8)]
     problems.append([t.to(dtype) for t in exact_tie_inputs(5, 16, 136)])
     for inputs in problems:
         expected = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles))
-        got = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, flat=True))
+        got = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, **loop))
         assert torch.equal(got[1], expected[1])
         assert torch.equal(got[0], expected[0])
+
+
+def test_encode_interleave_rejects_what_it_does_not_take():
+    for fields in ({"select_halves": True}, {"unchecked_steps": 4}):
+        with pytest.raises(ValueError, match="leave select_halves and unchecked_steps"):
+            EncodeConfig(interleave=True, **fields)
 
 
 def test_encode_all_negative_preactivations_give_zero_values(seed):

@@ -4,8 +4,9 @@ triton.compile with an explicit target lowers a kernel to PTX and runs Triton's 
 a kernel that would fail to compile on a GPU fails here. Each kernel is compiled with the tiles
 its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode with k padded
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
-tensor-descriptor (TMA) loads, and in bfloat16 also with its pointer tiles folded in by column
-halves (as the GPU benchmark's sweep runs them); its range merge at the widths it takes; the
+tensor-descriptor (TMA) loads, and in bfloat16 also with the other options and tiles that the
+GPU benchmark's sweep runs (pointer tiles folded by column halves, insertion steps before the
+test across warps, the flat and interleaved loops); its range merge at the widths it takes; the
 nested loss's plan, forward and backward; and every bfloat16 kernel with its sizes
 specialised to 1, as Triton does at launch for an int argument equal to 1. The two
 architectures compile in parallel child processes.
@@ -57,12 +58,23 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                          for steps in (16, 128)]
             variants += [(dataclasses.replace(tiles, flat=True), (64,))
                          for tiles in {pointer, last}]
+            # 128-column tiles folded under the next tile's MMAs (interleave), and the sweep's
+            # 6-stage forms of them.
+            whole_128 = [dataclasses.replace(tiles, block_n=128, select_halves=False)
+                         for tiles in {pointer, last}]
+            variants += [(dataclasses.replace(tiles, interleave=True), (64,))
+                         for tiles in whole_128]
+            variants += [(dataclasses.replace(tiles, num_stages=6, **option), (64,))
+                         for tiles in whole_128 if tiles.tma
+                         for option in ({"interleave": True}, {"flat": True})]
         for tiles, k_pads in variants:
             tma = tiles.tma
             for k_pad in k_pads:
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
-                    f"unchecked_steps={tiles.unchecked_steps} flat={tiles.flat} K_PAD={k_pad}",
+                    f"unchecked_steps={tiles.unchecked_steps} flat={tiles.flat} "
+                    f"interleave={tiles.interleave} block_n={tiles.block_n} "
+                    f"stages={tiles.num_stages} K_PAD={k_pad}",
                     topk_encode._encode_kernel,
                     {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
                      "cand_v_ptr": "*fp32", "cand_i_ptr": "*i32", "B": "i32", "d": "i32",
@@ -71,7 +83,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
                      "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1,
                      "KEYED": topk_encode._keyed(dtype, tiles),
-                     "UNCHECKED": tiles.unchecked_steps, "FLAT": tiles.flat},
+                     "UNCHECKED": tiles.unchecked_steps, "FLAT": tiles.flat,
+                     "INTERLEAVE": tiles.interleave},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         cap = sparse_decode.walk_registers(dtype)

@@ -247,29 +247,35 @@ def test_exact_ties_bf16(k: int, seed: int) -> None:
 
 
 # Fused-encode options that must not change its result (EncodeConfig fields), with the dtype
-# each is checked in: the keyed 16-bit path and float32's value ranking.
+# each is checked in (the keyed 16-bit path and float32's value ranking) and the tiles they
+# take (fields replaced in the default's; interleave folds 128-column tiles whole).
+WHOLE_128 = {"block_n": 128, "select_halves": False}
 ENCODE_OPTIONS = [
-    pytest.param({"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
-    pytest.param({"unchecked_steps": 128}, torch.bfloat16, id="unchecked128-bfloat16"),
-    pytest.param({"unchecked_steps": 128}, torch.float32, id="unchecked128-float32"),
-    pytest.param({"flat": True}, torch.bfloat16, id="flat-bfloat16"),
-    pytest.param({"flat": True}, torch.float32, id="flat-float32"),
+    pytest.param({}, {"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
+    pytest.param({}, {"unchecked_steps": 128}, torch.bfloat16, id="unchecked128-bfloat16"),
+    pytest.param({}, {"unchecked_steps": 128}, torch.float32, id="unchecked128-float32"),
+    pytest.param({}, {"flat": True}, torch.bfloat16, id="flat-bfloat16"),
+    pytest.param({}, {"flat": True}, torch.float32, id="flat-float32"),
+    pytest.param(WHOLE_128, {"interleave": True}, torch.bfloat16, id="interleave-bfloat16"),
+    pytest.param(WHOLE_128, {"interleave": True}, torch.float32, id="interleave-float32"),
 ]
 
 
-@pytest.mark.parametrize("option,dtype", ENCODE_OPTIONS)
-def test_encode_options_match_the_default(option: dict, dtype: torch.dtype, seed: int) -> None:
-    """Insertion steps before the test across warps, and one loop over every tile's d steps,
-    give the default encode's values and indices bit for bit at the benchmarks' size (every
-    output poisoned)."""
+@pytest.mark.parametrize("tiles,option,dtype", ENCODE_OPTIONS)
+def test_encode_options_match_the_default(tiles: dict, option: dict, dtype: torch.dtype,
+                                          seed: int) -> None:
+    """Insertion steps before the test across warps, one loop over every tile's d steps, and
+    folds taken under the next tile's MMAs give the values and indices of the same tiles
+    without them, bit for bit, at the benchmarks' size (every output poisoned)."""
     from sparsecode.triton_kernels import topk_encode as module
 
     d, n, k = ISSUE_SIZE
     inputs = make_encoder(REAL_BATCH, d, n, dtype)
-    config = dataclasses.replace(module.default_config(inputs[0], inputs[1]), **option)
-    expected = module.topk_encode_forward(*inputs, k)
+    base = dataclasses.replace(module.default_config(inputs[0], inputs[1]), **tiles)
+    expected = module.topk_encode_forward(*inputs, k, base)
     with poisoned_memory():
-        values, indices = module.topk_encode_forward(*inputs, k, config)
+        values, indices = module.topk_encode_forward(*inputs, k,
+                                                     dataclasses.replace(base, **option))
     assert torch.equal(indices, expected[1])
     assert torch.equal(values, expected[0])
 

@@ -55,6 +55,20 @@ the sm_90 SASS (bf16, TMA tiles, halves, Triton 3.6) a d step is about 75 instru
 way, 255 registers and no spills (with the tile and d step computed from the step number by a
 division, it spilled 152 bytes).
 
+Interleaved selection (EncodeConfig(interleave=True), off by default until a GPU has timed it).
+The flat loop again, but a tile's fold is taken one insertion step per d step of the next tile,
+after that d step's MMAs are issued: on Hopper the MMAs run asynchronously (wgmma), so the step's
+arithmetic overlaps them, where otherwise every fold stops the tensor cores. The last d step of
+a tile finishes the pending fold and makes the tile's own the pending one; the last tile's fold
+runs after the loop. The result is the nested loops' (a fold is the same steps in the same
+order). Holding a pending fold beside the accumulator takes registers: with 128 x 128 tiles
+(whole-tile folds, 8 warps) the sm_90 SASS (bf16, TMA, Triton 3.6) uses 244 registers without
+spills at 4 and 6 stages, and the step follows the MMAs' issue with no wait on them; with
+128 x 256 tiles it spills 560 bytes. The whole-tile fold of 128 columns takes more steps than two
+folds of halves would, and a 128-column tile loads each x' tile for half as many columns as the
+256-column default. Each d step tests whether the pending fold has steps left
+(a reduction across warps) only until a test finds none.
+
 Loads. The x' and W_enc tiles are masked pointer loads, or with EncodeConfig(tma=True) loads
 through device-side tensor descriptors (TMA on Hopper and newer, zero-filled past the edges as
 the masks do), which need 16-byte aligned data and rows: d and n multiples of 16 bytes /
@@ -89,6 +103,7 @@ class EncodeConfig:
     keys: bool = True  # 16-bit inputs: rank by int32 keys (see the docstring), not by values
     unchecked_steps: int = 0  # insertion steps per fold before the first "any row left?" test
     flat: bool = False  # one loop over every tile's d steps (the next tile's loads prefetched)
+    interleave: bool = False  # flat, and a tile's insertion steps under the next tile's MMAs
 
     def __post_init__(self) -> None:
         for name in ("block_b", "block_n", "block_d"):
@@ -99,6 +114,9 @@ class EncodeConfig:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
         if self.unchecked_steps < 0:
             raise ValueError(f"unchecked_steps must be >= 0, got {self.unchecked_steps}")
+        if self.interleave and (self.select_halves or self.unchecked_steps):
+            raise ValueError("interleave=True folds whole tiles one insertion step at a time: "
+                             "leave select_halves and unchecked_steps at their defaults")
 
 
 # Small tiles under the CPU interpreter (TRITON_INTERPRET=1), where each program is numpy code,
@@ -263,7 +281,7 @@ def _encode_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     SELECT_SPLIT: tl.constexpr, KEYED: tl.constexpr, UNCHECKED: tl.constexpr,
-    FLAT: tl.constexpr,
+    FLAT: tl.constexpr, INTERLEAVE: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -286,7 +304,52 @@ def _encode_kernel(
     if KEYED:
         top_v = _ordered_bits(top_v) | 255
     thr = tl.min(top_v, axis=1)
-    if FLAT:
+    if INTERLEAVE:
+        # One loop over every tile's d steps, as FLAT; each d step also takes one insertion
+        # step of the previous tile's fold while its MMA runs, and the last d step of a tile
+        # finishes that fold, then makes the tile's own the pending one.
+        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+        cand = tl.full([BLOCK_B, BLOCK_N], -2147483648, tl.int32)
+        if not KEYED:
+            cand = tl.full([BLOCK_B, BLOCK_N], float("-inf"), tl.float32)
+        best = tl.max(cand, axis=1)
+        c_prev = col_begin
+        pending = 0  # whether the pending fold may have steps left (its last test said so)
+        d0 = 0
+        c0 = col_begin
+        for _ in tl.range(0, tiles_per_split * tl.maximum(tl.cdiv(d, BLOCK_D), 1)):
+            cols = c0 + pos
+            col_ok = cols < n
+            a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
+                               col_ok, d, n, BLOCK_D, TMA)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            if pending != 0:
+                if tl.max((best > thr).to(tl.int32), axis=0) > 0:
+                    cand, best, top_v, top_i, thr = _insert_step(cand, best, c_prev, top_v,
+                                                                  top_i, thr, BLOCK_N, K_PAD,
+                                                                  KEYED)
+                else:
+                    pending = 0
+            if d0 + BLOCK_D >= d:
+                while tl.max((best > thr).to(tl.int32), axis=0) > 0:
+                    cand, best, top_v, top_i, thr = _insert_step(cand, best, c_prev, top_v,
+                                                                  top_i, thr, BLOCK_N, K_PAD,
+                                                                  KEYED)
+                bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+                pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :],
+                               float("-inf"))
+                cand = _fold_input(pre, BLOCK_N, KEYED)
+                best = tl.max(cand, axis=1)
+                c_prev = c0
+                pending = 1
+                acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+                c0 += BLOCK_N
+                d0 = -BLOCK_D
+            d0 += BLOCK_D
+        while tl.max((best > thr).to(tl.int32), axis=0) > 0:
+            cand, best, top_v, top_i, thr = _insert_step(cand, best, c_prev, top_v, top_i, thr,
+                                                          BLOCK_N, K_PAD, KEYED)
+    elif FLAT:
         # One loop over every tile's d steps, the selection under its last one: the pipeliner
         # then issues the next tile's first loads before a tile's selection runs.
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
@@ -465,6 +528,7 @@ def topk_encode_forward(
         K_PAD=triton.next_power_of_2(k), INPUT_PRECISION="tf32" if tf32 else "ieee",
         TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1,
         KEYED=_keyed(x.dtype, config), UNCHECKED=config.unchecked_steps, FLAT=config.flat,
+        INTERLEAVE=config.interleave,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     width = splits * k
