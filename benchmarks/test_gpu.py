@@ -79,21 +79,26 @@ SWEEP = [
 # masked pointers. First the default tiles (folded by column halves, 4 stages), which the
 # sweep times again at its end: in the run of 2026-11-27 08:39 UTC the same tiles took 4.97 ms
 # as the default encode's row and 5.22 ms in the sweep, so a variant is compared with the
-# sweep's own default rows. Then the default with insertion steps taken before the test across
-# warps (unchecked_steps: 16, and the count alone); whole tiles at 4 stages (at 3 they beat
-# the halves, 5.05 against 5.24 ms), also with the count alone; three ranges per row block;
-# 128-deep d steps (96 KB of tiles per stage); 64-row tiles over 4 warps at 2 stages (82 KB of
-# shared memory and 255 registers a thread, so two programs fit on an SM and one can select
-# while the other multiplies, at the cost of loading each W_enc tile for 64 rows instead of
-# 128), as the default and with the count alone; the default as one loop over every tile's d
-# steps (flat); 128-column tiles folded whole, each fold a step at a time under the next tile's
-# MMAs (interleave), at 4 and 6 stages (32 KB of tiles a stage), and the same tiles flat at 6
-# stages, their comparison without the interleaving. Swept last (test_encode_tma_sweep), so
-# that a fault there cannot spoil the other measurements of the run.
+# sweep's own default rows. Then, first as not yet timed (the session of 2026-11-27 21:22 UTC),
+# the default as one loop over every tile's d steps (flat); 128-column tiles folded whole, each
+# fold a step at a time under the next tile's MMAs (interleave), at 4 and 6 stages (32 KB of
+# tiles a stage), and the same tiles flat at 6 stages, their comparison without the
+# interleaving. Then the default with insertion steps taken before the test across warps
+# (unchecked_steps: 16, and the count alone); whole tiles at 4 stages (at 3 they beat the
+# halves, 5.05 against 5.24 ms), also with the count alone; three ranges per row block; 128-deep
+# d steps (96 KB of tiles per stage); 64-row tiles over 4 warps at 2 stages (82 KB of shared
+# memory and 255 registers a thread, so two programs fit on an SM and one can select while the
+# other multiplies, at the cost of loading each W_enc tile for 64 rows instead of 128), as the
+# default and with the count alone. Swept last (test_encode_tma_sweep), so that a fault there
+# cannot spoil the other measurements of the run.
 TMA_TILES = {**TILES, "block_n": 256, "tma": True, "num_stages": 4}
 TMA_DEFAULT = {**TMA_TILES, "select_halves": True}
 TMA_SWEEP = [
     TMA_DEFAULT,
+    {**TMA_DEFAULT, "flat": True},
+    {**TMA_TILES, "block_n": 128, "interleave": True},
+    {**TMA_TILES, "block_n": 128, "interleave": True, "num_stages": 6},
+    {**TMA_TILES, "block_n": 128, "flat": True, "num_stages": 6},
     {**TMA_DEFAULT, "unchecked_steps": 16},
     {**TMA_DEFAULT, "unchecked_steps": 128},
     {**TMA_TILES, "select_halves": False},
@@ -102,10 +107,6 @@ TMA_SWEEP = [
     {**TMA_DEFAULT, "block_d": 128, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2, "unchecked_steps": 128},
-    {**TMA_DEFAULT, "flat": True},
-    {**TMA_TILES, "block_n": 128, "interleave": True},
-    {**TMA_TILES, "block_n": 128, "interleave": True, "num_stages": 6},
-    {**TMA_TILES, "block_n": 128, "flat": True, "num_stages": 6},
 ]
 
 
