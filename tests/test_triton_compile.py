@@ -67,6 +67,8 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
             variants += [(dataclasses.replace(tiles, num_stages=6, **option), (64,))
                          for tiles in whole_128 if tiles.tma
                          for option in ({"interleave": True}, {"flat": True})]
+        if name == "float32":  # the GPU tests' interleaved float32 encode
+            variants.append((dataclasses.replace(variants[0][0], interleave=True), (64,)))
         for tiles, k_pads in variants:
             tma = tiles.tma
             for k_pad in k_pads:
