@@ -237,14 +237,15 @@ def test_encode_single_loops_change_nothing(tma, loop, fold, dtype, seed):
     """The single-loop forms of the encode give the nested loops' values and indices bit for
     bit: ranges of several tiles, the last one past d_sae, and d_model a multiple of the d
     step, not one and smaller than one (one d step a tile: a tile's fold then gets no step
-    before the next tile's end), on random rows and on rows full of exact ties."""
+    before the next tile's end), k = 1, 3 and 8, on random rows and on rows full of exact
+    ties."""
     tiles = dict(block_b=16, block_n=32, block_d=16, splits=2, num_warps=1, tma=tma,
                  **FOLDS[fold])
     problems = [make_inputs(5, d, 136, dtype) for d in (32, 40, 8)]
     problems.append([t.to(dtype) for t in exact_tie_inputs(5, 16, 136)])
-    for inputs in problems:
-        expected = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles))
-        got = topk_encode_forward(*inputs, 8, EncodeConfig(**tiles, **loop))
+    for inputs, k in itertools.product(problems, (1, 3, 8)):
+        expected = topk_encode_forward(*inputs, k, EncodeConfig(**tiles))
+        got = topk_encode_forward(*inputs, k, EncodeConfig(**tiles, **loop))
         assert torch.equal(got[1], expected[1])
         assert torch.equal(got[0], expected[0])
 
