@@ -365,8 +365,8 @@ def test_side_stream_steps_match_and_do_not_synchronise(seed: int) -> None:
         torch.manual_seed(seed)
         sae = MatryoshkaSAE(d_model, d_sae, k, [512, 1024, 2048, 4096], backend="triton",
                             device=DEVICE, dtype=torch.bfloat16)
-        MasterWeightAdam(sae.parameters(), lr=1e-3, step_in_backward=True,
-                         side_stream=side_stream)
+        opt = MasterWeightAdam(sae.parameters(), lr=1e-3, step_in_backward=True,
+                               side_stream=side_stream)
         for step, x in enumerate(xs):
             values, indices = ops.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k,
                                               backend="triton")
@@ -381,6 +381,7 @@ def test_side_stream_steps_match_and_do_not_synchronise(seed: int) -> None:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert all(p.grad is None for p in sae.parameters())
+        assert all(opt.state[p]["step"] == len(xs) for p in sae.parameters())
         trained.append([p.detach().clone() for p in sae.parameters()])
     for (name, _), a, b in zip(sae.named_parameters(), *trained, strict=True):
         assert torch.equal(a, b), f"{name} differs with side_stream=True"
