@@ -573,11 +573,12 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
             report.add(label, f"{peak / GB:.3f} GB")
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
-    # The Triton walk at the depth the autotuner picks (the rows above) against depth 1, and the
-    # backward alone: from the loss alone, the pass over the pairs from the forward's suffix
-    # sums P; under other upstream gradients, the residuals walked again, the suffix sums from
-    # them, then the pass over the pairs (the residuals freed before it, as the op's autograd
-    # formula frees them).
+    # The forward rows run under no_grad, where the triton forward makes no suffix sums: the
+    # Triton walk at the depth the autotuner picks (the row above) against depth 1; then the
+    # forward with them, as a training step's makes them. Then the backward alone: from the
+    # loss alone, the pass over the pairs from the forward's suffix sums P; under other
+    # upstream gradients, the residuals walked again, the suffix sums from them, then the pass
+    # over the pairs (the residuals freed before it, as the op's autograd formula frees them).
     from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
                                                               nested_prefix_loss_pair_grads,
                                                               nested_prefix_loss_residuals,
@@ -586,7 +587,11 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     with torch.no_grad():
         report.time("nested_prefix_loss forward: triton, STAGES=1",
                     lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
-                                                       PREFIX_SIZES, PREFIX_WEIGHTS, stages=1))
+                                                       PREFIX_SIZES, PREFIX_WEIGHTS, stages=1,
+                                                       suffix_sums=False))
+        report.time("nested_prefix_loss forward with the suffix sums (a training step's): triton",
+                    lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
+                                                       PREFIX_SIZES, PREFIX_WEIGHTS))
         P = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
                                        PREFIX_WEIGHTS)[3]
         report.time("nested_prefix_loss backward from the loss alone: triton",

@@ -10,7 +10,8 @@ also returns the full reconstruction x_hat [B, d], which the walk computes on th
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
 on the ``triton`` backend the suffix sums of a backward from the loss alone, [G, B, d] in x's
 dtype (a backward that also takes gradients from the prefix losses or x_hat walks the forward
-again for the residuals); on the ``cuda`` backend the
+again for the residuals), or [G, 0, d] when the op's last argument, suffix_sums, is false (no
+backward can follow: no input requires grad, or grad mode is off); on the ``cuda`` backend the
 residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward
 walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again).
 The ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32,
@@ -60,21 +61,22 @@ def _nested_prefix_loss(
     prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float],
     backend: str,
+    suffix_sums: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if _walks_in_triton(x, backend):
         from sparsecode.triton_kernels.nested_prefix_loss import nested_prefix_loss_forward
 
         return nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, prefix_sizes,
-                                          prefix_weights)
+                                          prefix_weights, suffix_sums=suffix_sums)
     return kernels(backend, x.device).nested_prefix_loss_forward(
         x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights
     )
 
 
 @_nested_prefix_loss.register_fake
-def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend):
+def _(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend, suffix_sums):
     if _walks_in_triton(x, backend):
-        resid = x.new_empty(len(prefix_sizes), *x.shape)
+        resid = x.new_empty(len(prefix_sizes), x.shape[0] if suffix_sums else 0, x.shape[1])
     else:
         resid = x.new_empty(2, x.shape[0] if x.device.type == "cuda" else 0, x.shape[1])
     return x.new_empty(()), x.new_empty(len(prefix_sizes)), torch.empty_like(x), resid
@@ -167,7 +169,7 @@ def _(S, values, indices, W_dec, prefix_sizes):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend = inputs
+    x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights, backend, _ = inputs
     resid = output[3]
     ctx.mark_non_differentiable(resid)
     # Outputs without a gradient get None, not zeros: resid's would be as large as resid (the
@@ -231,7 +233,7 @@ def _backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor | None,
         grad_x, grad_values, grad_W_dec, grad_b_dec = _nested_prefix_loss_backward(
             grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
             ctx.prefix_sizes, ctx.prefix_weights, resid, ctx.backend)
-    return grad_x, grad_values, None, grad_W_dec, grad_b_dec, None, None, None
+    return grad_x, grad_values, None, grad_W_dec, grad_b_dec, None, None, None, None
 
 
 _nested_prefix_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -260,8 +262,11 @@ def nested_prefix_loss_and_decode(
             x, values, indices, W_dec, b_dec, sizes, weights
         )
         return loss, prefix_losses, reference.sparse_decode(values, indices, W_dec, b_dec)
+    # The triton forward makes the suffix sums of a backward only where one can follow.
+    suffix_sums = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, values, W_dec, b_dec))
     loss, prefix_losses, x_hat, _ = _nested_prefix_loss(x, values, indices, W_dec, b_dec, sizes,
-                                                        weights, name)
+                                                        weights, name, suffix_sums)
     return loss, prefix_losses, x_hat
 
 

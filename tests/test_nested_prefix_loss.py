@@ -192,7 +192,7 @@ def test_opcheck(seed):
     inputs = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
     torch.library.opcheck(
         torch.ops.sparsecode.nested_prefix_loss.default,
-        (inputs[0], inputs[1], indices, inputs[2], inputs[3], sizes, weights, "cpp"),
+        (inputs[0], inputs[1], indices, inputs[2], inputs[3], sizes, weights, "cpp", True),
     )
 
 

@@ -8,6 +8,7 @@ checked on both of their paths: the extension's CPU kernels and the plain-torch 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -426,6 +427,38 @@ def test_nested_loss_backward_from_the_loss_alone_takes_the_forward_suffix_sums(
         assert torch.equal(a, b), f"grad {name}"
 
 
+def test_nested_loss_makes_no_suffix_sums_where_no_backward_follows(monkeypatch, seed):
+    """Under no_grad, or with no input requiring grad, the triton forward skips the suffix sums
+    (the op's fourth output is then [G, 0, d]) and gives the bits of the forward that makes
+    them; with an input requiring grad it makes them."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
+        5, 32, 130, 8, torch.float32)
+    inputs = (x, values, indices, W_dec, b_dec, sizes, weights)
+    with_sums = torch.ops.sparsecode.nested_prefix_loss(*inputs, "triton", True)
+    without = torch.ops.sparsecode.nested_prefix_loss(*inputs, "triton", False)
+    assert with_sums[3].shape == (len(sizes), 5, 32) and without[3].shape == (len(sizes), 0, 32)
+    for got, want in zip(without[:3], with_sums[:3], strict=True):
+        assert torch.equal(got, want)
+
+    made = []
+    walk = nested._walk
+
+    def spy(*args):
+        made.append(args[6] is not None)
+        return walk(*args)
+
+    monkeypatch.setattr(nested, "_walk", spy)
+    leaf = W_dec.clone().requires_grad_()
+    for context, decoder in ((contextlib.nullcontext(), leaf), (torch.no_grad(), leaf),
+                             (contextlib.nullcontext(), W_dec)):
+        with context:
+            nested_prefix_loss_and_decode(x, values, indices, decoder, b_dec, sizes, weights,
+                                          backend="triton")
+    assert made == [True, False, False]
+
+
 def test_nested_loss_backward_never_holds_the_residuals_and_grad_W_dec(monkeypatch, seed):
     """Under other upstream gradients than the loss's alone, the residuals R [G, B, d]
     (float32) that the backward walks again are freed before the pass over the pairs allocates
@@ -456,16 +489,19 @@ def test_nested_loss_backward_never_holds_the_residuals_and_grad_W_dec(monkeypat
 
 
 def test_nested_loss_triton_ops_pass_opcheck(seed):
-    """torch.library.opcheck of the triton forward and of the backward's ops (the pass over the
+    """torch.library.opcheck of the triton forward (with and without the suffix sums) and of
+    the backward's ops (the pass over the
     pairs from the forward's suffix sums; the residuals walked again, the suffix sums with and
     without grad_x_hat and the pass over the pairs from them): schemas, fake tensors and tracing
     agree with what the ops do."""
     x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
         6, 5, 14, 3, torch.float32)
-    torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss.default,
-                          (x, values, indices, W_dec, b_dec, sizes, weights, "triton"))
+    for suffix_sums in (True, False):
+        torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss.default,
+                              (x, values, indices, W_dec, b_dec, sizes, weights, "triton",
+                               suffix_sums))
     P = torch.ops.sparsecode.nested_prefix_loss.default(
-        x, values, indices, W_dec, b_dec, sizes, weights, "triton")[3]
+        x, values, indices, W_dec, b_dec, sizes, weights, "triton", True)[3]
     torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_pair_grads_triton.default,
                           (P, values, indices, W_dec, sizes))
     residuals = (x, values, indices, W_dec, b_dec, sizes)

@@ -48,14 +48,14 @@ earlier walk, which also took every squared norm, was 236 without a barrier.
 
 The walk's epilogue. After a barrier (other threads of the program stored them), the program
 reads back its tile of R: for g = 0 ... G - 1, r_g is the stored R[g] where the row has a slot
-of group g, else r_{g-1} (x - b_dec below the row's first group), written to R[g] there;
-partial holds the tile's part of each squared norm. These reads follow the walk's stores of the
-same tile, so they mostly hit L2. (The earlier walk took each squared norm in the walk, a
-reduction over the tile's columns at every position, since some row of a tile nearly always
-crosses a boundary there: 0.97 ms against the decode's 0.37 ms on an H100, B=8192, d=2304,
-k=64, G=6, bf16, 2026-11-27.) Then (SUFFIX, the forward's walk) the suffix sums of the same
-tile, as _suffix_kernel makes them below, with coef_g = 2 w_g / B: from the last group down,
-A += coef_g R[g], P_g = A stored in x's dtype (71 instructions a group, sm_90 SASS). The
+of group g, else r_{g-1} (x - b_dec below the row's first group), written to R[g] there; partial
+holds the tile's part of each squared norm. These reads follow the walk's stores of the same
+tile, so they mostly hit L2. (The earlier walk took each squared norm in the walk, a reduction
+over the tile's columns at every position, since some row of a tile nearly always crosses a
+boundary there: 0.97 ms against the decode's 0.37 ms on an H100, B=8192, d=2304, k=64, G=6,
+bf16, 2026-11-27.) Then (SUFFIX: a forward that a backward can follow) the suffix sums of the
+same tile, as _suffix_kernel makes them below, with coef_g = 2 w_g / B: from the last group
+down, A += coef_g R[g], P_g = A stored in x's dtype (71 instructions a group, sm_90 SASS). The
 forward returns P; R was its scratch.
 
 Backward from the loss alone (the training step's): S = grad_loss P, so one pass over the pairs
@@ -398,10 +398,12 @@ def _walk(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tens
 def nested_prefix_loss_forward(
     x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     prefix_sizes: Sequence[int], prefix_weights: Sequence[float], stages: int | None = None,
+    suffix_sums: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """loss [], prefix_losses [G] (means over the rows) and x_hat [B, d], all in x's dtype, and
     the loss's own suffix sums P [G, B, d] in x's dtype: P_g = sum over h >= g of
-    (2 prefix_weights[h] / B) r_h, the S of a backward from the loss alone (S = grad_loss P).
+    (2 prefix_weights[h] / B) r_h, the S of a backward from the loss alone (S = grad_loss P);
+    without suffix_sums (no backward to follow) an empty P [G, 0, d], and the walk skips them.
 
     Forward only: its backward is nested_prefix_loss_pair_grads of grad_loss P, or with other
     upstream gradients nested_prefix_loss_residuals, nested_prefix_loss_suffix_sums, then
@@ -409,9 +411,12 @@ def nested_prefix_loss_forward(
     stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
     """
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
-    B = x.shape[0]
+    B, d = x.shape
     coef = [w * (2.0 / max(B, 1)) for w in prefix_weights]  # no rows, no terms
-    partial, x_hat, _, P = _walk(x, values, indices, W_dec, b_dec, prefix_sizes, coef, stages)
+    partial, x_hat, _, P = _walk(x, values, indices, W_dec, b_dec, prefix_sizes,
+                                 coef if suffix_sums else None, stages)
+    if P is None:
+        P = x.new_empty(len(prefix_sizes), 0, d)
     means = partial.double().sum(0).sum(0) / B
     weights = _on_device(prefix_weights, torch.float64, x.device)
     return (means * weights).sum().to(x.dtype), means.to(x.dtype), x_hat, P
