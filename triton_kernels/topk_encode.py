@@ -57,17 +57,17 @@ division, it spilled 152 bytes).
 
 Interleaved selection (EncodeConfig(interleave=True), off by default until a GPU has timed it).
 The flat loop again, but a tile's fold is taken one insertion step per d step of the next tile,
-after that d step's MMAs are issued: on Hopper the MMAs run asynchronously (wgmma), so the step's
-arithmetic overlaps them, where otherwise every fold stops the tensor cores. The last d step of
-a tile finishes the pending fold and makes the tile's own the pending one; the last tile's fold
-runs after the loop. The result is the nested loops' (a fold is the same steps in the same
-order). Holding a pending fold beside the accumulator takes registers: with 128 x 128 tiles
-(whole-tile folds, 8 warps) the sm_90 SASS (bf16, TMA, Triton 3.6) uses 244 registers without
-spills at 4 and 6 stages, and the step follows the MMAs' issue with no wait on them; with
-128 x 256 tiles it spills 560 bytes. The whole-tile fold of 128 columns takes more steps than two
-folds of halves would, and a 128-column tile loads each x' tile for half as many columns as the
-256-column default. Each d step tests whether the pending fold has steps left
-(a reduction across warps) only until a test finds none.
+after that d step's MMAs are issued: on Hopper the MMAs run asynchronously (wgmma), so the
+step's arithmetic overlaps them, where otherwise every fold stops the tensor cores. The last d
+step of a tile finishes the pending fold and makes the tile's own the pending one; the last
+tile's fold runs after the loop. The result is the nested loops' (a fold is the same steps in
+the same order). Holding a pending fold beside the accumulator takes registers: with 128 x 128
+tiles (whole-tile folds, 8 warps) the sm_90 SASS (bf16, TMA, Triton 3.6) uses 244 registers
+without spills at 4 and 6 stages, and the step follows the MMAs' issue with no wait on them;
+with 128 x 256 tiles it spills 560 bytes. The whole-tile fold of 128 columns takes more steps
+than two folds of halves would, and a 128-column tile uses each x' tile it loads for 128
+columns, not the default's 256. Each d step tests whether the pending fold has steps left (a
+reduction across warps) only until a test finds none.
 
 Loads. The x' and W_enc tiles are masked pointer loads, or with EncodeConfig(tma=True) loads
 through device-side tensor descriptors (TMA on Hopper and newer, zero-filled past the edges as
