@@ -80,10 +80,10 @@ SWEEP = [
 # sweep times again at its end: in the run of 2026-11-27 08:39 UTC the same tiles took 4.97 ms
 # as the default encode's row and 5.22 ms in the sweep, so a variant is compared with the
 # sweep's own default rows. Then, first as not yet timed (the session of 2026-11-27 21:22 UTC),
-# the default as one loop over every tile's d steps (flat); 128-column tiles folded whole, each
-# fold a step at a time under the next tile's MMAs (interleave), at 4 and 6 stages (32 KB of
-# tiles a stage), and the same tiles flat at 6 stages, their comparison without the
-# interleaving. Then the default with insertion steps taken before the test across warps
+# the default as one loop over every tile's d steps (flat); 128-column tiles folded whole, then
+# by halves, each fold a step at a time under the next tile's MMAs (interleave), at 4 and 6
+# stages (32 KB of tiles a stage), each with the same tiles flat at 6 stages, their comparison
+# without the interleaving. Then the default with insertion steps taken before the test across warps
 # (unchecked_steps: 16, and the count alone); whole tiles at 4 stages (at 3 they beat the
 # halves, 5.05 against 5.24 ms), also with the count alone; three ranges per row block; 128-deep
 # d steps (96 KB of tiles per stage); 64-row tiles over 4 warps at 2 stages (82 KB of shared
@@ -99,6 +99,9 @@ TMA_SWEEP = [
     {**TMA_TILES, "block_n": 128, "interleave": True},
     {**TMA_TILES, "block_n": 128, "interleave": True, "num_stages": 6},
     {**TMA_TILES, "block_n": 128, "flat": True, "num_stages": 6},
+    {**TMA_DEFAULT, "block_n": 128, "interleave": True},
+    {**TMA_DEFAULT, "block_n": 128, "interleave": True, "num_stages": 6},
+    {**TMA_DEFAULT, "block_n": 128, "flat": True, "num_stages": 6},
     {**TMA_DEFAULT, "unchecked_steps": 16},
     {**TMA_DEFAULT, "unchecked_steps": 128},
     {**TMA_TILES, "select_halves": False},

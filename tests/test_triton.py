@@ -226,13 +226,15 @@ def test_encode_unchecked_steps_change_nothing(unchecked, fold, dtype, seed):
         assert torch.equal(got[0], expected[0])
 
 
-# One loop over every tile's d steps (EncodeConfig.flat), and with each tile's fold taken a
-# step at a time under the next tile's d steps (interleave, whole-tile folds only).
-LOOPS = [({"flat": True}, "whole"), ({"flat": True}, "halves"), ({"interleave": True}, "whole")]
+# One loop over every tile's d steps (EncodeConfig.flat), and with each tile's folds taken a
+# step at a time under the next tile's d steps (interleave).
+LOOPS = [({"flat": True}, "whole"), ({"flat": True}, "halves"), ({"interleave": True}, "whole"),
+         ({"interleave": True}, "halves")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loop,fold", LOOPS, ids=["flat-whole", "flat-halves", "interleave"])
+@pytest.mark.parametrize("loop,fold", LOOPS, ids=["flat-whole", "flat-halves",
+                                                   "interleave-whole", "interleave-halves"])
 @pytest.mark.parametrize("tma", [False, pytest.param(True, marks=needs_interpreted_descriptors)])
 def test_encode_single_loops_change_nothing(tma, loop, fold, dtype, seed):
     """The single-loop forms of the encode give the nested loops' values and indices bit for
@@ -251,10 +253,9 @@ def test_encode_single_loops_change_nothing(tma, loop, fold, dtype, seed):
         assert torch.equal(got[0], expected[0])
 
 
-def test_encode_interleave_rejects_what_it_does_not_take():
-    for fields in ({"select_halves": True}, {"unchecked_steps": 4}):
-        with pytest.raises(ValueError, match="leave select_halves and unchecked_steps"):
-            EncodeConfig(interleave=True, **fields)
+def test_encode_interleave_rejects_unchecked_steps():
+    with pytest.raises(ValueError, match="leave unchecked_steps at 0"):
+        EncodeConfig(interleave=True, unchecked_steps=4)
 
 
 def test_encode_all_negative_preactivations_give_zero_values(seed):

@@ -58,14 +58,14 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                          for steps in (16, 128)]
             variants += [(dataclasses.replace(tiles, flat=True), (64,))
                          for tiles in {pointer, last}]
-            # 128-column tiles folded under the next tile's MMAs (interleave), and the sweep's
-            # 6-stage forms of them.
-            whole_128 = [dataclasses.replace(tiles, block_n=128, select_halves=False)
-                         for tiles in {pointer, last}]
+            # 128-column tiles folded under the next tile's MMAs (interleave), whole and by
+            # halves, and the sweep's 6-stage forms of them.
+            tiles_128 = [dataclasses.replace(tiles, block_n=128, select_halves=halves)
+                         for tiles in {pointer, last} for halves in (False, True)]
             variants += [(dataclasses.replace(tiles, interleave=True), (64,))
-                         for tiles in whole_128]
+                         for tiles in tiles_128]
             variants += [(dataclasses.replace(tiles, num_stages=6, **option), (64,))
-                         for tiles in whole_128 if tiles.tma
+                         for tiles in tiles_128 if tiles.tma
                          for option in ({"interleave": True}, {"flat": True})]
         if name == "float32":  # the GPU tests' interleaved float32 encode
             variants.append((dataclasses.replace(variants[0][0], interleave=True), (64,)))

@@ -248,7 +248,8 @@ def test_exact_ties_bf16(k: int, seed: int) -> None:
 
 # Fused-encode options that must not change its result (EncodeConfig fields), with the dtype
 # each is checked in (the keyed 16-bit path and float32's value ranking) and the tiles they
-# take (fields replaced in the default's; interleave folds 128-column tiles whole).
+# take (fields replaced in the default's: interleave takes 128-column tiles, folded whole or
+# by halves as the default folds them).
 WHOLE_128 = {"block_n": 128, "select_halves": False}
 ENCODE_OPTIONS = [
     pytest.param({}, {"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
@@ -258,6 +259,8 @@ ENCODE_OPTIONS = [
     pytest.param({}, {"flat": True}, torch.float32, id="flat-float32"),
     pytest.param(WHOLE_128, {"interleave": True}, torch.bfloat16, id="interleave-bfloat16"),
     pytest.param(WHOLE_128, {"interleave": True}, torch.float32, id="interleave-float32"),
+    pytest.param({"block_n": 128}, {"interleave": True}, torch.bfloat16,
+                 id="interleave-halves-bfloat16"),
 ]
 
 

@@ -56,18 +56,19 @@ way, 255 registers and no spills (with the tile and d step computed from the ste
 division, it spilled 152 bytes).
 
 Interleaved selection (EncodeConfig(interleave=True), off by default until a GPU has timed it).
-The flat loop again, but a tile's fold is taken one insertion step per d step of the next tile,
-after that d step's MMAs are issued: on Hopper the MMAs run asynchronously (wgmma), so the
-step's arithmetic overlaps them, where otherwise every fold stops the tensor cores. The last d
-step of a tile finishes the pending fold and makes the tile's own the pending one; the last
-tile's fold runs after the loop. The result is the nested loops' (a fold is the same steps in
-the same order). Holding a pending fold beside the accumulator takes registers: with 128 x 128
-tiles (whole-tile folds, 8 warps) the sm_90 SASS (bf16, TMA, Triton 3.6) uses 244 registers
-without spills at 4 and 6 stages, and the step follows the MMAs' issue with no wait on them;
-with 128 x 256 tiles it spills 560 bytes. The whole-tile fold of 128 columns takes more steps
-than two folds of halves would, and a 128-column tile uses each x' tile it loads for 128
-columns, not the default's 256. Each d step tests whether the pending fold has steps left (a
-reduction across warps) only until a test finds none.
+The flat loop again, but a tile's folds (its halves in turn with select_halves) are taken one
+insertion step per d step of the next tile, after that d step's MMAs are issued: on Hopper the
+MMAs run asynchronously (wgmma), so the step's arithmetic overlaps them, where otherwise every
+fold stops the tensor cores. The last d step of a tile finishes the pending folds and makes the
+tile's own the pending ones; the last tile's run after the loop. The result is the nested loops'
+(a fold is the same steps in the same order). Holding pending folds beside the accumulator takes
+registers: with 128 x 128 tiles (8 warps) the sm_90 SASS (bf16, TMA, Triton 3.6) uses 242
+registers with whole-tile folds and 252 with halves, without spills at 4 and 6 stages, and the
+steps follow the MMAs' issue with no wait on them; with 128 x 256 tiles it spills 560 bytes. A
+step over a half of 64 columns is about 345 instructions, over a whole tile of 128 about 430; a
+128-column tile uses each x' tile it loads for 128 columns, not the default's 256. Each d step
+tests whether a pending fold has steps left (a reduction across warps) only until a test finds
+none.
 
 Loads. The x' and W_enc tiles are masked pointer loads, or with EncodeConfig(tma=True) loads
 through device-side tensor descriptors (TMA on Hopper and newer, zero-filled past the edges as
@@ -114,9 +115,9 @@ class EncodeConfig:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
         if self.unchecked_steps < 0:
             raise ValueError(f"unchecked_steps must be >= 0, got {self.unchecked_steps}")
-        if self.interleave and (self.select_halves or self.unchecked_steps):
-            raise ValueError("interleave=True folds whole tiles one insertion step at a time: "
-                             "leave select_halves and unchecked_steps at their defaults")
+        if self.interleave and self.unchecked_steps:
+            raise ValueError("interleave=True takes its insertion steps one at a time: leave "
+                             "unchecked_steps at 0")
 
 
 # Small tiles under the CPU interpreter (TRITON_INTERPRET=1), where each program is numpy code,
@@ -275,6 +276,32 @@ def _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i, thr, BLOCK_
 
 
 @triton.jit
+def _empty_fold(ROWS: tl.constexpr, WIDTH: tl.constexpr, KEYED: tl.constexpr):
+    """A fold [ROWS, WIDTH] with nothing in it (every entry below any threshold)."""
+    if KEYED:
+        return tl.full([ROWS, WIDTH], -2147483648, tl.int32)
+    else:
+        return tl.full([ROWS, WIDTH], float("-inf"), tl.float32)
+
+
+@triton.jit
+def _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c0, top_v, top_i, thr,
+                  WIDTH: tl.constexpr, K_PAD: tl.constexpr, KEYED: tl.constexpr,
+                  SELECT_SPLIT: tl.constexpr):
+    """The insertion steps left in pending folds (cand_lo, best_lo) at columns c0 ... and, with
+    SELECT_SPLIT = 2, then (cand_hi, best_hi) at c0 + WIDTH ...; returns top_v, top_i, thr."""
+    while tl.max((best_lo > thr).to(tl.int32), axis=0) > 0:
+        cand_lo, best_lo, top_v, top_i, thr = _insert_step(cand_lo, best_lo, c0, top_v, top_i,
+                                                            thr, WIDTH, K_PAD, KEYED)
+    if SELECT_SPLIT == 2:
+        while tl.max((best_hi > thr).to(tl.int32), axis=0) > 0:
+            cand_hi, best_hi, top_v, top_i, thr = _insert_step(cand_hi, best_hi, c0 + WIDTH,
+                                                                top_v, top_i, thr, WIDTH, K_PAD,
+                                                                KEYED)
+    return top_v, top_i, thr
+
+
+@triton.jit
 def _encode_kernel(
     xc_ptr, w_ptr, b_ptr, cand_v_ptr, cand_i_ptr,
     B, d, n, k, tiles_per_split,
@@ -306,15 +333,19 @@ def _encode_kernel(
     thr = tl.min(top_v, axis=1)
     if INTERLEAVE:
         # One loop over every tile's d steps, as FLAT; each d step also takes one insertion
-        # step of the previous tile's fold while its MMA runs, and the last d step of a tile
-        # finishes that fold, then makes the tile's own the pending one.
+        # step of the previous tile's pending folds (its halves in turn with SELECT_SPLIT = 2)
+        # while its MMAs run, and the last d step of a tile finishes them, then makes the
+        # tile's own folds the pending ones.
+        WIDTH: tl.constexpr = BLOCK_N // SELECT_SPLIT
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        cand = tl.full([BLOCK_B, BLOCK_N], -2147483648, tl.int32)
-        if not KEYED:
-            cand = tl.full([BLOCK_B, BLOCK_N], float("-inf"), tl.float32)
-        best = tl.max(cand, axis=1)
+        cand_lo = _empty_fold(BLOCK_B, WIDTH, KEYED)
+        cand_hi = _empty_fold(BLOCK_B, WIDTH, KEYED)
+        best_lo = tl.max(cand_lo, axis=1)
+        best_hi = tl.max(cand_hi, axis=1)
         c_prev = col_begin
-        pending = 0  # whether the pending fold may have steps left (its last test said so)
+        # Which pending fold may have steps left, by the last test: 2 the first (or only) one,
+        # 1 the second half, 0 none.
+        phase = 0
         d0 = 0
         c0 = col_begin
         for _ in tl.range(0, tiles_per_split * tl.maximum(tl.cdiv(d, BLOCK_D), 1)):
@@ -323,32 +354,43 @@ def _encode_kernel(
             a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
                                col_ok, d, n, BLOCK_D, TMA)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            if pending != 0:
-                if tl.max((best > thr).to(tl.int32), axis=0) > 0:
-                    cand, best, top_v, top_i, thr = _insert_step(cand, best, c_prev, top_v,
-                                                                  top_i, thr, BLOCK_N, K_PAD,
-                                                                  KEYED)
+            if phase == 2:
+                if tl.max((best_lo > thr).to(tl.int32), axis=0) > 0:
+                    cand_lo, best_lo, top_v, top_i, thr = _insert_step(
+                        cand_lo, best_lo, c_prev, top_v, top_i, thr, WIDTH, K_PAD, KEYED)
                 else:
-                    pending = 0
+                    phase = SELECT_SPLIT - 1
+            if SELECT_SPLIT == 2:
+                if phase == 1:
+                    if tl.max((best_hi > thr).to(tl.int32), axis=0) > 0:
+                        cand_hi, best_hi, top_v, top_i, thr = _insert_step(
+                            cand_hi, best_hi, c_prev + WIDTH, top_v, top_i, thr, WIDTH, K_PAD,
+                            KEYED)
+                    else:
+                        phase = 0
             if d0 + BLOCK_D >= d:
-                while tl.max((best > thr).to(tl.int32), axis=0) > 0:
-                    cand, best, top_v, top_i, thr = _insert_step(cand, best, c_prev, top_v,
-                                                                  top_i, thr, BLOCK_N, K_PAD,
-                                                                  KEYED)
+                top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c_prev,
+                                                  top_v, top_i, thr, WIDTH, K_PAD, KEYED,
+                                                  SELECT_SPLIT)
                 bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
                 pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :],
                                float("-inf"))
-                cand = _fold_input(pre, BLOCK_N, KEYED)
-                best = tl.max(cand, axis=1)
+                if SELECT_SPLIT == 2:
+                    lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, WIDTH]), [0, 2, 1]))
+                    cand_lo = _fold_input(lo, WIDTH, KEYED)
+                    cand_hi = _fold_input(hi, WIDTH, KEYED)
+                    best_hi = tl.max(cand_hi, axis=1)
+                else:
+                    cand_lo = _fold_input(pre, WIDTH, KEYED)
+                best_lo = tl.max(cand_lo, axis=1)
                 c_prev = c0
-                pending = 1
+                phase = 2
                 acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
                 c0 += BLOCK_N
                 d0 = -BLOCK_D
             d0 += BLOCK_D
-        while tl.max((best > thr).to(tl.int32), axis=0) > 0:
-            cand, best, top_v, top_i, thr = _insert_step(cand, best, c_prev, top_v, top_i, thr,
-                                                          BLOCK_N, K_PAD, KEYED)
+        top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c_prev, top_v,
+                                          top_i, thr, WIDTH, K_PAD, KEYED, SELECT_SPLIT)
     elif FLAT:
         # One loop over every tile's d steps, the selection under its last one: the pipeliner
         # then issues the next tile's first loads before a tile's selection runs.
