@@ -253,24 +253,38 @@ def _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
 
 
 @triton.jit
+def _tile_folds(acc, b_ptr, cols, col_ok, row_ok, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                SELECT_SPLIT: tl.constexpr):
+    """The tile's pre-activations (acc [BLOCK_B, BLOCK_N] of x' @ W_enc plus b_enc, -inf past
+    the edges) as the folds the selection takes: (lo, hi), its column halves [BLOCK_B,
+    BLOCK_N / 2], with SELECT_SPLIT = 2 (under the Hopper MMA layout a reshape that leaves every
+    element in its thread), else (the tile, the tile)."""
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :], float("-inf"))
+    if SELECT_SPLIT == 2:
+        lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, BLOCK_N // 2]), [0, 2, 1]))
+        return lo, hi
+    else:
+        return pre, pre
+
+
+@triton.jit
 def _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i, thr, BLOCK_B: tl.constexpr,
                  BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, SELECT_SPLIT: tl.constexpr,
                  KEYED: tl.constexpr, UNCHECKED: tl.constexpr):
     """Folds the tile acc [BLOCK_B, BLOCK_N] of x' @ W_enc (columns c0 ...), plus b_enc, into
     the running top-k; returns top_v, top_i and thr."""
-    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :], float("-inf"))
+    lo, hi = _tile_folds(acc, b_ptr, cols, col_ok, row_ok, BLOCK_B, BLOCK_N, SELECT_SPLIT)
     if SELECT_SPLIT == 2:
         # The two column halves of the tile, each selected on its own (fewer insertion steps in
         # all: a step scans half the columns, and the slowest row of a half sets the number of
         # steps for that half only).
-        lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, BLOCK_N // 2]), [0, 2, 1]))
         top_v, top_i, thr = _fold_tile(lo, c0, top_v, top_i, thr, BLOCK_N // 2, K_PAD, KEYED,
                                        UNCHECKED)
         top_v, top_i, thr = _fold_tile(hi, c0 + BLOCK_N // 2, top_v, top_i, thr, BLOCK_N // 2,
                                        K_PAD, KEYED, UNCHECKED)
     else:
-        top_v, top_i, thr = _fold_tile(pre, c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED,
+        top_v, top_i, thr = _fold_tile(lo, c0, top_v, top_i, thr, BLOCK_N, K_PAD, KEYED,
                                        UNCHECKED)
     return top_v, top_i, thr
 
@@ -331,11 +345,12 @@ def _encode_kernel(
     if KEYED:
         top_v = _ordered_bits(top_v) | 255
     thr = tl.min(top_v, axis=1)
-    if INTERLEAVE:
-        # One loop over every tile's d steps, as FLAT; each d step also takes one insertion
-        # step of the previous tile's pending folds (its halves in turn with SELECT_SPLIT = 2)
-        # while its MMAs run, and the last d step of a tile finishes them, then makes the
-        # tile's own folds the pending ones.
+    if FLAT or INTERLEAVE:
+        # One loop over every tile's d steps, the selection under its last one: the pipeliner
+        # then issues the next tile's first loads before a tile's selection runs. With
+        # INTERLEAVE each d step also takes one insertion step of the previous tile's pending
+        # folds (its halves in turn with SELECT_SPLIT = 2) while its MMAs run, and the last d
+        # step of a tile finishes them, then makes the tile's own folds the pending ones.
         WIDTH: tl.constexpr = BLOCK_N // SELECT_SPLIT
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
         cand_lo = _empty_fold(BLOCK_B, WIDTH, KEYED)
@@ -354,63 +369,45 @@ def _encode_kernel(
             a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
                                col_ok, d, n, BLOCK_D, TMA)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            if phase == 2:
-                if tl.max((best_lo > thr).to(tl.int32), axis=0) > 0:
-                    cand_lo, best_lo, top_v, top_i, thr = _insert_step(
-                        cand_lo, best_lo, c_prev, top_v, top_i, thr, WIDTH, K_PAD, KEYED)
-                else:
-                    phase = SELECT_SPLIT - 1
-            if SELECT_SPLIT == 2:
-                if phase == 1:
-                    if tl.max((best_hi > thr).to(tl.int32), axis=0) > 0:
-                        cand_hi, best_hi, top_v, top_i, thr = _insert_step(
-                            cand_hi, best_hi, c_prev + WIDTH, top_v, top_i, thr, WIDTH, K_PAD,
-                            KEYED)
+            if INTERLEAVE:
+                if phase == 2:
+                    if tl.max((best_lo > thr).to(tl.int32), axis=0) > 0:
+                        cand_lo, best_lo, top_v, top_i, thr = _insert_step(
+                            cand_lo, best_lo, c_prev, top_v, top_i, thr, WIDTH, K_PAD, KEYED)
                     else:
-                        phase = 0
-            if d0 + BLOCK_D >= d:
-                top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c_prev,
-                                                  top_v, top_i, thr, WIDTH, K_PAD, KEYED,
-                                                  SELECT_SPLIT)
-                bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                pre = tl.where(row_ok[:, None] & col_ok[None, :], acc + bias[None, :],
-                               float("-inf"))
+                        phase = SELECT_SPLIT - 1
                 if SELECT_SPLIT == 2:
-                    lo, hi = tl.split(tl.permute(tl.reshape(pre, [BLOCK_B, 2, WIDTH]), [0, 2, 1]))
+                    if phase == 1:
+                        if tl.max((best_hi > thr).to(tl.int32), axis=0) > 0:
+                            cand_hi, best_hi, top_v, top_i, thr = _insert_step(
+                                cand_hi, best_hi, c_prev + WIDTH, top_v, top_i, thr, WIDTH,
+                                K_PAD, KEYED)
+                        else:
+                            phase = 0
+            if d0 + BLOCK_D >= d:
+                if INTERLEAVE:
+                    top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi,
+                                                      c_prev, top_v, top_i, thr, WIDTH, K_PAD,
+                                                      KEYED, SELECT_SPLIT)
+                    lo, hi = _tile_folds(acc, b_ptr, cols, col_ok, row_ok, BLOCK_B, BLOCK_N,
+                                         SELECT_SPLIT)
                     cand_lo = _fold_input(lo, WIDTH, KEYED)
                     cand_hi = _fold_input(hi, WIDTH, KEYED)
+                    best_lo = tl.max(cand_lo, axis=1)
                     best_hi = tl.max(cand_hi, axis=1)
+                    c_prev = c0
+                    phase = 2
                 else:
-                    cand_lo = _fold_input(pre, WIDTH, KEYED)
-                best_lo = tl.max(cand_lo, axis=1)
-                c_prev = c0
-                phase = 2
+                    top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok,
+                                                     top_v, top_i, thr, BLOCK_B, BLOCK_N, K_PAD,
+                                                     SELECT_SPLIT, KEYED, UNCHECKED)
                 acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
                 c0 += BLOCK_N
                 d0 = -BLOCK_D
             d0 += BLOCK_D
-        top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c_prev, top_v,
-                                          top_i, thr, WIDTH, K_PAD, KEYED, SELECT_SPLIT)
-    elif FLAT:
-        # One loop over every tile's d steps, the selection under its last one: the pipeliner
-        # then issues the next tile's first loads before a tile's selection runs.
-        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        d0 = 0
-        c0 = col_begin
-        for _ in tl.range(0, tiles_per_split * tl.maximum(tl.cdiv(d, BLOCK_D), 1)):
-            cols = c0 + pos
-            col_ok = cols < n
-            a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
-                               col_ok, d, n, BLOCK_D, TMA)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            if d0 + BLOCK_D >= d:
-                top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v,
-                                                 top_i, thr, BLOCK_B, BLOCK_N, K_PAD,
-                                                 SELECT_SPLIT, KEYED, UNCHECKED)
-                acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-                c0 += BLOCK_N
-                d0 = -BLOCK_D
-            d0 += BLOCK_D
+        if INTERLEAVE:
+            top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c_prev, top_v,
+                                              top_i, thr, WIDTH, K_PAD, KEYED, SELECT_SPLIT)
     else:
         for t in range(0, tiles_per_split):
             c0 = col_begin + t * BLOCK_N
