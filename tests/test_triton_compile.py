@@ -91,21 +91,18 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                 ))
         cap = sparse_decode.walk_registers(dtype)
         # 64-bit offsets (WIDE, R_WIDE) only from 2^31 elements: at depth 1 alone.
-        walks = [
-            (f"sparse_decode{' WIDE' if wide else ''}", sparse_decode._decode_kernel,
+        decode_walks = [
+            ("sparse_decode", sparse_decode._decode_kernel,
              {"val_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "bias_ptr": f"*{t}",
-              "out_ptr": f"*{t}", "B": "i32", "k": "i32", "d": "i32"},
-             {"WIDE": wide}, sparse_decode._WARPS, cap,
-             (1,) if wide else sparse_decode.DECODE_STAGES)
-            for wide in (False, True)
-        ] + [
-            (f"sparse_decode grad_values{' WIDE' if wide else ''}",
-             sparse_decode._grad_values_kernel,
+              "out_ptr": f"*{t}", "B": "i32", "k": "i32", "d": "i32"}),
+            ("sparse_decode grad_values", sparse_decode._grad_values_kernel,
              {"g_ptr": f"*{t}", "idx_ptr": "*i64", "w_ptr": f"*{t}", "partial_ptr": "*fp32",
-              "B": "i32", "k": "i32", "d": "i32"},
-             {"WIDE": wide}, sparse_decode._WARPS, cap,
-             (1,) if wide else sparse_decode.DECODE_STAGES)
-            for wide in (False, True)
+              "B": "i32", "k": "i32", "d": "i32"}),
+        ]
+        walks = [
+            (f"{label}{' WIDE' if wide else ''}", kernel, signature, {"WIDE": wide},
+             sparse_decode._WARPS, cap, (1,) if wide else sparse_decode.DECODE_STAGES)
+            for label, kernel, signature in decode_walks for wide in (False, True)
         ] + [
             # The forward (SUFFIX: with the loss's suffix sums) and the residuals walked again.
             (f"nested_prefix_loss forward SUFFIX={suffix}{' WIDE' if wide else ''}",
