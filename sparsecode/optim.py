@@ -47,8 +47,9 @@ class MasterWeightAdam(torch.optim.Optimizer):
     master. lr, betas, eps: as torch.optim.Adam. backend: "auto" runs the Triton kernel on CUDA
     tensors where Triton is installed; "triton" asks for it (CPU tensors only under
     TRITON_INTERPRET=1); any other backend name runs the torch-op step. step_in_backward,
-    side_stream: see the module docstring. Its state per parameter: step (int), exp_avg, exp_avg_sq and, for a
-    parameter that is not float32, master, each float32 of the parameter's shape.
+    side_stream: see the module docstring. Its state per parameter: step (int), exp_avg,
+    exp_avg_sq and, for a parameter that is not float32, master, each float32 of the
+    parameter's shape.
     """
 
     def __init__(
@@ -100,15 +101,16 @@ class MasterWeightAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_in_backward(self, param: Tensor) -> None:
+        group = self._group_of(param)
         if self._sides is None:
-            self._step_param(param, self._group_of(param))
+            self._step_param(param, group)
         else:
             side = self._sides.get(param.device)
             if side is None:
                 side = self._sides[param.device] = torch.cuda.Stream(param.device)
             side.wait_stream(torch.cuda.current_stream(param.device))
             with torch.cuda.stream(side):
-                self._step_param(param, self._group_of(param))
+                self._step_param(param, group)
             param.grad.record_stream(side)  # not reused before the step has read it
             if not self._rejoin_queued:
                 self._rejoin_queued = True
