@@ -89,6 +89,7 @@ struct EmulatedWarp {
   const int lanes;
   EmulatedBarrier sync;
   uint64_t slot[32];
+  uint32_t words[32][6];  // the tensor-core operands of each lane
 };
 
 inline thread_local uint3 threadIdx;
@@ -130,21 +131,119 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
   emulated_warp->sync.arrive_and_wait();
   return bits;
 }
+inline bool __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline void __syncwarp(unsigned = 0xffffffffu) { emulated_warp->sync.arrive_and_wait(); }
 inline void __syncthreads() { emulated_block->arrive_and_wait(); }
+
+// The sm_80 instructions of csrc/cuda/device_utils.cuh, from the PTX ISA's descriptions. An
+// asynchronous copy completes at once, so a read before its wait goes unnoticed here.
+inline void cp_async_16(void* dst, const void* src, bool fill) {
+  if (fill) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+}
+inline void cp_async_commit() {}
+template <int pending>
+void cp_async_wait() {}
+
+// Every lane's N words, exchanged across the warp (the operands of ldmatrix and mma).
+template <int N>
+void emulated_exchange(const uint32_t (&mine)[N], uint32_t (&all)[32][N]) {
+  static_assert(N <= 6, "EmulatedWarp::words holds 6 words a lane");
+  std::memcpy(emulated_warp->words[emulated_lane], mine, sizeof(mine));
+  emulated_warp->sync.arrive_and_wait();
+  for (int lane = 0; lane < 32; ++lane) {
+    std::memcpy(all[lane], emulated_warp->words[lane], sizeof(mine));
+  }
+  emulated_warp->sync.arrive_and_wait();
+}
+
+// ldmatrix .x4 (.trans): lane i gives row i % 8 of matrix i / 8; lane l = 4g + t receives
+// matrix j's elements (g, 2t), (g, 2t + 1), or (2t, g), (2t + 1, g) transposed.
+inline void emulated_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  const auto address = reinterpret_cast<uintptr_t>(row);
+  const uint32_t mine[2] = {static_cast<uint32_t>(address), static_cast<uint32_t>(address >> 32)};
+  uint32_t all[32][2];
+  emulated_exchange(mine, all);
+  auto element = [&](int matrix, int i, int col) {  // matrix's (i, col), 16 bits
+    const uint64_t at = (static_cast<uint64_t>(all[8 * matrix + i][1]) << 32) | all[8 * matrix + i][0];
+    uint16_t bits;
+    std::memcpy(&bits, reinterpret_cast<const char*>(at) + 2 * col, 2);
+    return static_cast<uint32_t>(bits);
+  };
+  const int g = emulated_lane / 4;
+  const int t = emulated_lane % 4;
+  for (int j = 0; j < 4; ++j) {
+    r[j] = trans ? element(j, 2 * t, g) | element(j, 2 * t + 1, g) << 16
+                 : element(j, g, 2 * t) | element(j, g, 2 * t + 1) << 16;
+  }
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emulated_ldmatrix_x4(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  emulated_ldmatrix_x4(r, row, true);
+}
+
+// mma.m16n8k16 .row.col, bfloat16 in, float32 accumulation (summed in double here): lane
+// l = 4g + t holds A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9],
+// B[2t, 2t+1][g], B[2t+8, 2t+9][g], D[g][2t, 2t+1], D[g+8][2t, 2t+1].
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  uint32_t all[32][6];
+  emulated_exchange(mine, all);
+  auto half = [](uint32_t word, int h) {
+    const uint32_t bits = h == 0 ? word << 16 : word & 0xffff0000u;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return static_cast<double>(f);
+  };
+  double A[16][16];
+  double B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4;
+    const int t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      for (int r = 0; r < 4; ++r) {  // r: row g + 8 (r % 2), columns + 8 (r / 2)
+        A[g + 8 * (r % 2)][2 * t + h + 8 * (r / 2)] = half(all[lane][r], h);
+      }
+      for (int r = 0; r < 2; ++r) {
+        B[2 * t + h + 8 * r][g] = half(all[lane][4 + r], h);
+      }
+    }
+  }
+  const int g = emulated_lane / 4;
+  const int t = emulated_lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2);
+    const int col = 2 * t + e % 2;
+    double sum = d[e];
+    for (int k = 0; k < 16; ++k) {
+      sum += A[row][k] * B[k][col];
+    }
+    d[e] = static_cast<float>(sum);
+  }
+}
+
 template <typename P, typename V>
 void __stcg(P* address, V value) {
   *address = value;
 }
 
+// The dynamic shared memory of the block running (SPARSECODE_DYNAMIC_SHARED).
+inline thread_local unsigned char* emulated_shared;
+inline unsigned char* emulated_dynamic_shared() { return emulated_shared; }
+
 // kernel<<<grid, block>>>(arguments...) on the CPU: the blocks one after another, each block's
 // threads as std::threads.
 template <typename Kernel>
-auto emulated_launch(Kernel kernel, dim3 grid, dim3 block) {
+auto emulated_launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes = 0) {
   return [=](auto... arguments) {
     const int threads = static_cast<int>(block.x * block.y * block.z);
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
+          std::vector<uint4> shared(shared_bytes / sizeof(uint4) + 1);  // 16-byte aligned
           EmulatedBarrier block_sync(threads);
           std::vector<std::unique_ptr<EmulatedWarp>> warps;
           for (int w = 0; w * 32 < threads; ++w) {
@@ -159,6 +258,7 @@ auto emulated_launch(Kernel kernel, dim3 grid, dim3 block) {
               emulated_warp = warps[t / 32].get();
               emulated_block = &block_sync;
               emulated_lane = t % 32;
+              emulated_shared = reinterpret_cast<unsigned char*>(shared.data());
               kernel(arguments...);
             });
           }
@@ -180,6 +280,18 @@ ENTRY_POINTS = r"""
 using namespace sparsecode::cuda;
 
 extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
+// An sm_90 device: the bfloat16 per-latent sums take the tensor-core kernel.
+extern "C" cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
 
 #define ENTRY_POINTS(T, NAME)                                                                  \
   extern "C" int gather_rows_sum_##NAME(const void* coef, const int64_t* indices,              \
@@ -463,16 +575,21 @@ def vector_width(d: int, dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (33, 64, 70, 32),
-                                     (300, 16, 40, 2), (200, 24, 9, 3)])
+                                     (40, 264, 70, 5), (300, 16, 40, 3), (200, 24, 9, 3)])
 def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     """out[i] = sum over latent i's pairs of coef * src[row] (plain, transposed with coef_sum,
     and fused with the pairs' dots against weights), with src_rows into a taller src, zero
-    coefficients and empty latents; d = 64 and 16 take the vector path in every dtype. Latent 0
-    is in every row: at B = 300 its 300 pairs (over kLongSegment, 256) take the pass in which
-    the whole block sums one latent; at B = 200 its 200 pairs, and the other latents' 50 or so,
-    span several chunks of 32 pairs in the pass where a warp sums whole latents."""
+    coefficients and empty latents; d = 64, 264, 16 and 24 take the vector path in every dtype
+    (bfloat16: the tensor-core kernel; d = 264 has two column tiles, the second mostly past d).
+    Latent 0 is in every row: at B = 300 its 300 pairs (over kLongSegment, 256) take the pass in
+    which the whole block sums one latent, and so do latent 5's, between short latents of the
+    same warp (the tensor-core kernel skips both); at B = 200 its 200 pairs, and the other
+    latents' 50 or so, span several chunks of 32 pairs in the pass where a warp sums whole
+    latents."""
     indices = random_code(B, n, k)
     indices[:, 0] = 0  # latent 0 in every row: a long segment
+    if B == 300:
+        indices[:, 1] = 5
     order, offsets = latent_pairs(indices, n)
     P = B * k
     coef = torch.randn(P, dtype=acc_dtype(dtype))
@@ -512,6 +629,33 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     assert_close(out_d, want, tol, "out, with the dots")
     want_dots = (src.double()[src_rows] * weights.double()[flat]).sum(1)
     assert_close(partial.double().sum(0), want_dots, tol, "dots")
+
+
+def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated):
+    """The bfloat16 tensor-core sums take each float32 coefficient as two bfloat16 (hi + lo):
+    latent 3's pairs, coefficients 1 + 2^-12 and -1 on equal rows of ones, sum to 2^-12 (with
+    the hi parts alone, 0), in every form of the sum; the other latents' rows are zero."""
+    n, d = 40, 16
+    offsets = torch.tensor([0] * 4 + [2] * (n - 3))
+    rows = torch.tensor([0, 1])
+    coef = torch.tensor([1 + 2.0**-12, -1.0])
+    src = torch.ones(2, d, dtype=torch.bfloat16)
+    want = torch.zeros(n, d, dtype=torch.bfloat16)
+    want[3] = 2.0**-12
+    out = poison((n, d), torch.bfloat16)
+    call(cuda_emulated, "latent_rows_sum_bf16", offsets, rows, coef, src, n, d, ctypes.c_int(0),
+         out, None, None, None)
+    assert torch.equal(out, want)
+    out_t = poison((d, n), torch.bfloat16)
+    call(cuda_emulated, "latent_rows_sum_bf16", offsets, rows, coef, src, n, d, ctypes.c_int(1),
+         out_t, None, None, None)
+    assert torch.equal(out_t, want.t())
+    out_d, partial = poison((n, d), torch.bfloat16), poison((1, 2), torch.float32)
+    weights = torch.ones(n, d, dtype=torch.bfloat16)
+    call(cuda_emulated, "latent_rows_sum_dots_bf16", offsets, rows, torch.arange(2), coef, src,
+         weights, n, d, 2, out_d, partial)
+    assert torch.equal(out_d, want)
+    assert torch.equal(partial, torch.full((1, 2), float(d)))
 
 
 def test_latent_rows_sum_refuses_rows_past_32_bit_addressing(cuda_emulated):

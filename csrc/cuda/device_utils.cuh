@@ -12,10 +12,18 @@
 // kernel<<<grid, block, 0, stream>>>(arguments...) under nvcc. Compiled as host C++
 // (tests/test_cuda_emulated.py), they call emulated_launch(kernel, grid, block), which the
 // test's warp emulator defines, to run every thread of the grid on the CPU.
+// SPARSECODE_LAUNCH_SHARED adds `bytes` of dynamic shared memory, which the kernel names with
+// SPARSECODE_DYNAMIC_SHARED(name) (unsigned char name[], 16-byte aligned).
 #if defined(__CUDACC__)
 #define SPARSECODE_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#define SPARSECODE_LAUNCH_SHARED(kernel, grid, block, bytes, stream) \
+  kernel<<<(grid), (block), (bytes), (stream)>>>
+#define SPARSECODE_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #else
 #define SPARSECODE_LAUNCH(kernel, grid, block, stream) emulated_launch(kernel, (grid), (block))
+#define SPARSECODE_LAUNCH_SHARED(kernel, grid, block, bytes, stream) \
+  emulated_launch(kernel, (grid), (block), (bytes))
+#define SPARSECODE_DYNAMIC_SHARED(name) unsigned char* name = emulated_dynamic_shared()
 #endif
 
 namespace sparsecode::cuda {
@@ -123,12 +131,78 @@ __device__ __forceinline__ void store_pack(T* dst, const Acc<T> (&values)[V]) {
   }
 }
 
+// Tensor-core and asynchronous-copy instructions (sm_80 and later), as PTX. Compiled as host
+// C++, these names come from the warp emulator of tests/test_cuda_emulated.py instead, which
+// implements each instruction's documented fragment layout independently of the kernels.
+#if defined(__CUDACC__)
+// 16 bytes from global src to shared dst, asynchronously (cp.async.cg: through L2 only); with
+// fill false nothing is read and dst is zeroed. Complete after cp_async_wait, then visible to
+// the warp's other lanes after a __syncwarp.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(src),
+               "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+// Waits until at most `pending` of this thread's committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lane i gives the address of row
+// i % 8 of matrix i / 8 (16 bytes); r[j] of lane l = (g, t) = (l / 4, l % 4) receives matrix j's
+// elements (g, 2t) and (g, 2t + 1), or with trans its elements (2t, g) and (2t + 1, g), the
+// first in the low half.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared));
+}
+
+// D += A B on the tensor cores, m16n8k16, bfloat16 in, float32 accumulation, the whole warp at
+// once. Lane l = (g, t) = (l / 4, l % 4) holds, two bfloat16 a register (the lower index in the
+// low half): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9],
+// a[3] = A[g+8][2t+8, 2t+9]; b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]; d[0], d[1] =
+// D[g][2t, 2t+1], d[2], d[3] = D[g+8][2t, 2t+1].
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+__host__ __device__ __forceinline__ float bits_to_float(uint32_t bits) {
+  float f;
+  memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Two floats rounded to bfloat16 (nearest even) in one register, lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat16 halves[2] = {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+  uint32_t word;
+  memcpy(&word, halves, sizeof(word));
+  return word;
+}
+
 // Whether p is aligned to `bytes`.
 inline bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int min32(int a, int b) { return a < b ? a : b; }
 
 // Whether a grid of x by y blocks is within CUDA's limits (x < 2^31, y < 2^16).
 inline bool grid_fits(int64_t x, int64_t y) { return x <= 2147483647 && y <= 65535; }

@@ -58,8 +58,9 @@ cudaError_t transpose(const T* in, int64_t rows, int64_t cols, T* out, cudaStrea
 // latent i owns positions offsets[i]..offsets[i+1]-1 of rows/coef (offsets [n + 1]).
 //   out[i] = sum over q of latent i, ascending, of coef[q] * src[rows[q]]     (zero if none)
 // written as out [n, d], or as out [d, n] when transposed. coef_sum (optional, [n]) receives
-// the sum of coef over each latent's positions. Rows are below 2^32 and a row of src is under
-// 2^32 bytes (else cudaErrorInvalidConfiguration for the row bytes; the caller checks rows).
+// the sum of coef over each latent's positions. Rows are below 2^32, a row of src is under
+// 2^32 bytes (else cudaErrorInvalidConfiguration for the row bytes; the caller checks rows) and
+// there are fewer than 2^31 positions (the caller checks).
 // Transposed, with bias_weights [d, n] (optional, laid out as out: the encode's W_enc), also
 //   bias_partial[p, t, e] = sum over the latents i of tile t (kRowsSumLatentTile of them) that
 //                           pass p sums of bias_weights[e, i] * (sum of coef over i's positions)

@@ -65,7 +65,7 @@
 // (the Triton grad_values kernel took 0.55 ms on an H100, the sum 0.49 ms).
 #include <type_traits>
 
-#include "device_utils.cuh"
+#include "latent_rows_sum.cuh"
 
 namespace sparsecode::cuda {
 namespace {
@@ -74,17 +74,10 @@ constexpr int kLatentTile = static_cast<int>(kRowsSumLatentTile);
 constexpr int kSegWarps = 8;
 constexpr int kWarpLatents = kLatentTile / kSegWarps;  // consecutive latents a warp sums
 constexpr int kUnroll = 4;  // pairs in flight per lane: one warp_dots4
-constexpr int64_t kLongSegment = 256;  // pairs; a longer latent is summed by the whole block
 
 // A lane's V elements of one row as loaded: 16 bytes as four 32-bit words, else a Pack.
 template <typename T, int V>
 using Raw = std::conditional_t<sizeof(T) * V == 16, uint4, Pack<T, V>>;
-
-__device__ __forceinline__ float bits_to_float(uint32_t bits) {
-  float f;
-  memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 // raw's V elements in the accumulation type. A 32-bit word of two bfloat16 widens with one
 // integer instruction an element (a shift or a mask); converted one by one, each element took
@@ -382,22 +375,9 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
       }
     }
     if (bias_partial != nullptr) {
-      // A thread per column e: the tile's latents' row segment of bias_weights (contiguous)
-      // against their coef sums, in latent order.
-      const int latents = static_cast<int>(min64(kLatentTile, n - i0));
-      A* partial =
-          bias_partial + (kLongPass * rows_sum_latent_tiles(n) + blockIdx.x) * d;  // grid's x
-      for (int col = threadIdx.x; col < kCols; col += blockDim.x) {
-        const int64_t e = e0 + col;
-        if (e < d) {
-          const Src* w = weights + e * n + i0;
-          A sum = 0;
-          for (int t = 0; t < latents; ++t) {
-            sum += to_acc(w[t]) * tile_total[t];
-          }
-          partial[e] = sum;
-        }
-      }
+      bias_partial_sums(weights, tile_total, i0, static_cast<int>(min64(kLatentTile, n - i0)),
+                        n, d, e0, kCols,
+                        bias_partial + (kLongPass * rows_sum_latent_tiles(n) + blockIdx.x) * d);
     }
   }
 }
@@ -418,6 +398,14 @@ bool segment_grid(int64_t n, int64_t d, int V, dim3* grid) {
   return true;
 }
 
+// Whether the first launch runs on the tensor cores (latent_rows_sum_mma.cu): bfloat16 rows
+// read 16 bytes a lane, on sm_80 or later.
+template <typename Src, typename Out, int V>
+bool use_mma() {
+  return std::is_same_v<Src, __nv_bfloat16> && std::is_same_v<Out, __nv_bfloat16> && V == 8 &&
+         has_bf16_mma();
+}
+
 template <typename Src, typename Out, int V>
 cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
                                    const Acc<Out>* coef, const Src* src, int64_t n, int64_t d,
@@ -431,15 +419,27 @@ cudaError_t launch_latent_rows_sum(const int64_t* offsets, const int64_t* rows,
   if (!rows_addressable(d, sizeof(Src)) || !segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  for (const auto kernel :
-       {transposed ? latent_rows_sum_kernel<Src, Out, true, false, false, V>
-                   : latent_rows_sum_kernel<Src, Out, false, false, false, V>,
-        transposed ? latent_rows_sum_kernel<Src, Out, true, false, true, V>
-                   : latent_rows_sum_kernel<Src, Out, false, false, true, V>}) {
+  Acc<Out>* bias = transposed ? bias_partial : nullptr;
+  if (use_mma<Src, Out, V>()) {
+    if constexpr (std::is_same_v<Src, __nv_bfloat16> && std::is_same_v<Out, __nv_bfloat16>) {
+      const auto launch = transposed ? launch_latent_rows_sum_mma<true, false>
+                                     : launch_latent_rows_sum_mma<false, false>;
+      const cudaError_t launched = launch(grid, offsets, rows, coef, src, n, d, out, coef_sum,
+                                          bias_weights, nullptr, 0, nullptr, bias, stream);
+      if (launched != cudaSuccess) {
+        return launched;
+      }
+    }
+  } else {
+    const auto kernel = transposed ? latent_rows_sum_kernel<Src, Out, true, false, false, V>
+                                   : latent_rows_sum_kernel<Src, Out, false, false, false, V>;
     SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
-        offsets, rows, coef, src, n, d, out, coef_sum, bias_weights, nullptr, 0, nullptr,
-        transposed ? bias_partial : nullptr);
+        offsets, rows, coef, src, n, d, out, coef_sum, bias_weights, nullptr, 0, nullptr, bias);
   }
+  const auto long_kernel = transposed ? latent_rows_sum_kernel<Src, Out, true, false, true, V>
+                                      : latent_rows_sum_kernel<Src, Out, false, false, true, V>;
+  SPARSECODE_LAUNCH(long_kernel, grid, kSegWarps * kWarp, stream)(
+      offsets, rows, coef, src, n, d, out, coef_sum, bias_weights, nullptr, 0, nullptr, bias);
   return cudaGetLastError();
 }
 
@@ -457,12 +457,25 @@ cudaError_t launch_latent_rows_sum_dots(const int64_t* offsets, const int64_t* r
       !segment_grid(n, d, V, &grid)) {
     return cudaErrorInvalidConfiguration;
   }
-  for (const auto kernel : {latent_rows_sum_kernel<T, T, false, true, false, V>,
-                            latent_rows_sum_kernel<T, T, false, true, true, V>}) {
+  if (use_mma<T, T, V>()) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const cudaError_t launched = launch_latent_rows_sum_mma<false, true>(
+          grid, offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs,
+          partial_dots, nullptr, stream);
+      if (launched != cudaSuccess) {
+        return launched;
+      }
+    }
+  } else {
+    const auto kernel = latent_rows_sum_kernel<T, T, false, true, false, V>;
     SPARSECODE_LAUNCH(kernel, grid, kSegWarps * kWarp, stream)(
-        offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs,
-        partial_dots, nullptr);
+        offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs, partial_dots,
+        nullptr);
   }
+  const auto long_kernel = latent_rows_sum_kernel<T, T, false, true, true, V>;
+  SPARSECODE_LAUNCH(long_kernel, grid, kSegWarps * kWarp, stream)(
+      offsets, rows, coef, src, n, d, out, nullptr, weights, pair_ids, num_pairs, partial_dots,
+      nullptr);
   return cudaGetLastError();
 }
 

@@ -154,13 +154,16 @@ LatentCsr group_by_latent(const at::Tensor& flat_indices, int64_t n) {
   return {offsets, order};
 }
 
-// The per-latent sums address a pair's row of src in 32 bits: its index and the row's bytes.
-void check_rows_sum_sizes(const at::Tensor& src) {
+// The per-latent sums address a pair's row of src in 32 bits (its index and the row's bytes)
+// and a pair's place in the sorted list in 31.
+void check_rows_sum_sizes(const at::Tensor& src, int64_t num_pairs) {
   constexpr int64_t kLimit = int64_t(1) << 32;
   TORCH_CHECK(src.size(0) < kLimit && src.size(1) * src.element_size() < kLimit,
               "the CUDA per-latent sums need src (the rows they gather) under 2^32 rows of under "
               "2^32 bytes each, got ", src.sizes(), " of ", src.scalar_type(),
               "; split the batch into smaller ones");
+  TORCH_CHECK(num_pairs < (int64_t(1) << 31), "the CUDA per-latent sums need fewer than 2^31 "
+              "(row, latent) pairs, got ", num_pairs, "; split the batch into smaller ones");
 }
 
 // out [n, d] (or [d, n] when transposed) = per latent, sum of coef[p] * src[src_rows[p]] over
@@ -172,7 +175,7 @@ at::Tensor sum_rows_by_latent(const LatentCsr& csr, const at::Tensor& coef,
                               const at::Tensor& src_rows, const at::Tensor& src, int64_t n,
                               int64_t d, bool transposed, at::Tensor& result,
                               at::Tensor* coef_sum, const at::Tensor* bias_weights = nullptr) {
-  check_rows_sum_sizes(src);
+  check_rows_sum_sizes(src, coef.numel());
   const at::Tensor coef_sorted = coef.index_select(0, csr.order);
   const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
   at::Tensor bias_partial;
@@ -198,9 +201,7 @@ void sum_rows_and_dots(const LatentCsr& csr, const at::Tensor& coef, const at::T
                        const at::Tensor& src, const at::Tensor& weights, int64_t n, int64_t d,
                        at::Tensor& result, at::Tensor& dots) {
   const int64_t P = coef.numel();
-  check_rows_sum_sizes(src);
-  TORCH_CHECK(P < (int64_t(1) << 31), "the CUDA per-latent sums with dots need fewer than 2^31 "
-              "(row, latent) pairs, got ", P, "; split the batch into smaller ones");
+  check_rows_sum_sizes(src, P);
   const at::Tensor coef_sorted = coef.index_select(0, csr.order);
   const at::Tensor rows_sorted = src_rows.index_select(0, csr.order);
   const int64_t tiles =

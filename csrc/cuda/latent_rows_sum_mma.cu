@@ -1,0 +1,412 @@
+// Per-latent sums of bfloat16 rows on the tensor cores: the first launch of latent_rows_sum.cu's
+// sums (the latents of at most kLongSegment pairs) where src and out are bfloat16, d is a
+// multiple of 8 and the GPU is sm_80 or later; the dense latents keep latent_rows_sum.cu's
+// second launch.
+//
+//   out[i] = sum over the pairs q of latent i of coef[q] * src[rows[q]]     out [n, d] or [d, n]
+//   kDots:   partial_dots[t, pair_ids[q]] = src[rows[q]] . weights[i] over column tile t
+//   kTransposed: also coef_sum and bias_partial, as latent_rows_sum.cu.
+// offsets [n + 1], rows / coef [P] (the pairs sorted by latent), src [*, d], weights [n, d] (the
+// dots) or [d, n] (bias_weights).
+//
+// Why: latent_rows_sum.cu's loop spends about 35 instructions (48 with the dots) per pair and
+// lane on 8 columns, widening each bfloat16 and multiply-adding it on the CUDA cores; on an H100
+// those sums were bound by instruction issue (0.79 ms with the dots, 0.80 ms transposed, at the
+// size below) while L2 could feed the same gathers in about half that time. Here the tensor
+// cores do the arithmetic on the bfloat16 rows as gathered, and a pair costs a lane about 6
+// instructions.
+//
+// Strategy: a block of 4 warps owns kRowsSumLatentTile = 32 latents x 256 columns, a warp 8
+// consecutive latents, whose pairs are consecutive in the sorted list. The warp takes its pairs
+// 8 at a time (a step; a long latent's pairs are skipped, the second launch sums them). Each lane
+// copies its 16 bytes of the step's 8 src rows into shared memory with cp.async (the row's 16-byte
+// units XOR-swizzled by the pair, so that ldmatrix reads without bank conflicts), double
+// buffered: the next step's copies are in flight while a step is summed. Then, per 16 columns:
+//   sum:  D[16 columns x 8 latents] += S^T[16 columns x 8 pairs] C[8 pairs x 8 latents]
+//         (mma m16n8k8), with S^T from ldmatrix.trans and C[p][l] = coef of pair p where p
+//         belongs to latent l, else 0. The coefficient goes in as two bfloat16, hi + lo (lo =
+//         coef - hi rounded again; a second mma, skipped when every lo of the step is zero, as
+//         for the decode's bfloat16 values), so it keeps about 16 bits of its float32 value.
+//   dots: E[16 latents x 8 pairs] += W[16 latents x 16 columns] S^T[16 columns x 8 pairs]
+//         (mma m16n8k16; latents 8..15 are zero rows), W from registers loaded once per warp,
+//         S from ldmatrix; a pair's dot is E at its own latent, stored by the lane holding it.
+// All products are exact in float32 and the sums accumulate in float32 in a fixed order: the
+// result is bit-identical run to run, not to the CUDA-core sums'. Unlike them, a zero
+// coefficient is multiplied rather than skipped: a non-finite element of one pair's row makes
+// that column non-finite for the warp's 8 latents (the CUDA-core sums keep it to the pair's own
+// latent), and a zero-coefficient pair without the dots is not read (its rows are zero-filled).
+// After the last step the accumulators go through shared memory (the staged rows' space) to
+// coalesced stores: 16 bytes a lane per latent row, or 32 latents of one column a warp when
+// transposed.
+//
+// Cost at B = 8192, d = 2304, n = 65536, k = 64 (bfloat16): the B k d src elements gathered
+// (2.4 GB, from L2), out written once (302 MB), the pairs' row, coef and id (12 B each, 6 MB)
+// and offsets. Tensor-core work per step and 256 columns: 16 (32 with lo) m16n8k8 and, with the
+// dots, 16 m16n8k16: 2 B k d (x 8 latents) multiply-adds, about 0.1 ms of the H100's mma.sync
+// rate, run beside the copies. Shared memory: 32 KB of staged rows (40 KB transposed), 3 blocks
+// of 128 threads an SM by registers (about 150 with the dots: 64 accumulators, 32 of W).
+#include "latent_rows_sum.cuh"
+
+namespace sparsecode::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kWarpLatents = 8;  // a warp's latents: the n of the mma
+constexpr int kStep = 16;        // pairs a step: the k of the sum's mma
+constexpr int kCols = 256;       // columns a block: 16 column tiles of the mma
+constexpr int kRowBytes = kCols * 2;
+// A staged row's pitch: 16 bytes of padding put the 8 rows that an ldmatrix reads at one column
+// in different banks.
+constexpr int kRowPitch = kRowBytes + 16;
+constexpr int kStages = 2;
+constexpr int kMTiles = kCols / 16;
+constexpr int kStageBytes = kStep * kRowPitch;
+constexpr int kStagedBytes = kWarps * kStages * kStageBytes;  // 66 KB
+// The accumulators' tile, in the staged rows' place once they are summed: [latent][column], or
+// [column][latent] when transposed, pitches (floats) that make the accumulator writes and the
+// stores' reads free of bank conflicts.
+constexpr int kPitch = kCols + 4;
+constexpr int kPitchTransposed = kRowsSumLatentTile + 8;
+static_assert(kCols * kPitchTransposed * 4 <= kStagedBytes, "the tile fits in the staged rows");
+// Shared memory a block: the staged rows (or the tile), then each latent's coefficient sum.
+constexpr int kSharedBytes = kStagedBytes + kRowsSumLatentTile * 4;
+static_assert(kWarps * kWarpLatents == kRowsSumLatentTile, "a block's warps cover its latents");
+
+// What a lane needs of a step to sum it: C[2t, 2t+1, 2t+8, 2t+9][g], the coefficients of those
+// pairs of the step where they belong to the lane's latent g (else 0); for the dots' pairs g
+// and g + 8 (r = 0, 1) their flat ids and which of the lane's latents 2t, 2t + 1 they belong
+// to (0, 1; -1: neither).
+struct StepPairs {
+  float coef[4] = {0, 0, 0, 0};
+  int32_t id[2] = {0, 0};
+  int dot_at[2] = {-1, -1};
+};
+
+template <bool kTransposed, bool kDots>
+__global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
+    latent_rows_sum_mma_kernel(const int64_t* __restrict__ offsets,
+                               const int64_t* __restrict__ rows, const float* __restrict__ coef,
+                               const __nv_bfloat16* __restrict__ src, int64_t n, int64_t d,
+                               __nv_bfloat16* __restrict__ out,
+                               __nv_bfloat16* __restrict__ coef_sum,
+                               const __nv_bfloat16* __restrict__ weights,
+                               const int64_t* __restrict__ pair_ids, int64_t num_pairs,
+                               float* __restrict__ partial_dots, float* __restrict__ bias_partial) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // not launched there: has_bf16_mma() is false
+#else
+  SPARSECODE_DYNAMIC_SHARED(shared);
+  float(*tile)[kTransposed ? kPitchTransposed : kPitch] =
+      reinterpret_cast<float(*)[kTransposed ? kPitchTransposed : kPitch]>(shared);
+  float* tile_total = reinterpret_cast<float*>(shared + kStagedBytes);
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int g = lane / 4;  // the mma operands' row group
+  const int t = lane % 4;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRowsSumLatentTile;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kCols;
+  const int64_t first = i0 + warp * kWarpLatents;
+  // The warp's latent first + j owns the pairs bound[j] .. bound[j + 1] - 1 (below 2^31).
+  const int lane_bound =
+      lane <= kWarpLatents ? static_cast<int>(offsets[min64(first + lane, n)]) : 0;
+  int bound[kWarpLatents + 1];
+#pragma unroll
+  for (int j = 0; j <= kWarpLatents; ++j) {
+    bound[j] = __shfl_sync(kFullMask, lane_bound, j);
+  }
+  const int own_begin = __shfl_sync(kFullMask, lane_bound, g);  // latent first + g's pairs
+  const int own_end = __shfl_sync(kFullMask, lane_bound, g + 1);
+  // Latents first + 2t and first + 2t + 1: the pairs even_begin .. odd_begin - 1 and
+  // odd_begin .. odd_end - 1.
+  const int even_begin = __shfl_sync(kFullMask, lane_bound, 2 * t);
+  const int odd_begin = __shfl_sync(kFullMask, lane_bound, 2 * t + 1);
+  const int odd_end = __shfl_sync(kFullMask, lane_bound, 2 * t + 2);
+  unsigned long_latents = 0;  // bit j: latent first + j is the second launch's
+#pragma unroll
+  for (int j = 0; j < kWarpLatents; ++j) {
+    long_latents |= static_cast<unsigned>(bound[j + 1] - bound[j] > kLongSegment) << j;
+  }
+  const int last = bound[kWarpLatents];
+  // q, moved past the pairs of the long latents that start there.
+  auto skip_long = [&](int q) {
+    if (long_latents != 0) {
+#pragma unroll
+      for (int j = 0; j < kWarpLatents; ++j) {
+        if ((long_latents >> j & 1) != 0 && q == bound[j]) {
+          q = bound[j + 1];
+        }
+      }
+    }
+    return q;
+  };
+  // The end of the step from q: kStep pairs, fewer before a long latent or the warp's last pair.
+  auto step_end = [&](int q) {
+    int end = min32(q + kStep, last);
+    if (long_latents != 0) {
+#pragma unroll
+      for (int j = 0; j < kWarpLatents; ++j) {
+        if ((long_latents >> j & 1) != 0 && bound[j] > q) {
+          end = min32(end, bound[j]);
+        }
+      }
+    }
+    return end;
+  };
+
+  // Lane (s, c) = (lane / 2, lane % 2) copies pair s's 16-byte units 2u + c, u = 0..15 (a
+  // 32-byte sector for the 2 lanes each time).
+  const int copy_pair = lane / 2;
+  const char* lane_src = reinterpret_cast<const char*>(src + e0 + 8 * (lane % 2));
+  const auto row_bytes = static_cast<uint32_t>(d * 2);
+  const int cols_left = static_cast<int>(min64(d - e0 - 8 * (lane % 2), kCols));  // 16 u < it
+  const int copy_at = copy_pair * kRowPitch + 16 * (lane % 2);
+  // The columns 16 m .. 16 m + 15 of the step's 16 pairs as four 8 x 8 matrices, in the order
+  // of an A operand: for the sum (transposed) pairs 0-7, 8-15 by first, second 8 columns; for
+  // the dots pairs 0-7, 8-15 by first, second 8 columns in the other order. Lane i gives the
+  // row of matrix i / 8: pair i % 8 + 8 b at unit 2m + c, with (b, c) = (i / 16, i / 8 % 2) for
+  // the sum and (i / 8 % 2, i / 16) for the dots.
+  const int read_at = (lane % 8 + 8 * (lane / 16)) * kRowPitch + 16 * (lane / 8 % 2);
+  const int dots_read_at = (lane % 8 + 8 * (lane / 8 % 2)) * kRowPitch + 16 * (lane / 16);
+  const float* lane_coef = coef + 2 * t;  // C's pairs
+  const int64_t* lane_ids = pair_ids + g;  // the dots' pairs
+
+  // Starts the copies of the pairs q .. end - 1 into stage and returns what the lane needs of
+  // them to sum them.
+  auto issue = [&](int q, int end, int stage) {
+    const int p = q + copy_pair;
+    uint32_t row = 0;
+    bool copy = p < end;
+    if (copy) {
+      row = static_cast<uint32_t>(rows[p]);
+      // A zero coefficient adds nothing; without the dots its row is not read.
+      copy = kDots || coef[p] != 0.0f;
+    }
+    const char* from = lane_src + static_cast<uint64_t>(row) * row_bytes;
+    unsigned char* to = shared + (warp * kStages + stage) * kStageBytes + copy_at;
+#pragma unroll
+    for (int u = 0; u < kRowBytes / 32; ++u) {
+      cp_async_16(to + 32 * u, from + 32 * u, copy && 16 * u < cols_left);
+    }
+    StepPairs pairs;
+    const int count = end - q;
+    const float* step_coef = lane_coef + q;
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const int at = h % 2 + 8 * (h / 2);  // pair 2t + at
+      const int ph = q + 2 * t + at;
+      if (2 * t + at < count && own_begin <= ph && ph < own_end) {
+        pairs.coef[h] = step_coef[at];
+      }
+    }
+    if constexpr (kDots) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (g + 8 * r < count) {
+          const int pr = q + g + 8 * r;
+          pairs.id[r] = static_cast<int32_t>(lane_ids[q + 8 * r]);
+          pairs.dot_at[r] = pr < even_begin || pr >= odd_end ? -1 : pr < odd_begin ? 0 : 1;
+        }
+      }
+    }
+    return pairs;
+  };
+
+  float acc[kMTiles][4] = {};  // D[16 columns x 8 latents] per 16 columns
+  // The dots' B operand: latent first + g's columns 16 m + 2t, +1 and 16 m + 2t + 8, +9.
+  uint32_t w[kDots ? kMTiles : 1][2] = {};
+  if constexpr (kDots) {
+    const int64_t i = first + g;
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t e = e0 + 16 * m + 8 * h + 2 * t;
+        if (i < n && e < d) {
+          w[m][h] = *reinterpret_cast<const uint32_t*>(weights + i * d + e);
+        }
+      }
+    }
+  }
+  float* dots = kDots ? partial_dots + static_cast<int64_t>(blockIdx.y) * num_pairs : nullptr;
+
+  // Sums the step staged in stage.
+  auto sum_step = [&](const StepPairs& pairs, int stage) {
+    // C[2t, 2t+1][g] and C[2t+8, 2t+9][g], each as hi + lo.
+    uint32_t hi[2];
+    uint32_t lo[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float c0 = pairs.coef[2 * r];
+      const float c1 = pairs.coef[2 * r + 1];
+      hi[r] = pack_bf16(c0, c1);
+      lo[r] = pack_bf16(c0 - bits_to_float(hi[r] << 16),
+                        c1 - bits_to_float(hi[r] & 0xffff0000u));
+    }
+    const bool with_lo = __any_sync(kFullMask, (lo[0] | lo[1]) != 0);
+    const unsigned char* staged = shared + (warp * kStages + stage) * kStageBytes;
+    float dot[4] = {};  // E[g][2t, 2t+1], E[g+8][2t, 2t+1]: pairs g, g + 8 at latents 2t, 2t+1
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, staged + read_at + 32 * m);
+      mma_m16n8k16_bf16(acc[m], a, hi);
+      if (with_lo) {
+        mma_m16n8k16_bf16(acc[m], a, lo);
+      }
+      if constexpr (kDots) {
+        uint32_t rows16[4];
+        ldmatrix_x4(rows16, staged + dots_read_at + 32 * m);
+        mma_m16n8k16_bf16(dot, rows16, w[m]);
+      }
+    }
+    if constexpr (kDots) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (pairs.dot_at[r] >= 0) {
+          dots[pairs.id[r]] = pairs.dot_at[r] == 0 ? dot[2 * r] : dot[2 * r + 1];
+        }
+      }
+    }
+  };
+
+  int q = skip_long(bound[0]);
+  int end = q < last ? step_end(q) : q;
+  StepPairs pairs;
+  if (q < last) {
+    pairs = issue(q, end, 0);
+  }
+  cp_async_commit();
+  for (int stage = 0; q < last; stage ^= 1) {  // the same for the whole warp
+    const int q_next = skip_long(end);
+    int end_next = q_next;
+    StepPairs next;
+    if (q_next < last) {
+      end_next = step_end(q_next);
+      next = issue(q_next, end_next, stage ^ 1);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();  // every lane's copies of this step have landed
+    sum_step(pairs, stage);
+    __syncwarp();  // this step's rows are read before the next issue overwrites them
+    pairs = next;
+    q = q_next;
+    end = end_next;
+  }
+
+  // Lane j < 8: latent first + j's coefficient sum, if this launch sums it.
+  const int lane_end = __shfl_down_sync(kFullMask, lane_bound, 1);
+  const bool lane_sums = lane < kWarpLatents && first + lane < n &&
+                         lane_end - lane_bound <= kLongSegment;
+  float total = 0;
+  if (lane_sums && (coef_sum != nullptr || bias_partial != nullptr)) {
+    for (int p = lane_bound; p < lane_end; ++p) {
+      total += coef[p];
+    }
+    if (coef_sum != nullptr && blockIdx.y == 0) {
+      coef_sum[first + lane] = __float2bfloat16_rn(total);
+    }
+  }
+  __syncthreads();  // every warp is done with its staged rows: the tile takes their place
+  if (lane < kWarpLatents) {
+    tile_total[warp * kWarpLatents + lane] = lane_sums ? total : 0.0f;
+  }
+  const int row0 = warp * kWarpLatents + 2 * t;  // D[.][2t, 2t+1]: this lane's two latents
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+    const int col = 16 * m + g;
+    if constexpr (kTransposed) {
+      *reinterpret_cast<float2*>(&tile[col][row0]) = make_float2(acc[m][0], acc[m][1]);
+      *reinterpret_cast<float2*>(&tile[col + 8][row0]) = make_float2(acc[m][2], acc[m][3]);
+    } else {
+      tile[row0][col] = acc[m][0];
+      tile[row0 + 1][col] = acc[m][1];
+      tile[row0][col + 8] = acc[m][2];
+      tile[row0 + 1][col + 8] = acc[m][3];
+    }
+  }
+  __syncthreads();
+
+  if constexpr (kTransposed) {
+    // Lane l stores latent i0 + l of the columns warp, warp + 4, ...: 32 latents of one column
+    // of out [d, n] a warp.
+    const int64_t lane_latent = i0 + lane;
+    const bool lane_ours = lane_latent < n &&
+                           offsets[lane_latent + 1] - offsets[lane_latent] <= kLongSegment;
+    int64_t at = (e0 + warp) * n + lane_latent;
+    for (int col = warp; col < kCols; col += kWarps, at += kWarps * n) {
+      if (lane_ours && e0 + col < d) {
+        out[at] = __float2bfloat16_rn(tile[col][lane]);
+      }
+    }
+    if (bias_partial != nullptr) {
+      bias_partial_sums(weights, tile_total, i0,
+                        static_cast<int>(min64(kRowsSumLatentTile, n - i0)), n, d, e0, kCols,
+                        bias_partial + static_cast<int64_t>(blockIdx.x) * d);
+    }
+  } else {
+    // The warp's latents, a row each: lane l's 8 columns as one 16-byte store. Lane l reads
+    // them from its own starting place g, so that the warp's reads hit 32 banks.
+    const int64_t c = e0 + static_cast<int64_t>(lane) * 8;
+#pragma unroll
+    for (int j = 0; j < kWarpLatents; ++j) {
+      const int64_t i = first + j;
+      if (i < n && bound[j + 1] - bound[j] <= kLongSegment && c < d) {
+        const float* row = tile[warp * kWarpLatents + j] + lane * 8;
+        float values[8];
+#pragma unroll
+        for (int v = 0; v < 8; ++v) {
+          values[v] = row[(v + g) % 8];
+        }
+        rotate_left(values, (8 - g) % 8);
+        store_pack<__nv_bfloat16, 8>(out + i * d + c, values);
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+bool has_bf16_mma() {
+  int device = 0;
+  int major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+             cudaSuccess &&
+         major >= 8;
+}
+
+template <bool kTransposed, bool kDots>
+cudaError_t launch_latent_rows_sum_mma(dim3 grid, const int64_t* offsets, const int64_t* rows,
+                                       const float* coef, const __nv_bfloat16* src, int64_t n,
+                                       int64_t d, __nv_bfloat16* out, __nv_bfloat16* coef_sum,
+                                       const __nv_bfloat16* weights, const int64_t* pair_ids,
+                                       int64_t num_pairs, float* partial_dots,
+                                       float* bias_partial, cudaStream_t stream) {
+  const auto kernel = latent_rows_sum_mma_kernel<kTransposed, kDots>;
+  // Over 48 KB of shared memory a block must be allowed, kernel by kernel (on the current
+  // device: so at every launch).
+  const cudaError_t allowed =
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
+  if (allowed != cudaSuccess) {
+    return allowed;
+  }
+  SPARSECODE_LAUNCH_SHARED(kernel, grid, kWarps * kWarp, kSharedBytes, stream)(
+      offsets, rows, coef, src, n, d, out, coef_sum, weights, pair_ids, num_pairs, partial_dots,
+      bias_partial);
+  return cudaGetLastError();
+}
+
+#define SPARSECODE_INSTANTIATE(TRANSPOSED, DOTS)                                                \
+  template cudaError_t launch_latent_rows_sum_mma<TRANSPOSED, DOTS>(                          \
+      dim3, const int64_t*, const int64_t*, const float*, const __nv_bfloat16*, int64_t,      \
+      int64_t, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*, const int64_t*, int64_t, \
+      float*, float*, cudaStream_t);
+SPARSECODE_INSTANTIATE(false, false)
+SPARSECODE_INSTANTIATE(true, false)
+SPARSECODE_INSTANTIATE(false, true)
+#undef SPARSECODE_INSTANTIATE
+
+}  // namespace sparsecode::cuda
