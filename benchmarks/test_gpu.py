@@ -433,6 +433,15 @@ def test_sparse_decode(report: Report, problem: Problem) -> None:
                          C.latent_rows_sum(p.values, p.indices, g, W.shape[0])))
     report.time("decode backward: latent_rows_sum_dots (one walk)",
                 lambda: C.latent_rows_sum_dots(p.values, p.indices, g, W))
+    # bfloat16 per-latent sums run on the tensor cores (csrc/cuda/latent_rows_sum_mma.cu);
+    # float16 ones on the CUDA cores (latent_rows_sum.cu), the same work otherwise.
+    half = {name: t.half() for name, t in (("values", p.values), ("g", g), ("W", W))}
+    report.time("decode backward: latent_rows_sum_dots, float16 (CUDA cores)",
+                lambda: C.latent_rows_sum_dots(half["values"], p.indices, half["g"], half["W"]))
+    report.time("latent_rows_sum: bfloat16 (tensor cores)",
+                lambda: C.latent_rows_sum(p.values, p.indices, g, W.shape[0]))
+    report.time("latent_rows_sum: float16 (CUDA cores)",
+                lambda: C.latent_rows_sum(half["values"], p.indices, half["g"], W.shape[0]))
     # A trained SAE has dense latents, which random codes lack: latent 0 in every row (8192
     # pairs, summed by a whole block rather than one warp; see csrc/cuda/latent_rows_sum.cu).
     dense = p.indices.clone()

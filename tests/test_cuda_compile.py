@@ -49,3 +49,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
         if result.returncode != 0
     ]
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
+
+
+def test_the_cuda_build_lists_every_kernel_file():
+    """CMakeLists.txt names each csrc/cuda/*.cu file in the CUDA build's sources (a file left out
+    compiles here but fails to link on a GPU machine)."""
+    listed = (CUDA_SOURCES.parent.parent / "CMakeLists.txt").read_text()
+    missing = [s.name for s in sorted(CUDA_SOURCES.glob("*.cu"))
+               if f"csrc/cuda/{s.name}" not in listed]
+    assert not missing, f"CMakeLists.txt does not build {missing}"

@@ -31,7 +31,8 @@ pytestmark = [
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, d, n, k): every B in {1, 5, 33}, d in {7, 100}, n in {33, 1000}, k in {1, 3, 32}, plus a
-# second column tile (d = 130) and more slots than one shared-memory chunk (k = 300).
+# second column tile (d = 130), more slots than one shared-memory chunk (k = 300) and d = 264 (a
+# multiple of 8: the bfloat16 per-latent sums on the tensor cores, a second column tile of 8).
 SMALL = [
     (1, 7, 33, 1),
     (5, 100, 33, 3),
@@ -41,6 +42,7 @@ SMALL = [
     (1, 100, 1000, 1),
     (5, 7, 33, 32),
     (5, 130, 1000, 300),
+    (33, 264, 1000, 5),
 ]
 REAL = (8192, 2304, 65536, 64)
 REAL_SIZES = [2048, 4096, 8192, 16384, 32768, 65536]
@@ -249,6 +251,23 @@ def test_kernels_are_registered_for_cuda():
                "sparse_decode_backward", "nested_prefix_loss_forward",
                "nested_prefix_loss_backward", "latent_rows_sum", "latent_rows_sum_dots"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsecode_C::{op}", "CUDA"), op
+
+
+def test_tensor_core_sums_keep_the_coefficients_float32_bits():
+    """The bfloat16 per-latent sums on the tensor cores take each float32 coefficient as two
+    bfloat16 (hi + lo): latent 3's coefficients 1 + 2^-12 and -1 on equal rows of ones sum to
+    2^-12 (0 with the hi parts alone), and their dots with rows of ones are d."""
+    n, d = 40, 16
+    coef = torch.tensor([[1 + 2.0**-12], [-1.0]], device="cuda")
+    indices = torch.full((2, 1), 3, device="cuda")
+    src = torch.ones(2, d, device="cuda", dtype=torch.bfloat16)
+    want = torch.zeros(n, d, device="cuda", dtype=torch.bfloat16)
+    want[3] = 2.0**-12
+    assert torch.equal(torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n), want)
+    weights = torch.ones(n, d, device="cuda", dtype=torch.bfloat16)
+    summed, dots = torch.ops.sparsecode_C.latent_rows_sum_dots(coef, indices, src, weights)
+    assert torch.equal(summed, want)
+    assert torch.equal(dots, torch.full((2, 1), float(d), device="cuda"))
 
 
 @pytest.mark.parametrize("B,d,n,k", SMALL)

@@ -63,6 +63,9 @@
 // latent and column tile: n d s, 302 MB bf16), 1.5 shuffles and one 4-byte store per column
 // tile ([tiles, P] fp32, 19 MB bf16), in place of a second gather of the same B k d elements
 // (the Triton grad_values kernel took 0.55 ms on an H100, the sum 0.49 ms).
+// For bfloat16 src and out with d a multiple of 8, on sm_80 and later, the first launch is
+// latent_rows_sum_mma.cu's tensor-core kernel instead: these loops serve the other types, and
+// every type's long latents.
 #include <type_traits>
 
 #include "latent_rows_sum.cuh"

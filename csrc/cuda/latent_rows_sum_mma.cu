@@ -9,42 +9,45 @@
 // offsets [n + 1], rows / coef [P] (the pairs sorted by latent), src [*, d], weights [n, d] (the
 // dots) or [d, n] (bias_weights).
 //
-// Why: latent_rows_sum.cu's loop spends about 35 instructions (48 with the dots) per pair and
-// lane on 8 columns, widening each bfloat16 and multiply-adding it on the CUDA cores; on an H100
-// those sums were bound by instruction issue (0.79 ms with the dots, 0.80 ms transposed, at the
-// size below) while L2 could feed the same gathers in about half that time. Here the tensor
-// cores do the arithmetic on the bfloat16 rows as gathered, and a pair costs a lane about 6
-// instructions.
+// Why: latent_rows_sum.cu's loop spends 35 instructions (48 with the dots) per pair and lane on
+// 8 columns, widening each bfloat16 and multiply-adding it on the CUDA cores; on an H100 those
+// sums were bound by instruction issue (0.79 ms with the dots, 0.80 ms transposed, at the size
+// below) while L2 could feed the same gathers in about half that time. Here the tensor cores do
+// the arithmetic on the bfloat16 rows as gathered.
 //
 // Strategy: a block of 4 warps owns kRowsSumLatentTile = 32 latents x 256 columns, a warp 8
 // consecutive latents, whose pairs are consecutive in the sorted list. The warp takes its pairs
-// 8 at a time (a step; a long latent's pairs are skipped, the second launch sums them). Each lane
-// copies its 16 bytes of the step's 8 src rows into shared memory with cp.async (the row's 16-byte
-// units XOR-swizzled by the pair, so that ldmatrix reads without bank conflicts), double
-// buffered: the next step's copies are in flight while a step is summed. Then, per 16 columns:
-//   sum:  D[16 columns x 8 latents] += S^T[16 columns x 8 pairs] C[8 pairs x 8 latents]
-//         (mma m16n8k8), with S^T from ldmatrix.trans and C[p][l] = coef of pair p where p
-//         belongs to latent l, else 0. The coefficient goes in as two bfloat16, hi + lo (lo =
-//         coef - hi rounded again; a second mma, skipped when every lo of the step is zero, as
-//         for the decode's bfloat16 values), so it keeps about 16 bits of its float32 value.
-//   dots: E[16 latents x 8 pairs] += W[16 latents x 16 columns] S^T[16 columns x 8 pairs]
-//         (mma m16n8k16; latents 8..15 are zero rows), W from registers loaded once per warp,
-//         S from ldmatrix; a pair's dot is E at its own latent, stored by the lane holding it.
-// All products are exact in float32 and the sums accumulate in float32 in a fixed order: the
-// result is bit-identical run to run, not to the CUDA-core sums'. Unlike them, a zero
-// coefficient is multiplied rather than skipped: a non-finite element of one pair's row makes
-// that column non-finite for the warp's 8 latents (the CUDA-core sums keep it to the pair's own
-// latent), and a zero-coefficient pair without the dots is not read (its rows are zero-filled).
-// After the last step the accumulators go through shared memory (the staged rows' space) to
-// coalesced stores: 16 bytes a lane per latent row, or 32 latents of one column a warp when
-// transposed.
+// 16 at a time (a step; a long latent's pairs are skipped, the second launch sums them). Its
+// lanes copy the step's 16 src rows (256 columns, 512 bytes each) into shared memory with
+// cp.async, two lanes a row, 32 contiguous bytes an instruction, into rows padded to 528 bytes
+// (so that the 8 rows an ldmatrix reads at one column fall in different banks); double
+// buffered, the next step's copies are in flight while a step is summed. Then, per 16 columns
+// (mma.sync m16n8k16, bfloat16 in, float32 accumulation):
+//   sum:  D[16 columns x 8 latents] += S^T[16 columns x 16 pairs] C[16 pairs x 8 latents], S^T
+//         by ldmatrix.trans and C[p][l] = the coefficient of pair p where p belongs to latent l,
+//         else 0. A coefficient goes in as two bfloat16, hi + lo (lo = coef - hi, rounded; a
+//         second mma, skipped when the step's lo are all zero, as for bfloat16 values), so it
+//         keeps 16 of its 24 bits.
+//   dots: E[16 pairs x 8 latents] += S[16 pairs x 16 columns] W^T[16 columns x 8 latents], S by
+//         ldmatrix, W in registers (loaded once per warp); a pair's dot is E at its own latent,
+//         stored by the lane that holds it.
+// Products are exact in float32 and every sum runs in a fixed order: the result is
+// bit-identical run to run, though not to the CUDA-core sums'. Unlike those, a pair's row is
+// multiplied by the zero coefficients of the warp's other latents: a non-finite element of one
+// pair's row makes that column non-finite for all 8 of them. Without the dots, a pair with a
+// zero coefficient is not read (its staged row is zero-filled). After the last step the
+// accumulators go through shared memory (the staged rows' place) to coalesced stores: 16 bytes a
+// lane per latent row, or 32 latents of one column a warp when transposed.
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64 (bfloat16): the B k d src elements gathered
-// (2.4 GB, from L2), out written once (302 MB), the pairs' row, coef and id (12 B each, 6 MB)
-// and offsets. Tensor-core work per step and 256 columns: 16 (32 with lo) m16n8k8 and, with the
-// dots, 16 m16n8k16: 2 B k d (x 8 latents) multiply-adds, about 0.1 ms of the H100's mma.sync
-// rate, run beside the copies. Shared memory: 32 KB of staged rows (40 KB transposed), 3 blocks
-// of 128 threads an SM by registers (about 150 with the dots: 64 accumulators, 32 of W).
+// (2.4 GB, from L2), out written once (302 MB), 12 bytes of row, coefficient and id a pair (6 MB)
+// and the offsets. Tensor cores: 16 mma a step and 256 columns for the sum (32 with lo), 16
+// more for the dots, 2 B k d multiply-adds each, about 0.05 ms of an H100's mma.sync rate.
+// sm_90 SASS of the step loop (nvcc 13): 269 instructions a step for the sum and 357 with the
+// dots, of which about 70 run only in warps that hold a long latent: 12.5 and 18 a pair, against
+// the CUDA-core loop's 35 and 48. Shared memory 66 KB a block; 3 blocks an SM (165 registers),
+// 2 with the dots (214: 64 accumulators and 32 registers of W).
+
 #include "latent_rows_sum.cuh"
 
 namespace sparsecode::cuda {
@@ -307,6 +310,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
       coef_sum[first + lane] = __float2bfloat16_rn(total);
     }
   }
+  cp_async_wait<0>();
   __syncthreads();  // every warp is done with its staged rows: the tile takes their place
   if (lane < kWarpLatents) {
     tile_total[warp * kWarpLatents + lane] = lane_sums ? total : 0.0f;
