@@ -132,6 +132,7 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
   return bits;
 }
 inline bool __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emulated_warp->sync.arrive_and_wait(); }
 inline void __syncthreads() { emulated_block->arrive_and_wait(); }
 
@@ -358,6 +359,24 @@ ENTRY_POINTS(float, f32)
 ENTRY_POINTS(double, f64)
 ENTRY_POINTS(__half, f16)
 ENTRY_POINTS(__nv_bfloat16, bf16)
+
+// The encode's running top k (no float64 kernels).
+#define TOPK_ENTRY_POINTS(T, NAME)                                                             \
+  extern "C" int topk_fold_##NAME(const void* pre, int64_t B, int64_t w, int64_t c0, int64_t k, \
+                                  void* keep_key, void* keep_id) {                             \
+    return topk_fold<T>(static_cast<const T*>(pre), B, w, c0, static_cast<int>(k),             \
+                        static_cast<uint32_t*>(keep_key), static_cast<int32_t*>(keep_id),      \
+                        nullptr);                                                              \
+  }                                                                                            \
+  extern "C" int topk_finish_##NAME(const void* keep_key, const void* keep_id, int64_t B,      \
+                                    int64_t k, void* values, int64_t* indices) {               \
+    return topk_finish<T>(static_cast<const uint32_t*>(keep_key),                              \
+                          static_cast<const int32_t*>(keep_id), B, static_cast<int>(k),        \
+                          static_cast<T*>(values), indices, nullptr);                          \
+  }
+TOPK_ENTRY_POINTS(float, f32)
+TOPK_ENTRY_POINTS(__half, f16)
+TOPK_ENTRY_POINTS(__nv_bfloat16, bf16)
 
 // The float32 S of the float16 nested loss.
 extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* rows,
@@ -656,6 +675,46 @@ def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated):
          weights, n, d, 2, out_d, partial)
     assert torch.equal(out_d, want)
     assert torch.equal(partial, torch.full((1, 2), float(d)))
+
+
+def topk_rule(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [B, k]: each row's k largest entries of pre (NaN above every number,
+    -0 equal to +0, the lower column among equals), ascending by column; values through relu."""
+    value = pre.double().nan_to_num(nan=float("inf"))
+    order = torch.sort(value, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(pre.isnan().gather(1, order).int(), dim=1,
+                                       descending=True, stable=True).indices)
+    indices = order[:, :k].sort(1).values
+    return torch.relu(pre.gather(1, indices)), indices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,n,k,width", [(3, 40, 1, 40), (5, 300, 3, 64), (4, 700, 33, 256),
+                                         (2, 1000, 64, 333), (3, 600, 256, 512),
+                                         (1, 256, 256, 100)])
+def test_topk_fold_and_finish(cuda_emulated, B, n, k, width, dtype, seed):
+    """The cuda encode's running top k over column chunks of `width` (the last one narrower;
+    width 333 and 100 are not multiples of 8: the element-at-a-time path) against the rule:
+    coarse values with many exact ties, -0 and +0, NaN and -inf entries, k = 1, k past one and
+    two slots a lane, k = n. The kept slots start empty, and the finish sorts them by column."""
+    pre = (torch.randn(B, n) * 4).round().to(dtype)  # integers: ties everywhere
+    pre[0, ::7] = -0.0
+    pre[0, 3::11] = 0.0
+    pre[-1, 5] = float("nan")
+    pre[-1, 9] = float("-inf")
+    kpad = 32 * max(1, 1 << max(0, (k - 1).bit_length() - 5))
+    keep_key = torch.zeros(B, kpad, dtype=torch.int32)
+    keep_id = (2**31 - 1 - torch.arange(kpad, dtype=torch.int32)).expand(B, kpad).contiguous()
+    name = SUFFIX[dtype]
+    for c0 in range(0, n, width):
+        chunk = pre[:, c0:c0 + width].contiguous()
+        call(cuda_emulated, f"topk_fold_{name}", chunk, B, chunk.shape[1], c0, k, keep_key,
+             keep_id)
+    values, indices = poison((B, k), dtype), torch.full((B, k), -7, dtype=torch.int64)
+    call(cuda_emulated, f"topk_finish_{name}", keep_key, keep_id, B, k, values, indices)
+    want_values, want_indices = topk_rule(pre, k)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0, equal_nan=True)
 
 
 def test_latent_rows_sum_refuses_rows_past_32_bit_addressing(cuda_emulated):

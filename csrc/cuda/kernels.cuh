@@ -114,6 +114,26 @@ cudaError_t latent_rows_sum_dots(const int64_t* offsets, const int64_t* rows,
                                  const T* weights, int64_t n, int64_t d, int64_t num_pairs,
                                  T* out, Acc<T>* partial_dots, cudaStream_t stream);
 
+// The running top k of the cuda backend's encode (topk_select.cu). keep_key / keep_id
+// [B, 32 S] (S = topk_slots_per_lane(k)) hold each row's kept slots: an order key of the value
+// (0: empty) and its column. Start them with keys 0 and ids INT32_MAX - slot; then, per column
+// chunk pre [B, w] (columns c0 .. c0 + w - 1, in ascending chunks), topk_fold keeps the k best of
+// the slots and the chunk (the larger value, the lower column among equals, NaN above every
+// number); topk_finish writes values [B, k] = relu of the kept values and indices [B, k] (int64),
+// ascending per row. Needs 1 <= k <= kMaxTopk and columns below kMaxTopkColumns (else
+// cudaErrorInvalidValue / cudaErrorInvalidConfiguration).
+constexpr int kMaxTopk = 256;
+constexpr int64_t kMaxTopkColumns = 2147483647 - kMaxTopk;
+__host__ __device__ inline int topk_slots_per_lane(int64_t k) {
+  return k < 1 || k > kMaxTopk ? 0 : k <= 32 ? 1 : k <= 64 ? 2 : k <= 128 ? 4 : 8;
+}
+template <typename T>
+cudaError_t topk_fold(const T* pre, int64_t B, int64_t w, int64_t c0, int k, uint32_t* keep_key,
+                      int32_t* keep_id, cudaStream_t stream);
+template <typename T>
+cudaError_t topk_finish(const uint32_t* keep_key, const int32_t* keep_id, int64_t B, int k,
+                        T* values, int64_t* indices, cudaStream_t stream);
+
 // One slot of a row in the nested loss's walk order: its latent (d_sae < 2^31), its prefix
 // group, its place j in the row, and its value in the accumulation type. 16 bytes (24 for
 // double), so that a lane reads it with one vector load.

@@ -5,11 +5,13 @@
 // Each op mirrors its CPU counterpart: same checks (naming the argument and the fix), same
 // outputs and dtypes (float32, bfloat16, float16 and float64), the same arithmetic steps, with
 // float32 accumulation (float64 for float64 inputs).
-//   topk_encode_forward:    ATen only, the fallback behind the Triton encode: per chunk of
-//                           rows, pre = addmm(b_enc, x - b_dec, W_enc), the k-th largest value
-//                           per row (at::topk), then the entries above it plus the lowest-index
-//                           ties, which keeps the CPU's rule (among equals the lower id wins);
-//                           nonzero() lists them in ascending index order.
+//   topk_encode_forward:    per range of columns, pre = addmm(b_enc, x - b_dec, W_enc) (cuBLAS;
+//                           2048 columns at B = 8192), folded into each row's running top k by
+//                           topk_select.cu, which keeps the CPU's rule (among equals the lower
+//                           id wins) and lists them in ascending index order. For float64 or
+//                           k > 256, ATen only: per chunk of rows, the k-th largest value per row
+//                           (at::topk), then the entries above it plus the lowest-index ties
+//                           (nonzero() lists them in order).
 //   topk_encode_backward:   grad_pre = grad_values * [values > 0]; grad_W_enc / grad_b_enc by
 //                           latent_rows_sum (transposed), which also gives
 //                           grad_b_dec = -W_enc @ grad_b_enc (float32) from the same pass;
@@ -48,6 +50,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -63,6 +66,9 @@ namespace kernels = sparsecode::cuda;
 
 // Rows of pre-activations computed at once by the encode fallback (256 MiB of fp32).
 constexpr int64_t kChunkElems = int64_t(1) << 26;
+// Pre-activations a chunk of the encode by column ranges: 16 M elements (32 MB of bfloat16, 2048
+// columns at B = 8192).
+constexpr int64_t kPreChunkElems = int64_t(1) << 24;
 
 template <typename scalar_t>
 struct CudaTypeOf {
@@ -250,6 +256,40 @@ std::tuple<at::Tensor, at::Tensor> select_topk(const at::Tensor& pre, int64_t k)
   return {at::relu(pre.gather(1, indices)), indices};
 }
 
+// values / indices [B, k] = select_topk's of xc @ W_enc + b_enc, the pre-activations made
+// kPreChunkElems at a time (whole rows, a range of columns) and folded into each row's running
+// top k by topk_select.cu, so that neither [B, n] nor a row chunk of it is written.
+void encode_by_column_chunks(const at::Tensor& xc, const at::Tensor& W_enc,
+                             const at::Tensor& b_enc, int64_t k, at::Tensor& values,
+                             at::Tensor& indices) {
+  const int64_t B = xc.size(0);
+  const int64_t n = W_enc.size(1);
+  const int64_t kpad = 32 * kernels::topk_slots_per_lane(k);
+  const at::TensorOptions ints = xc.options().dtype(at::kInt);
+  at::Tensor keep_key = at::zeros({B, kpad}, ints);
+  at::Tensor keep_id = (std::numeric_limits<int32_t>::max() - at::arange(kpad, ints))
+                           .expand({B, kpad})
+                           .contiguous();
+  const int64_t width =
+      std::min(n, std::max<int64_t>(256, kPreChunkElems / std::max<int64_t>(B, 1) / 256 * 256));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "topk_encode_cuda", [&] {
+    using T = cuda_t<scalar_t>;
+    if constexpr (!std::is_same_v<T, double>) {
+      for (int64_t c0 = 0; c0 < n; c0 += width) {
+        const int64_t w = std::min(width, n - c0);
+        const at::Tensor pre = at::addmm(b_enc.narrow(0, c0, w), xc, W_enc.narrow(1, c0, w));
+        C10_CUDA_CHECK(kernels::topk_fold<T>(in<T>(pre), B, w, c0, static_cast<int>(k),
+                                             out<uint32_t>(keep_key), out<int32_t>(keep_id),
+                                             stream));
+      }
+      C10_CUDA_CHECK(kernels::topk_finish<T>(in<uint32_t>(keep_key), in<int32_t>(keep_id), B,
+                                             static_cast<int>(k), out<T>(values),
+                                             out<int64_t>(indices), stream));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
                                                        const at::Tensor& W_enc,
                                                        const at::Tensor& b_enc,
@@ -262,6 +302,11 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_forward(const at::Tensor& x,
   const at::Tensor xc = (x - b_dec).contiguous();
   at::Tensor values = at::empty({B, k}, x.options());
   at::Tensor indices = at::empty({B, k}, x.options().dtype(at::kLong));
+  if (x.scalar_type() != at::kDouble && kernels::topk_slots_per_lane(k) > 0 &&
+      n <= kernels::kMaxTopkColumns) {
+    encode_by_column_chunks(xc, W_enc, b_enc, k, values, indices);
+    return {values, indices};
+  }
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kChunkElems / n));
   for (int64_t r0 = 0; r0 < B; r0 += chunk) {
     const int64_t rows = std::min(chunk, B - r0);
