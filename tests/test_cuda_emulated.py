@@ -133,6 +133,7 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
 }
 inline bool __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+
 inline void __syncwarp(unsigned = 0xffffffffu) { emulated_warp->sync.arrive_and_wait(); }
 inline void __syncthreads() { emulated_block->arrive_and_wait(); }
 
@@ -159,6 +160,28 @@ void emulated_exchange(const uint32_t (&mine)[N], uint32_t (&all)[32][N]) {
     std::memcpy(all[lane], emulated_warp->words[lane], sizeof(mine));
   }
   emulated_warp->sync.arrive_and_wait();
+}
+
+// redux.sync: the warp's smallest / largest value in every lane.
+template <typename V, typename Pick>
+V emulated_reduce(V value, Pick pick) {
+  uint32_t mine[1];
+  std::memcpy(mine, &value, sizeof(V));
+  uint32_t all[32][1];
+  emulated_exchange(mine, all);
+  V out = value;
+  for (int lane = 0; lane < 32; ++lane) {
+    V other;
+    std::memcpy(&other, all[lane], sizeof(V));
+    out = pick(out, other);
+  }
+  return out;
+}
+inline unsigned __reduce_min_sync(unsigned, unsigned value) {
+  return emulated_reduce(value, [](unsigned a, unsigned b) { return a < b ? a : b; });
+}
+inline int __reduce_max_sync(unsigned, int value) {
+  return emulated_reduce(value, [](int a, int b) { return a > b ? a : b; });
 }
 
 // ldmatrix .x4 (.trans): lane i gives row i % 8 of matrix i / 8; lane l = 4g + t receives

@@ -18,17 +18,18 @@
 // value of the row's worst kept slot (the smallest key, the highest column among equals), in
 // one compare a column. Flagged columns are then taken one at a time (lowest lane, then lowest
 // column): each that beats the worst slot by the rule replaces it, and the warp finds the new
-// worst (a 5-step shuffle reduction of (key, id)) and drops the flags it no longer passes. The
+// worst (on sm_80 and later two warp reductions, redux.sync, of the key and then the id) and
+// drops the flags it no longer passes. The
 // rule is a total order on (key, column), so the kept set does not depend on the order in which
 // columns are taken.
 //
 // Cost: the GEMM's 2 B d n FLOPs (cuBLAS) and its chunk written and read once, B w s bytes (from
 // L2 at w * s * B of about 32 MB), plus keep (B kpad 8 bytes) read and written per chunk. A row
-// scans its n columns once (a compare each; about 50 sm_90 instructions a warp per 256 bf16
+// scans its n columns once (a compare each; about 60 sm_90 instructions a warp per 256 bf16
 // columns) and makes about k (1 + ln(n / k)) insertions on random pre-activations (508 at
-// k = 64, n = 65536), about 130 instructions each: at B = 8192 about 0.1 ms of scanning and
-// 0.6 ms of insertions on an H100 (an estimate). Adversarial rows (pre increasing along the
-// row) make every column an insertion.
+// k = 64, n = 65536), about 95 instructions each: at B = 8192 an estimated 0.15 ms of scanning
+// and 0.45 ms of insertions on an H100, beside the GEMM's 3.2 ms. Adversarial rows (pre
+// increasing along the row) make every column an insertion.
 #include <cmath>
 
 #include "device_utils.cuh"
@@ -81,6 +82,12 @@ __device__ __forceinline__ void worst_slot(const uint32_t (&key)[S], const int32
       worst_id = id[s];
     }
   }
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  // The smallest key, then the highest id among the lanes that hold it: two warp reductions.
+  const uint32_t least = __reduce_min_sync(kFullMask, worst_key);
+  worst_id = __reduce_max_sync(kFullMask, worst_key == least ? worst_id : -1);
+  worst_key = least;
+#else
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     const uint32_t other_key = __shfl_xor_sync(kFullMask, worst_key, offset);
@@ -90,6 +97,7 @@ __device__ __forceinline__ void worst_slot(const uint32_t (&key)[S], const int32
       worst_id = other_id;
     }
   }
+#endif
 }
 
 // A lane's V consecutive elements of a row as floats (columns at or past `valid` as NaN: they
