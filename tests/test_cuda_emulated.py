@@ -714,12 +714,13 @@ def topk_rule(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,n,k,width", [(3, 40, 1, 40), (5, 300, 3, 64), (4, 700, 33, 256),
                                          (2, 1000, 64, 333), (3, 600, 256, 512),
-                                         (1, 256, 256, 100)])
+                                         (2, 300, 40, 300), (1, 256, 256, 100)])
 def test_topk_fold_and_finish(cuda_emulated, B, n, k, width, dtype, seed):
     """The cuda encode's running top k over column chunks of `width` (the last one narrower;
-    width 333 and 100 are not multiples of 8: the element-at-a-time path) against the rule:
+    width 333, 300 and 100 are not multiples of 8: the element-at-a-time path) against the rule:
     coarse values with many exact ties, -0 and +0, NaN and -inf entries, k = 1, k past one and
-    two slots a lane, k = n. The kept slots start empty, and the finish sorts them by column."""
+    two slots a lane, k = n. The kept slots start empty; the first chunk puts its first k
+    columns in them (but at width 100 < k = 256), and the finish sorts them by column."""
     pre = (torch.randn(B, n) * 4).round().to(dtype)  # integers: ties everywhere
     pre[0, ::7] = -0.0
     pre[0, 3::11] = 0.0

@@ -10,7 +10,8 @@
 // The rule is the CPU's: the k largest, the lower column among equals; NaN ranks above every
 // number (as in torch.topk) and -0 equals +0. keep starts with every slot empty (key 0, below
 // every value's key) and ids INT32_MAX - slot; slots from k to kpad (kpad = 32 S, a power of
-// two) are padding, never evicted.
+// two) are padding, never evicted. The fold of the chunk at c0 = 0 expects empty slots: it puts
+// its first k columns in them without a comparison (when it has k).
 //
 // Strategy: a warp per row, a slot per lane and S (kpad / 32) slots a lane, in registers for the
 // whole chunk. The warp scans the chunk 32 V columns at a time (V = 16 bytes of T a lane, or 1
@@ -26,9 +27,9 @@
 // Cost: the GEMM's 2 B d n FLOPs (cuBLAS) and its chunk written and read once, B w s bytes (from
 // L2 at w * s * B of about 32 MB), plus keep (B kpad 8 bytes) read and written per chunk. A row
 // scans its n columns once (a compare each; about 60 sm_90 instructions a warp per 256 bf16
-// columns) and makes about k (1 + ln(n / k)) insertions on random pre-activations (508 at
-// k = 64, n = 65536), about 95 instructions each: at B = 8192 an estimated 0.15 ms of scanning
-// and 0.45 ms of insertions on an H100, beside the GEMM's 3.2 ms. Adversarial rows (pre
+// columns) and, past its first k, about k ln(n / k) insertions on random pre-activations (444
+// at k = 64, n = 65536), about 95 instructions each: at B = 8192 an estimated 0.15 ms of
+// scanning and 0.4 ms of insertions on an H100, beside the GEMM's 3.2 ms. Adversarial rows (pre
 // increasing along the row) make every column an insertion.
 #include <cmath>
 
@@ -137,10 +138,22 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     key[s] = keep_key[row * kpad + s * kWarp + lane];
     id[s] = keep_id[row * kpad + s * kWarp + lane];
   }
+  const T* row_pre = pre + row * w;
+  // The first chunk (its slots empty) fills them with its first k columns, as they come.
+  const int64_t start = c0 == 0 && w >= k ? k : 0;
+  if (start > 0) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int p = s * kWarp + lane;
+      if (p < k) {
+        key[s] = order_key(to_acc(row_pre[p]));
+        id[s] = p;
+      }
+    }
+  }
   uint32_t worst_key;
   int32_t worst_id;
   worst_slot(key, id, k, lane, worst_key, worst_id);
-  const T* row_pre = pre + row * w;
   for (int64_t col0 = 0; col0 < w; col0 += kWarp * V) {  // the same for the whole warp
     const int64_t first = col0 + lane * V;
     const int valid = static_cast<int>(min64(V, w - first));
@@ -152,6 +165,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         flags |= static_cast<unsigned>(v < valid && !(x[v] < bar)) << v;
+      }
+      if (col0 < start) {  // the columns already kept
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          flags &= ~(static_cast<unsigned>(first + v < start) << v);
+        }
       }
     }
     // The flagged columns in ascending order: lowest lane, then its lowest flag.
