@@ -758,12 +758,18 @@ def test_training_steps(report: Report) -> None:
     side = report.attempt("step: matryoshka, auto, Adam on a side stream",
                           lambda: measure_step("matryoshka", "auto", BATCH, side_stream=True))
     torch.cuda.empty_cache()
+    # Every op on the cuda backend: the encode by column chunks of cuBLAS (topk_select.cu)
+    # where auto takes the Triton fused encode, and the CUDA nested loss.
+    cuda = report.attempt("step: matryoshka, cuda",
+                          lambda: measure_step("matryoshka", "cuda", BATCH))
+    torch.cuda.empty_cache()
     ref = report.attempt("step: matryoshka, reference", lambda: reference_step(report))
     torch.cuda.empty_cache()
 
     for label, figures in (("step: matryoshka, auto", matryoshka), ("step: topk, auto", topk),
                            ("step: matryoshka, auto, Adam after the backward", after),
                            ("step: matryoshka, auto, Adam on a side stream", side),
+                           ("step: matryoshka, cuda", cuda),
                            ("step: matryoshka, reference", ref)):
         if figures is not None:
             report.add(f"{label}, B={figures.batch}", figures.summary())
