@@ -192,7 +192,8 @@ inline void emulated_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) 
   uint32_t all[32][2];
   emulated_exchange(mine, all);
   auto element = [&](int matrix, int i, int col) {  // matrix's (i, col), 16 bits
-    const uint64_t at = (static_cast<uint64_t>(all[8 * matrix + i][1]) << 32) | all[8 * matrix + i][0];
+    const uint32_t* words = all[8 * matrix + i];
+    const uint64_t at = (static_cast<uint64_t>(words[1]) << 32) | words[0];
     uint16_t bits;
     std::memcpy(&bits, reinterpret_cast<const char*>(at) + 2 * col, 2);
     return static_cast<uint32_t>(bits);
