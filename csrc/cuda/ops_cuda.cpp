@@ -256,9 +256,10 @@ std::tuple<at::Tensor, at::Tensor> select_topk(const at::Tensor& pre, int64_t k)
   return {at::relu(pre.gather(1, indices)), indices};
 }
 
-// values / indices [B, k] = select_topk's of xc @ W_enc + b_enc, the pre-activations made
-// kPreChunkElems at a time (whole rows, a range of columns) and folded into each row's running
-// top k by topk_select.cu, so that neither [B, n] nor a row chunk of it is written.
+// values / indices [B, k]: each row's top k of xc @ W_enc + b_enc by select_topk's rule. The
+// pre-activations are made kPreChunkElems at a time (all rows, a range of columns: 32 MB of
+// bfloat16, near the size of L2) and each chunk is folded into the rows' running top k by
+// topk_select.cu, so that [B, n] is never written whole.
 void encode_by_column_chunks(const at::Tensor& xc, const at::Tensor& W_enc,
                              const at::Tensor& b_enc, int64_t k, at::Tensor& values,
                              at::Tensor& indices) {
