@@ -21,7 +21,7 @@ import torch
 
 from sparsecode import MatryoshkaSAE, ops, reference
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
-from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs
+from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_latent_rows_sum import grouped_reference
 
 pytestmark = [
@@ -311,6 +311,22 @@ def test_exact_ties_keep_the_lower_latent(seed):
         )
     assert torch.equal(indices.cpu(), cpu_indices)
     assert torch.equal(values.cpu(), cpu_values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_by_row_and_column_ranges(dtype, seed):
+    """Past 65536 rows the cuda encode makes its pre-activations by row ranges as well as by
+    column ranges (here 2 of each, the second 44 columns wide): integer inputs make every
+    pre-activation exact in every dtype, so the selection is the rule's (lowest ids first
+    among equals) exactly."""
+    B, d, n, k = 70000, 8, 300, 5
+    x, W_enc, b_enc, b_dec = exact_tie_inputs(B, d, n, dtype, "cuda")
+    with poisoned():
+        values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k, backend="cuda")
+    pre = ((x - b_dec).double() @ W_enc.double() + b_enc.double())
+    want = lowest_ids_first(pre, k)
+    assert torch.equal(indices, want)
+    assert torch.equal(values, torch.relu(pre.gather(1, want)).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

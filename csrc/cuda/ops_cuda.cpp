@@ -271,18 +271,25 @@ void encode_by_column_chunks(const at::Tensor& xc, const at::Tensor& W_enc,
   at::Tensor keep_id = (std::numeric_limits<int32_t>::max() - at::arange(kpad, ints))
                            .expand({B, kpad})
                            .contiguous();
+  // At least 256 columns a chunk; past 65536 rows, row ranges as well.
   const int64_t width =
       std::min(n, std::max<int64_t>(256, kPreChunkElems / std::max<int64_t>(B, 1) / 256 * 256));
+  const int64_t rows = std::max<int64_t>(1, kPreChunkElems / width);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "topk_encode_cuda", [&] {
     using T = cuda_t<scalar_t>;
     if constexpr (!std::is_same_v<T, double>) {
-      for (int64_t c0 = 0; c0 < n; c0 += width) {
-        const int64_t w = std::min(width, n - c0);
-        const at::Tensor pre = at::addmm(b_enc.narrow(0, c0, w), xc, W_enc.narrow(1, c0, w));
-        C10_CUDA_CHECK(kernels::topk_fold<T>(in<T>(pre), B, w, c0, static_cast<int>(k),
-                                             out<uint32_t>(keep_key), out<int32_t>(keep_id),
-                                             stream));
+      for (int64_t r0 = 0; r0 < B; r0 += rows) {
+        const int64_t r = std::min(rows, B - r0);
+        const at::Tensor x_rows = xc.narrow(0, r0, r);
+        for (int64_t c0 = 0; c0 < n; c0 += width) {
+          const int64_t w = std::min(width, n - c0);
+          const at::Tensor pre =
+              at::addmm(b_enc.narrow(0, c0, w), x_rows, W_enc.narrow(1, c0, w));
+          C10_CUDA_CHECK(kernels::topk_fold<T>(
+              in<T>(pre), r, w, c0, static_cast<int>(k), out<uint32_t>(keep_key) + r0 * kpad,
+              out<int32_t>(keep_id) + r0 * kpad, stream));
+        }
       }
       C10_CUDA_CHECK(kernels::topk_finish<T>(in<uint32_t>(keep_key), in<int32_t>(keep_id), B,
                                              static_cast<int>(k), out<T>(values),
