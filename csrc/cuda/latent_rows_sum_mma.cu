@@ -163,11 +163,11 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
   const auto row_bytes = static_cast<uint32_t>(d * 2);
   const int cols_left = static_cast<int>(min64(d - e0 - 8 * (lane % 2), kCols));  // 16 u < it
   const int copy_at = copy_pair * kRowPitch + 16 * (lane % 2);
-  // The columns 16 m .. 16 m + 15 of the step's 16 pairs as four 8 x 8 matrices, in the order
-  // of an A operand: for the sum (transposed) pairs 0-7, 8-15 by first, second 8 columns; for
-  // the dots pairs 0-7, 8-15 by first, second 8 columns in the other order. Lane i gives the
-  // row of matrix i / 8: pair i % 8 + 8 b at unit 2m + c, with (b, c) = (i / 16, i / 8 % 2) for
-  // the sum and (i / 8 % 2, i / 16) for the dots.
+  // The columns 16 m .. 16 m + 15 of the step's 16 pairs as four 8 x 8 matrices (pairs x
+  // columns), in the order of an A operand: for the sum, loaded transposed, (0-7 x 0-7),
+  // (0-7 x 8-15), (8-15 x 0-7), (8-15 x 8-15); for the dots (0-7 x 0-7), (8-15 x 0-7),
+  // (0-7 x 8-15), (8-15 x 8-15). Lane i gives the row of matrix i / 8: pair i % 8 + 8 b at unit
+  // 2m + c, with (b, c) = (i / 16, i / 8 % 2) for the sum and (i / 8 % 2, i / 16) for the dots.
   const int read_at = (lane % 8 + 8 * (lane / 16)) * kRowPitch + 16 * (lane / 8 % 2);
   const int dots_read_at = (lane % 8 + 8 * (lane / 8 % 2)) * kRowPitch + 16 * (lane / 16);
   const float* lane_coef = coef + 2 * t;  // C's pairs
