@@ -32,6 +32,7 @@
 // scanning and 0.4 ms of insertions on an H100, beside the GEMM's 3.2 ms. Adversarial rows (pre
 // increasing along the row) make every column an insertion.
 #include <cmath>
+#include <type_traits>
 
 #include "device_utils.cuh"
 
@@ -101,6 +102,32 @@ __device__ __forceinline__ void worst_slot(const uint32_t (&key)[S], const int32
 #endif
 }
 
+// The lane's S kept slots of `row` (slot s * 32 + lane of the row's 32 S).
+template <int S>
+__device__ __forceinline__ void load_slots(const uint32_t* __restrict__ keep_key,
+                                           const int32_t* __restrict__ keep_id, int64_t row,
+                                           int lane, uint32_t (&key)[S], int32_t (&id)[S]) {
+  const int64_t at = row * S * kWarp + lane;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    key[s] = keep_key[at + s * kWarp];
+    id[s] = keep_id[at + s * kWarp];
+  }
+}
+
+// load_slots' inverse.
+template <int S>
+__device__ __forceinline__ void store_slots(const uint32_t (&key)[S], const int32_t (&id)[S],
+                                            int64_t row, int lane, uint32_t* __restrict__ keep_key,
+                                            int32_t* __restrict__ keep_id) {
+  const int64_t at = row * S * kWarp + lane;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    keep_key[at + s * kWarp] = key[s];
+    keep_id[at + s * kWarp] = id[s];
+  }
+}
+
 // A lane's V consecutive elements of a row as floats (columns at or past `valid` as NaN: they
 // are never read, and their flags are cleared by the caller).
 template <typename T, int V>
@@ -130,14 +157,9 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   if (row >= B) {
     return;  // the whole warp
   }
-  constexpr int kpad = S * kWarp;
   uint32_t key[S];
   int32_t id[S];
-#pragma unroll
-  for (int s = 0; s < S; ++s) {
-    key[s] = keep_key[row * kpad + s * kWarp + lane];
-    id[s] = keep_id[row * kpad + s * kWarp + lane];
-  }
+  load_slots(keep_key, keep_id, row, lane, key, id);
   const T* row_pre = pre + row * w;
   // The first chunk (its slots empty) fills them with its first k columns, as they come.
   const int64_t start = c0 == 0 && w >= k ? k : 0;
@@ -206,11 +228,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
       }
     }
   }
-#pragma unroll
-  for (int s = 0; s < S; ++s) {
-    keep_key[row * kpad + s * kWarp + lane] = key[s];
-    keep_id[row * kpad + s * kWarp + lane] = id[s];
-  }
+  store_slots(key, id, row, lane, keep_key, keep_id);
 }
 
 // Sorts each row's kpad slots by id (a bitonic network over the warp: position p = s * 32 +
@@ -224,14 +242,10 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   if (row >= B) {
     return;
   }
-  constexpr int kpad = S * kWarp;
   uint32_t key[S];
   int32_t id[S];
-#pragma unroll
-  for (int s = 0; s < S; ++s) {
-    key[s] = keep_key[row * kpad + s * kWarp + lane];
-    id[s] = keep_id[row * kpad + s * kWarp + lane];
-  }
+  load_slots(keep_key, keep_id, row, lane, key, id);
+  constexpr int kpad = S * kWarp;
   // Position p = s * 32 + lane ends holding the p-th smallest id. For each stage (size, j): p
   // and p ^ j exchange, the lower position keeping the smaller id where p & size is 0.
 #pragma unroll
@@ -301,6 +315,18 @@ cudaError_t launch_finish(const uint32_t* keep_key, const int32_t* keep_id, int6
   return cudaGetLastError();
 }
 
+// launch(std::integral_constant<int, S>) for k's slots a lane S, or cudaErrorInvalidValue.
+template <typename Launch>
+cudaError_t with_slots_per_lane(int k, Launch launch) {
+  switch (topk_slots_per_lane(k)) {
+    case 1: return launch(std::integral_constant<int, 1>{});
+    case 2: return launch(std::integral_constant<int, 2>{});
+    case 4: return launch(std::integral_constant<int, 4>{});
+    case 8: return launch(std::integral_constant<int, 8>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -312,13 +338,9 @@ cudaError_t topk_fold(const T* pre, int64_t B, int64_t w, int64_t c0, int k,
   if (B > (int64_t(kRowsPerBlock) << 31) || c0 + w > kMaxTopkColumns) {
     return cudaErrorInvalidConfiguration;
   }
-  switch (topk_slots_per_lane(k)) {
-    case 1: return launch_fold<T, 1>(pre, B, w, c0, k, keep_key, keep_id, stream);
-    case 2: return launch_fold<T, 2>(pre, B, w, c0, k, keep_key, keep_id, stream);
-    case 4: return launch_fold<T, 4>(pre, B, w, c0, k, keep_key, keep_id, stream);
-    case 8: return launch_fold<T, 8>(pre, B, w, c0, k, keep_key, keep_id, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_slots_per_lane(k, [&](auto slots) {
+    return launch_fold<T, decltype(slots)::value>(pre, B, w, c0, k, keep_key, keep_id, stream);
+  });
 }
 
 template <typename T>
@@ -330,13 +352,10 @@ cudaError_t topk_finish(const uint32_t* keep_key, const int32_t* keep_id, int64_
   if (B > (int64_t(kRowsPerBlock) << 31)) {
     return cudaErrorInvalidConfiguration;
   }
-  switch (topk_slots_per_lane(k)) {
-    case 1: return launch_finish<T, 1>(keep_key, keep_id, B, k, values, indices, stream);
-    case 2: return launch_finish<T, 2>(keep_key, keep_id, B, k, values, indices, stream);
-    case 4: return launch_finish<T, 4>(keep_key, keep_id, B, k, values, indices, stream);
-    case 8: return launch_finish<T, 8>(keep_key, keep_id, B, k, values, indices, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_slots_per_lane(k, [&](auto slots) {
+    return launch_finish<T, decltype(slots)::value>(keep_key, keep_id, B, k, values, indices,
+                                                    stream);
+  });
 }
 
 #define SPARSECODE_INSTANTIATE(T)                                                              \
