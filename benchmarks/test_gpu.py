@@ -35,6 +35,7 @@ from torch import Tensor
 import sparsecode
 from sparsecode import ops, reference
 from sparsecode.optim import MasterWeightAdam
+from sparsecode.triton_kernels.nested_prefix_loss import walks_only
 
 pytestmark = [
     pytest.mark.gpu,
@@ -584,6 +585,9 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     # is the extension's kernels (H100, 2026-11-27 16:35 UTC: 3.66 ms against the earlier Triton
     # walks' 3.47 ms).
     report.time("nested_prefix_loss fwd+bwd: triton", nested("triton"))
+    with walks_only():
+        report.time("nested_prefix_loss fwd+bwd: triton, the Triton walk (no tensor cores)",
+                    nested("triton"))
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
     # What one forward + backward holds at its peak, beyond what was allocated before it (the
     # triton forward holds its residuals R and the suffix sums at once, then only the latter).
@@ -601,26 +605,34 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
         if peak is not None:
             report.add(label, f"{peak / GB:.3f} GB")
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
+    with walks_only():
+        report.time("nested_prefix_loss forward: triton walk", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
-    # The forward rows run under no_grad, where the triton forward makes no suffix sums: the
-    # Triton walk at the depth the autotuner picks (the row above) against depth 1; then the
-    # forward with them, as a training step's makes them. Then the backward alone: from the
-    # loss alone, the pass over the pairs from the forward's suffix sums P; under other
-    # upstream gradients, the residuals walked again, the suffix sums from them, then the pass
-    # over the pairs (the residuals freed before it, as the op's autograd formula frees them).
-    from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
-                                                              nested_prefix_loss_pair_grads,
-                                                              nested_prefix_loss_residuals,
-                                                              nested_prefix_loss_suffix_sums)
+    # The forward rows run under no_grad, where the triton forward makes no suffix sums. In
+    # bfloat16 the triton rows are the tensor-core pass (csrc/cuda/nested_prefix_mma.cu), the
+    # "walk" rows the Triton walk it replaces: at the depth the autotuner picks against depth 1;
+    # then the forward with the suffix sums, as a training step's makes them. Then the backward
+    # alone: from the loss alone, the pass over the pairs from the forward's suffix sums P;
+    # under other upstream gradients, the suffix sums made again (on the tensor cores from the
+    # rows; by the walk through the residuals, freed before the pass over the pairs as the op's
+    # autograd formula frees them), then the pass over the pairs.
+    from sparsecode.triton_kernels.nested_prefix_loss import (
+        nested_prefix_loss_forward, nested_prefix_loss_pair_grads, nested_prefix_loss_residuals,
+        nested_prefix_loss_suffix_sums, nested_prefix_loss_suffix_sums_on_tensor_cores)
+
+    def forward(stages: int | None = None, suffix_sums: bool = True) -> Callable[[], object]:
+        return lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
+                                                  PREFIX_SIZES, PREFIX_WEIGHTS, stages=stages,
+                                                  suffix_sums=suffix_sums)
 
     with torch.no_grad():
-        report.time("nested_prefix_loss forward: triton, STAGES=1",
-                    lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
-                                                       PREFIX_SIZES, PREFIX_WEIGHTS, stages=1,
-                                                       suffix_sums=False))
+        with walks_only():
+            report.time("nested_prefix_loss forward: triton walk, STAGES=1",
+                        forward(stages=1, suffix_sums=False))
+            report.time("nested_prefix_loss forward with the suffix sums (a training step's): "
+                        "triton walk", forward())
         report.time("nested_prefix_loss forward with the suffix sums (a training step's): triton",
-                    lambda: nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec,
-                                                       PREFIX_SIZES, PREFIX_WEIGHTS))
+                    forward())
         P = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
                                        PREFIX_WEIGHTS)[3]
         report.time("nested_prefix_loss backward from the loss alone: triton",
@@ -640,8 +652,19 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
             return (grad_x, grad_b_dec,
                     *nested_prefix_loss_pair_grads(S, p.values, p.indices, W_dec, PREFIX_SIZES))
 
-        report.time("nested_prefix_loss backward under other upstream gradients: triton "
+        report.time("nested_prefix_loss backward under other upstream gradients: triton walk "
                     "(the residuals walked again)", backward)
+
+        def backward_on_tensor_cores() -> tuple[Tensor, ...]:
+            S, grad_x, grad_b_dec = nested_prefix_loss_suffix_sums_on_tensor_cores(
+                grad_loss, grad_prefix_losses, None, p.x, p.values, p.indices, W_dec, b_dec,
+                PREFIX_SIZES, PREFIX_WEIGHTS)
+            return (grad_x, grad_b_dec,
+                    *nested_prefix_loss_pair_grads(S, p.values, p.indices, W_dec, PREFIX_SIZES))
+
+        report.time("nested_prefix_loss backward under other upstream gradients: triton "
+                    "(the suffix sums from the rows on the tensor cores)",
+                    backward_on_tensor_cores)
     from sparsecode.triton_kernels.sparse_decode import picked_depths
 
     report.add("Triton walks: pipelining depths the autotuner picked",

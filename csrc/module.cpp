@@ -27,6 +27,10 @@ TORCH_LIBRARY(sparsecode_C, m) {
         " Tensor? src_rows=None) -> Tensor");
   m.def("latent_rows_sum_dots(Tensor coef, Tensor indices, Tensor src, Tensor weights,"
         " Tensor? src_rows=None) -> (Tensor, Tensor)");
+  // CUDA only (cuda/ops_cuda.cpp): the triton backend's nested loss on the tensor cores.
+  m.def("nested_prefix_sums(Tensor x, Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec,"
+        " int[] prefix_sizes, Tensor scale, Tensor? grad_x_hat, bool suffix_sums, bool loss)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparsecode_C, CPU, m) {

@@ -15,7 +15,8 @@ backward can follow: no input requires grad, or grad mode is off); on the ``cuda
 residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward
 walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again).
 The ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32,
-bfloat16 and float16; triton_kernels/nested_prefix_loss.py) and the backward as one pass over
+bfloat16 and float16; triton_kernels/nested_prefix_loss.py; in bfloat16 with G <= 8 on sm_80+,
+the extension's tensor-core pass over the rows instead) and the backward as one pass over
 the pairs (sparse_grad.latent_rows_sum_dots: the extension's per-latent sums, or torch ops where
 it has no kernels for the device) after elementwise suffix sums where needed; other dtypes on the
 ``triton`` backend run as the extension's kernels, or as the reference where it has none.
@@ -130,6 +131,23 @@ def _nested_prefix_loss_suffix_triton(
                                           indices, W_dec, prefix_sizes, prefix_weights, resid)
 
 
+@torch.library.custom_op("sparsecode::nested_prefix_loss_suffix_tensor_cores", mutates_args=())
+def _nested_prefix_loss_suffix_tensor_cores(
+    grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, x: Tensor,
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first half of the Triton backward under any upstream gradients where the tensor-core
+    pass takes the inputs: (S [G, B, d], grad_x [B, d], grad_b_dec [d]) from the rows, with no
+    residuals in memory."""
+    from sparsecode.triton_kernels.nested_prefix_loss import (
+        nested_prefix_loss_suffix_sums_on_tensor_cores)
+
+    return nested_prefix_loss_suffix_sums_on_tensor_cores(
+        grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec, prefix_sizes,
+        prefix_weights)
+
+
 @torch.library.custom_op("sparsecode::nested_prefix_loss_pair_grads_triton", mutates_args=())
 def _nested_prefix_loss_pair_grads_triton(
     S: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, prefix_sizes: Sequence[int],
@@ -161,6 +179,12 @@ def _(grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, prefix_
       prefix_weights, resid):
     G, B, d = resid.shape
     return values.new_empty(G, B, d), values.new_empty(B, d), values.new_empty(d)
+
+
+@_nested_prefix_loss_suffix_tensor_cores.register_fake
+def _(grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec, prefix_sizes,
+      prefix_weights):
+    return x.new_empty(len(prefix_sizes), *x.shape), torch.empty_like(x), torch.empty_like(b_dec)
 
 
 @_nested_prefix_loss_pair_grads_triton.register_fake
@@ -209,11 +233,19 @@ def _triton_backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor |
         grad_loss = x.new_zeros(())
     if grad_prefix_losses is None:
         grad_prefix_losses = x.new_zeros(len(ctx.prefix_sizes))
-    R = _nested_prefix_loss_residuals_triton(x, values, indices, W_dec, b_dec, ctx.prefix_sizes)
-    S, grad_x, grad_b_dec = _nested_prefix_loss_suffix_triton(
-        grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
-        ctx.prefix_weights, R)
-    _free(R)  # the backward's largest tensor: gone before grad_W_dec is made
+    from sparsecode.triton_kernels.nested_prefix_loss import tensor_core_ops
+
+    if tensor_core_ops(x, values.shape[1], len(ctx.prefix_sizes)) is not None:
+        S, grad_x, grad_b_dec = _nested_prefix_loss_suffix_tensor_cores(
+            grad_loss, grad_prefix_losses, grad_x_hat, x, values, indices, W_dec, b_dec,
+            ctx.prefix_sizes, ctx.prefix_weights)
+    else:
+        R = _nested_prefix_loss_residuals_triton(x, values, indices, W_dec, b_dec,
+                                                 ctx.prefix_sizes)
+        S, grad_x, grad_b_dec = _nested_prefix_loss_suffix_triton(
+            grad_loss, grad_prefix_losses, grad_x_hat, values, indices, W_dec, ctx.prefix_sizes,
+            ctx.prefix_weights, R)
+        _free(R)  # the backward's largest tensor: gone before grad_W_dec is made
     grad_values, grad_W_dec = _nested_prefix_loss_pair_grads_triton(
         S, values, indices, W_dec, ctx.prefix_sizes)
     return grad_x, grad_values, grad_W_dec, grad_b_dec

@@ -27,6 +27,8 @@ import torch
 from torch.utils import cpp_extension
 
 from sparsecode import reference
+from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
+from tests import test_nested_prefix_loss as nested_tests
 from tests.conftest import TOLERANCE as SUITE_TOLERANCE
 from tests.conftest import assert_close
 from tests.test_cuda_compile import CUDA_SOURCES, find_nvcc
@@ -402,6 +404,25 @@ TOPK_ENTRY_POINTS(float, f32)
 TOPK_ENTRY_POINTS(__half, f16)
 TOPK_ENTRY_POINTS(__nv_bfloat16, bf16)
 
+// The nested loss's pass over the rows on the tensor cores (bfloat16 only).
+extern "C" int nested_prefix_sums_bf16(const void* x, const void* b_dec, const void* values,
+                                       const int64_t* indices, const void* W_dec,
+                                       const int64_t* sizes, int G, const float* scale,
+                                       const void* grad_x_hat, int64_t B, int64_t k, int64_t d,
+                                       void* S, void* x_hat, float* partial, void* grad_x) {
+  using bf16 = __nv_bfloat16;
+  PrefixSizes prefix{};
+  prefix.count = G;
+  for (int g = 0; g < G; ++g) {
+    prefix.m[g] = sizes[g];
+  }
+  return nested_prefix_sums_mma(
+      static_cast<const bf16*>(x), static_cast<const bf16*>(b_dec),
+      static_cast<const bf16*>(values), indices, static_cast<const bf16*>(W_dec), prefix, scale,
+      static_cast<const bf16*>(grad_x_hat), B, k, d, static_cast<bf16*>(S),
+      static_cast<bf16*>(x_hat), partial, static_cast<bf16*>(grad_x), nullptr);
+}
+
 // The float32 S of the float16 nested loss.
 extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* rows,
                                        const void* coef, const void* src, int64_t n, int64_t d,
@@ -418,7 +439,7 @@ extern "C" int latent_rows_sum_f32_f16(const int64_t* offsets, const int64_t* ro
 # The ops that csrc/cuda/ops_cuda.cpp registers.
 OPS = ["topk_encode_forward", "topk_encode_backward", "sparse_decode_forward",
        "sparse_decode_backward", "nested_prefix_loss_forward", "nested_prefix_loss_backward",
-       "latent_rows_sum", "latent_rows_sum_dots"]
+       "latent_rows_sum", "latent_rows_sum_dots", "nested_prefix_sums"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16",
           torch.bfloat16: "bf16"}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -852,6 +873,207 @@ def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype, seed):
     src_rows = group.long() * B + torch.arange(B)[:, None]
     grad_W = grouped_reference(-values.double(), indices, S.reshape(G * B, d), src_rows, n)
     assert_close(grad_W, grads[2], tol, "grad_W_dec")
+
+
+def nested_problem(B: int, d: int, n: int, k: int, sizes: list[int], dtype: torch.dtype):
+    """x [B, d], W_dec [n, d], b_dec [d], values [B, k] (some zero, one -0), indices [B, k]
+    (distinct latents but for one row holding one twice) and prefix weights [G]."""
+    x = torch.randn(B, d).to(dtype)
+    W_dec = (torch.randn(n, d) / d**0.5).to(dtype)
+    b_dec = (torch.randn(d) * 0.1).to(dtype)
+    values = torch.rand(B, k).to(dtype)
+    values[0, 0] = 0.0  # a zero value still has a gradient
+    values[-1, -1] = -0.0
+    return x, W_dec, b_dec, values, random_code(B, n, k), (torch.rand(len(sizes)) + 0.1).tolist()
+
+
+MMA_COL_TILE = 256  # kMmaColTile in csrc/cuda/kernels.cuh
+NESTED_MMA = [
+    (1, 8, 33, 1, [5, 33]),
+    (5, 264, 40, 3, [8, 20, 40]),
+    (17, 24, 100, 17, [1, 2, 3, 4, 5, 6, 7, 100]),
+    (6, 512, 70, 33, [70]),
+    (20, 16, 300, 40, [1, 100, 300]),
+    (3, 40, 60, 32, [10, 60]),
+]
+
+
+@pytest.mark.parametrize("B,d,n,k,sizes", NESTED_MMA)
+def test_nested_prefix_sums_on_tensor_cores(cuda_emulated, B, d, n, k, sizes, seed):
+    """The bfloat16 tensor-core pass over the rows, against the float64 reference's losses,
+    reconstruction and gradients: as the loss's forward (scale 2 w / B: x_hat, the squared
+    norms, and S, the suffix sums its backward takes, from which grad_x = S_0), and as a
+    backward under other upstream gradients (their scale and grad_x_hat: S and grad_x), with
+    grad_values and grad_W_dec made from S as the pass over the pairs makes them. k = 1, 3, 17,
+    33 and 40 leave steps part empty; d = 8, 24 and 16 leave lanes past d, d = 264 a second
+    column tile mostly past d; G = 8 fills the mma's groups; B = 17 and 20 leave a block part
+    empty."""
+    G = len(sizes)
+    x, W_dec, b_dec, values, indices, weights = nested_problem(B, d, n, k, sizes, torch.bfloat16)
+    tol = TOLERANCE[torch.bfloat16]
+    tiles = -(-d // MMA_COL_TILE)
+    x64, v64, W64, b64 = (t.double().requires_grad_() for t in (x, values, W_dec, b_dec))
+    loss, prefix_losses = reference.nested_prefix_loss(x64, v64, indices, W64, b64, sizes,
+                                                       weights)
+    want_x_hat = reference.sparse_decode(v64, indices, W64, b64)
+    src_rows = torch.bucketize(indices, torch.tensor(sizes), right=True) * B + \
+        torch.arange(B)[:, None]
+
+    def check_grads(S: torch.Tensor, grad_x: torch.Tensor, grads, upstream, what: str) -> None:
+        # grad_x and grad_values sum terms that can cancel: their errors are measured against
+        # the size of their terms, as tests/test_nested_prefix_loss.py measures them.
+        leaves = [t.detach() for t in (x64, v64, W64, b64)]
+        scaled = nested_tests.scaled_residuals(*leaves[:2], indices, *leaves[2:], sizes, weights,
+                                               upstream)
+        S_rows = S.reshape(G * B, d).double()[src_rows]
+        grad_values = -(W_dec.double()[indices] * S_rows).sum(-1)
+        for name, got, want, terms in (
+            ("x", grad_x, grads[0], scaled.abs().sum(0)),
+            ("values", grad_values, grads[1],
+             nested_tests.values_grad_terms(scaled, indices, leaves[2], sizes, upstream[2])),
+        ):
+            err = ((got.double() - want).norm() / terms.norm()).item()
+            assert err <= tol, f"grad {name}, {what}: error {err:.3e} of its terms' size"
+        grad_W = grouped_reference(-values.double(), indices, S.reshape(G * B, d), src_rows, n)
+        assert_close(grad_W, grads[2], tol, f"grad_W_dec, {what}")
+
+    scale = torch.tensor([2 * w / B for w in weights], dtype=torch.float32)
+    S, x_hat = poison((G, B, d), torch.bfloat16), poison((B, d), torch.bfloat16)
+    partial = poison((tiles, B, G), torch.float32)
+    call(cuda_emulated, "nested_prefix_sums_bf16", x, b_dec, values, indices, W_dec,
+         torch.tensor(sizes), ctypes.c_int(G), scale, None, B, k, d, S, x_hat, partial, None)
+    assert_close(x_hat, want_x_hat, tol, "x_hat")
+    assert_close(partial.double().sum(0).mean(0), prefix_losses, tol, "prefix losses")
+    check_grads(S, S[0], torch.autograd.grad(loss, [x64, v64, W64], retain_graph=True),
+                [torch.tensor(1.0, dtype=torch.float64), torch.zeros(G, dtype=torch.float64),
+                 torch.zeros(B, d, dtype=torch.float64)], "from the loss alone")
+
+    grad_loss = torch.randn((), dtype=torch.float64)
+    grad_prefix = torch.randn(G, dtype=torch.float64)
+    grad_x_hat = (torch.randn(B, d) / B).to(torch.bfloat16)
+    scale = (2 * (grad_loss * torch.tensor(weights, dtype=torch.float64) + grad_prefix) / B).float()
+    S, grad_x = poison((G, B, d), torch.bfloat16), poison((B, d), torch.bfloat16)
+    call(cuda_emulated, "nested_prefix_sums_bf16", x, b_dec, values, indices, W_dec,
+         torch.tensor(sizes), ctypes.c_int(G), scale, grad_x_hat, B, k, d, S, None, None, grad_x)
+    grads = torch.autograd.grad([loss, prefix_losses, want_x_hat], [x64, v64, W64],
+                                [grad_loss, grad_prefix, grad_x_hat.double()])
+    check_grads(S, grad_x, grads, [grad_loss, grad_prefix, grad_x_hat.double()],
+                "under upstream gradients")
+
+
+def test_nested_prefix_sums_do_not_read_the_rows_of_zero_values(cuda_emulated):
+    """A slot of value 0 or -0 adds nothing and its decoder row is not read: NaN there leaves
+    every output as it is with a finite row."""
+    x, W_dec, b_dec, values, _, _ = nested_problem(2, 16, 40, 3, [40], torch.bfloat16)
+    indices = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    values[0, 1], values[1, 2] = 0.0, -0.0
+    outputs = []
+    for poisoned in (0.0, float("nan")):
+        W_dec[[1, 5]] = poisoned
+        S, x_hat, partial = (poison(shape, dtype) for shape, dtype in
+                             [((1, 2, 16), torch.bfloat16), ((2, 16), torch.bfloat16),
+                              ((1, 2, 1), torch.float32)])
+        call(cuda_emulated, "nested_prefix_sums_bf16", x, b_dec, values, indices, W_dec,
+             torch.tensor([40]), ctypes.c_int(1), torch.ones(1), None, 2, 3, 16, S, x_hat,
+             partial, None)
+        outputs.append((S, x_hat, partial))
+    for clean, poisoned in zip(*outputs, strict=True):
+        assert torch.isfinite(clean).all() and torch.equal(clean, poisoned)
+
+
+def test_nested_prefix_sums_refuse_what_they_cannot_run(cuda_emulated):
+    """The tensor-core pass returns an error, writing nothing, for k = 0, d not a multiple of 8,
+    more than 8 prefix sizes, or a misaligned tensor."""
+    x, W_dec, b_dec, values, indices, _ = nested_problem(3, 16, 40, 2, [40], torch.bfloat16)
+    sizes = torch.tensor([40] * 9)
+    S = poison((1, 3, 16), torch.bfloat16)
+    base = [x, b_dec, values, indices, W_dec, sizes, ctypes.c_int(1), torch.ones(1), None, 3, 2,
+            16, S, None, None, None]
+    for at, bad in [(10, 0), (11, 12), (6, ctypes.c_int(9))]:
+        arguments = list(base)
+        arguments[at] = bad
+        with pytest.raises(AssertionError, match="returned cudaError"):
+            call(cuda_emulated, "nested_prefix_sums_bf16", *arguments)
+    misaligned = torch.empty(3 * 16 + 1, dtype=torch.bfloat16)[1:].view(3, 16).copy_(x)
+    with pytest.raises(AssertionError, match="returned cudaError"):
+        call(cuda_emulated, "nested_prefix_sums_bf16", misaligned, *base[1:])
+    assert S.isnan().all()
+
+
+@pytest.mark.parametrize("B,d,n,k", [(5, 24, 130, 8), (17, 264, 40, 3)])
+def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, monkeypatch, B, d,
+                                                                      n, k, seed):
+    """The triton backend's bfloat16 nested loss with the extension's ops taken from the emulated
+    glue and kernels, as on an sm_80+ GPU: no Triton walk runs; the loss, prefix losses, x_hat
+    and every gradient, from the loss alone and under upstream gradients on all three outputs,
+    match the reference; the backward from the loss alone (the forward's suffix sums) gives the
+    bits of the backward under upstream zeros on the prefix losses (the suffix sums made again);
+    more than 8 prefix sizes, or walks_only, go back to the walk."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
+    monkeypatch.setattr(nested, "_has_tensor_cores", lambda device: True)
+    monkeypatch.setattr(nested, "compiled_kernels", lambda device: cuda_ops)
+    walks = []
+    walk = nested._walk
+    monkeypatch.setattr(nested, "_walk", lambda *args: walks.append(args) or walk(*args))
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(
+        B, d, n, k, torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (x, values, W_dec, b_dec)]
+    tol = TOLERANCE[torch.bfloat16]
+    for loss_only in (True, False):
+        outputs = nested_prefix_loss_and_decode(*leaves[:2], indices, *leaves[2:], sizes,
+                                                weights, backend="triton")
+        nested_tests.check_against_reference(outputs, leaves, indices, sizes, weights, tol,
+                                             loss_only=loss_only)
+    loss, prefix_losses, _ = nested_prefix_loss_and_decode(*leaves[:2], indices, *leaves[2:],
+                                                           sizes, weights, backend="triton")
+    from_loss = torch.autograd.grad(loss, leaves, retain_graph=True)
+    again = torch.autograd.grad([loss, prefix_losses], leaves,
+                                [torch.tensor(1.0), torch.zeros(len(sizes))])
+    for name, a, b in zip(["x", "values", "W_dec", "b_dec"], from_loss, again, strict=True):
+        assert torch.equal(a, b), f"grad {name}"
+    assert walks == []
+
+    many = [1 + i for i in range(8)] + [n]
+    nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, many, [1.0] * 9,
+                                  backend="triton")
+    assert len(walks) == 1
+    with nested.walks_only():
+        nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
+                                      backend="triton")
+    assert len(walks) == 2
+
+
+def test_nested_prefix_sums_glue(cuda_ops, seed):
+    """The op around the tensor-core pass: inputs at a storage offset that is not a multiple of
+    16 bytes give the bits of aligned ones (the glue copies them); what the kernel cannot run is
+    refused with the fix named."""
+    x, W_dec, b_dec, values, indices, _ = nested_problem(5, 16, 40, 3, [10, 40], torch.bfloat16)
+    scale, grad_x_hat = torch.rand(2), torch.randn(5, 16).to(torch.bfloat16)
+
+    def run(x, W_dec, grad_x_hat, *, values=values, b_dec=b_dec, sizes=(10, 40), scale=scale,
+            loss=False):
+        return cuda_ops.nested_prefix_sums(x, values, indices, W_dec, b_dec, list(sizes), scale,
+                                           grad_x_hat, True, loss)
+
+    def shifted(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+        assert out.data_ptr() % 16 != 0
+        return out.copy_(t)
+
+    want = run(x, W_dec, grad_x_hat)
+    assert want[0].shape == (2, 5, 16) and want[1].shape == (5, 16)
+    got = run(shifted(x), shifted(W_dec), shifted(grad_x_hat), b_dec=shifted(b_dec))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    x_hat, partial = run(x, W_dec, None, loss=True)[2:]
+    assert x_hat.shape == (5, 16) and partial.shape == (1, 5, 2)
+
+    with pytest.raises(RuntimeError, match="runs bfloat16 inputs"):
+        run(x.float(), W_dec.float(), None, values=values.float(), b_dec=b_dec.float())
+    with pytest.raises(RuntimeError, match="at most 8 prefix sizes"):
+        run(x, W_dec, None, sizes=range(32, 41), scale=torch.rand(9))
+    with pytest.raises(RuntimeError, match="scale must be a float32"):
+        run(x, W_dec, None, scale=scale.double())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

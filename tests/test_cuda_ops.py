@@ -249,7 +249,8 @@ def check_nested(B: int, d: int, n: int, k: int, dtype: torch.dtype, sizes: list
 def test_kernels_are_registered_for_cuda():
     for op in ["topk_encode_forward", "topk_encode_backward", "sparse_decode_forward",
                "sparse_decode_backward", "nested_prefix_loss_forward",
-               "nested_prefix_loss_backward", "latent_rows_sum", "latent_rows_sum_dots"]:
+               "nested_prefix_loss_backward", "latent_rows_sum", "latent_rows_sum_dots",
+               "nested_prefix_sums"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsecode_C::{op}", "CUDA"), op
 
 

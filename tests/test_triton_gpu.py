@@ -2,8 +2,9 @@
 
 Real sizes (B=8192; d_model, d_sae and k each take every value of the Triton issue's lists) in
 float32, bfloat16 and float16; tiny awkward shapes and exact ties in bfloat16, which the CPU
-interpreter cannot run; the nested-prefix loss (its Triton forward walk) at the benchmarks' size
-and the tiny shapes; the encode's result-preserving options against its default, and the walks
+interpreter cannot run; the nested-prefix loss (its Triton forward walk, and in bfloat16 its
+tensor-core pass) at the benchmarks' size and the tiny shapes, and the tensor-core pass at its
+own awkward shapes; the encode's result-preserving options against its default, and the walks
 at every pipelining depth, at the benchmarks' size; and a torch.compile'd Matryoshka training
 step against the eager one.
 Marked ``gpu`` and skipped where torch sees no CUDA device.
@@ -20,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ from sparsecode.optim import MasterWeightAdam
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_cuda_ops import random_code
+from sparsecode.triton_kernels.nested_prefix_loss import walks_only as nested_walks_only
 from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
 
 pytestmark = [
@@ -172,10 +175,11 @@ def check_decode(
 
 def check_nested(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
                  sizes: list[int], poison_backward: bool) -> None:
-    """ops' nested-prefix loss with its reconstruction (triton: the Triton walks, the
-    extension's per-latent sum) and the gradients of x, values, W_dec and b_dec through all
-    three outputs (the residuals walked again) and through the loss alone (the forward's suffix
-    sums), against the float64 reference's autograd."""
+    """ops' nested-prefix loss with its reconstruction (triton: the tensor-core pass where it
+    takes the inputs, else the Triton walks; the extension's per-latent sum) and the gradients
+    of x, values, W_dec and b_dec through all three outputs (the suffix sums made again) and
+    through the loss alone (the forward's suffix sums), against the float64 reference's
+    autograd."""
     weights = [1.0 + 0.5 * g for g in range(len(sizes))]
     leaves = [t.clone().requires_grad_() for t in (x, values, W_dec, b_dec)]
     for loss_only in (False, True):
@@ -215,8 +219,11 @@ def test_real_sizes(d: int, n: int, k: int, dtype: torch.dtype, seed: int) -> No
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=False)
     if (d, n, k) == ISSUE_SIZE:
         sizes = [n // 32, n // 16, n // 8, n // 4, n // 2, n]
-        check_nested(x[0], values, indices, *make_decoder(n, d, dtype), sizes,
-                     poison_backward=False)
+        decoder = make_decoder(n, d, dtype)
+        check_nested(x[0], values, indices, *decoder, sizes, poison_backward=False)
+        if dtype == torch.bfloat16:  # the above took the tensor-core pass
+            with nested_walks_only():
+                check_nested(x[0], values, indices, *decoder, sizes, poison_backward=False)
 
 
 @pytest.mark.parametrize("B,d,n,k", TINY_SIZES)
@@ -226,10 +233,60 @@ def test_tiny_shapes_bf16(B: int, d: int, n: int, k: int, seed: int) -> None:
     x = make_encoder(B, d, n, dtype)
     values, indices = check_encode(x, k, poison_backward=True)
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
-    # Slots out of index order, as the nested loss's walk plan must sort them.
+    # Slots out of index order, as the nested loss's walk plan must sort them; d = 32 takes the
+    # tensor-core pass, and the walks as well.
     shuffle = torch.rand(B, k, device=DEVICE).argsort(dim=1)
-    check_nested(x[0], values.gather(1, shuffle), indices.gather(1, shuffle),
-                 *make_decoder(n, d, dtype), prefixes_for(n, k), poison_backward=True)
+    code = values.gather(1, shuffle), indices.gather(1, shuffle)
+    decoder = make_decoder(n, d, dtype)
+    check_nested(x[0], *code, *decoder, prefixes_for(n, k), poison_backward=True)
+    if d % 8 == 0:
+        with nested_walks_only():
+            check_nested(x[0], *code, *decoder, prefixes_for(n, k), poison_backward=True)
+
+
+# (B, d_model, d_sae, k, prefix sizes) for the tensor-core pass: steps of 16 slots part empty
+# (k = 1, 17, 33) and full (k = 32), lanes past d (d = 8, 24, 40), a second column tile mostly
+# past d (264), blocks of 16 rows part empty, G = 1 to 8.
+MMA_SHAPES = [
+    (5, 264, 130, 17, [8, 20, 40, 130]),
+    (33, 8, 40, 1, [5, 40]),
+    (17, 24, 100, 33, [1, 2, 3, 4, 5, 6, 7, 100]),
+    (20, 40, 300, 32, [300]),
+]
+
+
+@pytest.mark.parametrize("B,d,n,k,sizes", MMA_SHAPES)
+def test_nested_loss_on_the_tensor_cores_bf16(B: int, d: int, n: int, k: int, sizes: list[int],
+                                               seed: int) -> None:
+    """The bfloat16 nested loss through the tensor-core pass (which the test sees called, in
+    the forward and in the backward under upstream gradients) against the reference, every
+    output poisoned; its outputs are the same bits run to run."""
+    from sparsecode.triton_kernels import nested_prefix_loss as nested
+
+    dtype = torch.bfloat16
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name: str):
+            calls.append(name)
+            return getattr(torch.ops.sparsecode_C, name)
+
+    x = torch.randn(B, d, device=DEVICE).to(dtype)
+    values, indices = random_code(B, n, k, dtype)
+    shuffle = torch.rand(B, k, device=DEVICE).argsort(dim=1)
+    code = values.gather(1, shuffle), indices.gather(1, shuffle)
+    decoder = make_decoder(n, d, dtype)
+    with mock.patch.object(nested, "compiled_kernels", lambda device: Spy()):
+        check_nested(x, *code, *decoder, sizes, poison_backward=True)
+        assert calls.count("nested_prefix_sums") == 3  # two forwards, one backward
+
+        def outputs() -> list[Tensor]:
+            with poisoned_memory():
+                return list(nested.nested_prefix_loss_forward(x, *code, *decoder, sizes,
+                                                              [1.0] * len(sizes)))
+
+        first = outputs()
+        assert all(torch.equal(a, b) for a, b in zip(outputs(), first, strict=True))
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -310,7 +367,7 @@ def test_walks_give_the_same_bits_at_every_pipelining_depth(dtype: torch.dtype,
                     decode.sparse_decode_grad_values(grad_out, indices, W_dec, stages=stages)]
 
     def forward_outputs(stages: int) -> list[Tensor]:
-        with poisoned_memory():
+        with poisoned_memory(), nested_walks_only():
             return list(nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec,
                                                           sizes, weights, stages=stages))
 

@@ -21,6 +21,16 @@ of the walk made again).
 x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 prefix sizes;
 outputs in x's dtype, float32 accumulation.
 
+On the tensor cores (tensor_core_ops: bfloat16 CUDA tensors, k >= 1, d a multiple of 8, G <= 8,
+sm_80+, the extension built with CUDA) the extension's nested_prefix_sums
+(csrc/cuda/nested_prefix_mma.cu) takes the place of the plan, the walk and the suffix kernel
+below: every prefix's reconstruction at once as a matrix product of the gathered decoder rows
+and C[slot][h] = value where the slot's group is <= h, then per row the residuals, their squared
+norms and the suffix sums in registers; R is never stored. It serves the forward (P, x_hat and
+the norms, partial over column tiles of 256) and the backward under other upstream gradients
+(S and grad_x from the rows, no walk for R), so the two backward paths still give the same bits.
+walks_only() turns it off, to compare.
+
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
 group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, its
 latent, group and value packed in one int64 (_pack; d_sae < 2^27), so that a walk loads a
@@ -90,21 +100,24 @@ other upstream gradients cost the walk again.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from sparsecode.backends import compiled_kernels
 from sparsecode.sparse_grad import latent_rows_sum_dots
 from sparsecode.triton_kernels.sparse_decode import (WIDE_ELEMENTS, _blocks, launch_walk,
                                                      walk_registers, wide_offsets)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 16
+MMA_GROUPS = 8  # kMaxMmaGroups of csrc/cuda/kernels.cuh
 MAX_LATENTS = 2**27  # latent * MAX_GROUPS + group fits an int32 (_pack)
 # The forward walk's warps: over 4 (the decode's), its [32, 128] float32 residual tile spilled
 # 264 bytes at the register cap (sm_90, bfloat16, Triton 3.9); over 8, it spills nothing in the
@@ -368,6 +381,38 @@ def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk
     return walk
 
 
+_walks_only = False  # walks_only()
+
+
+@contextlib.contextmanager
+def walks_only() -> Iterator[None]:
+    """While active, the nested loss runs as the Triton walks even where the tensor-core pass
+    would take it, to compare the two (tests/test_triton_gpu.py, benchmarks/test_gpu.py)."""
+    global _walks_only
+    before, _walks_only = _walks_only, True
+    try:
+        yield
+    finally:
+        _walks_only = before
+
+
+def tensor_core_ops(x: Tensor, k: int, G: int) -> Any | None:
+    """The extension's ops (torch.ops.sparsecode_C) where its tensor-core pass over the rows
+    (nested_prefix_sums, csrc/cuda/nested_prefix_mma.cu) takes the place of the walk for x
+    [B, d] with k slots a row and G prefix sizes: bfloat16 CUDA tensors, k >= 1, d a multiple
+    of 8, G <= 8, a GPU of compute capability 8.0 or later and an extension built with CUDA;
+    else None (or under walks_only)."""
+    if _walks_only or not (x.dtype == torch.bfloat16 and k >= 1 and x.shape[1] % 8 == 0
+                           and G <= MMA_GROUPS and _has_tensor_cores(x.device)):
+        return None
+    return compiled_kernels(x.device)
+
+
+def _has_tensor_cores(device: torch.device) -> bool:
+    """Whether device is a GPU of compute capability 8.0 or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _walk(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
           prefix_sizes: Sequence[int], coef: Sequence[float] | None,
           stages: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -413,8 +458,14 @@ def nested_prefix_loss_forward(
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     B, d = x.shape
     coef = [w * (2.0 / max(B, 1)) for w in prefix_weights]  # no rows, no terms
-    partial, x_hat, _, P = _walk(x, values, indices, W_dec, b_dec, prefix_sizes,
-                                 coef if suffix_sums else None, stages)
+    ops = tensor_core_ops(x, values.shape[1], len(prefix_sizes))
+    if ops is not None:
+        P, _, x_hat, partial = ops.nested_prefix_sums(
+            x, values, indices, W_dec, b_dec, list(prefix_sizes),
+            _on_device(coef, torch.float32, x.device), None, suffix_sums, True)
+    else:
+        partial, x_hat, _, P = _walk(x, values, indices, W_dec, b_dec, prefix_sizes,
+                                     coef if suffix_sums else None, stages)
     if P is None:
         P = x.new_empty(len(prefix_sizes), 0, d)
     means = partial.double().sum(0).sum(0) / B
@@ -452,12 +503,8 @@ def nested_prefix_loss_suffix_sums(
     device = values.device
     grad_x = torch.empty(B, d, dtype=values.dtype, device=device)
     _check(grad_x, values, indices, W_dec, None, prefix_sizes, prefix_weights)
-    if grad_x_hat is not None and grad_x_hat.shape != grad_x.shape:
-        raise ValueError(f"grad_x_hat must be [B, d_model] = {list(grad_x.shape)}, got "
-                         f"{list(grad_x_hat.shape)}")
-    weights = _on_device(prefix_weights, torch.float64, device)
-    scale = ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
-             * (2.0 / max(B, 1))).float()  # no rows, no terms: B = 0 scales nothing
+    _check_grad_x_hat(grad_x_hat, grad_x)
+    scale = _scale(grad_loss, grad_prefix_losses, prefix_weights, B, device)
     gxh = grad_x_hat.to(values.dtype).contiguous() if grad_x_hat is not None else grad_x
     S = torch.empty(G, B, d, dtype=values.dtype, device=device)
     block_d = min(_SUFFIX_COLS, triton.next_power_of_2(max(d, 1)))
@@ -465,8 +512,51 @@ def nested_prefix_loss_suffix_sums(
     _suffix_kernel[(triton.cdiv(B, block_b), triton.cdiv(d, block_d))](
         resid, S, gxh, scale, grad_x, B, d, G, HAS_GXH=grad_x_hat is not None, BLOCK_B=block_b,
         BLOCK_D=block_d, num_warps=_SUFFIX_WARPS)
-    grad_b_dec = -grad_x.sum(0) if grad_x_hat is None else gxh.sum(0) - grad_x.sum(0)
-    return S, grad_x, grad_b_dec
+    return S, grad_x, _grad_b_dec(grad_x, grad_x_hat)
+
+
+def nested_prefix_loss_suffix_sums_on_tensor_cores(
+    grad_loss: Tensor, grad_prefix_losses: Tensor, grad_x_hat: Tensor | None, x: Tensor,
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """nested_prefix_loss_suffix_sums where tensor_core_ops takes the inputs: (S [G, B, d],
+    grad_x [B, d], grad_b_dec [d]) in x's dtype from the rows directly, the residuals made and
+    used in registers (no R)."""
+    _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
+    _check_grad_x_hat(grad_x_hat, x)
+    ops = tensor_core_ops(x, values.shape[1], len(prefix_sizes))
+    if ops is None:
+        raise ValueError("the tensor-core suffix sums take bfloat16 CUDA tensors with k >= 1, "
+                         "d_model a multiple of 8 and at most 8 prefix sizes on an sm_80+ GPU; "
+                         "use nested_prefix_loss_residuals and nested_prefix_loss_suffix_sums")
+    scale = _scale(grad_loss, grad_prefix_losses, prefix_weights, x.shape[0], x.device)
+    S, grad_x, _, _ = ops.nested_prefix_sums(x, values, indices, W_dec, b_dec, list(prefix_sizes),
+                                             scale, grad_x_hat, True, False)
+    return S, grad_x, _grad_b_dec(grad_x, grad_x_hat)
+
+
+def _check_grad_x_hat(grad_x_hat: Tensor | None, like: Tensor) -> None:
+    if grad_x_hat is not None and grad_x_hat.shape != like.shape:
+        raise ValueError(f"grad_x_hat must be [B, d_model] = {list(like.shape)}, got "
+                         f"{list(grad_x_hat.shape)}")
+
+
+def _scale(grad_loss: Tensor, grad_prefix_losses: Tensor, prefix_weights: Sequence[float],
+           B: int, device: torch.device) -> Tensor:
+    """scale_g = 2 (grad_loss w_g + grad_prefix_losses[g]) / B, [G] float32 (made in float64);
+    with no rows, no terms: B = 0 scales nothing."""
+    weights = _on_device(prefix_weights, torch.float64, device)
+    G = len(prefix_weights)
+    return ((grad_loss.reshape(()).double() * weights + grad_prefix_losses.reshape(G).double())
+            * (2.0 / max(B, 1))).float()
+
+
+def _grad_b_dec(grad_x: Tensor, grad_x_hat: Tensor | None) -> Tensor:
+    """grad_b_dec [d] = sum over the rows of grad_x_hat - grad_x."""
+    if grad_x_hat is None:
+        return -grad_x.sum(0)
+    return grad_x_hat.to(grad_x.dtype).contiguous().sum(0) - grad_x.sum(0)
 
 
 def nested_prefix_loss_pair_grads(

@@ -192,4 +192,28 @@ cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const 
                                  int64_t k, int64_t d, int G, T* grad_x, SuffixSum<T>* S,
                                  Acc<T>* partial_dots, cudaStream_t stream);
 
+// Whether the current device has the tensor-core instructions of latent_rows_sum_mma.cu and
+// nested_prefix_mma.cu (compute capability 8.0 or later).
+bool has_bf16_mma();
+
+// The nested loss's pass over the rows on the tensor cores (nested_prefix_mma.cu), bfloat16, for
+// at most kMaxMmaGroups prefix sizes. With xhat_h[b] the sum of values[b, j] W_dec[indices[b, j]]
+// over the slots j of groups <= h, r_h = x - b_dec - xhat_h and A_h = the sum over g >= h of
+// scale[g] r_g (float32; scale [G] on the device), it writes, for each output given (else null):
+//   S [G, B, d]:        A_h - grad_x_hat (grad_x_hat [B, d] or null: zero),
+//   x_hat [B, d]:       b_dec + xhat_{G-1},
+//   partial [T, B, G]:  the squared norm of r_h over each column tile of 256 (T of them), float32,
+//   grad_x [B, d]:      A_0.
+// Needs k >= 1, d a multiple of 8, d_sae below 2^31, x, b_dec, W_dec, grad_x_hat, S, x_hat and
+// grad_x 16-byte aligned (else cudaErrorInvalidValue / cudaErrorMisalignedAddress) and an sm_80
+// or later device.
+constexpr int kMaxMmaGroups = 8;
+constexpr int64_t kMmaColTile = 256;
+cudaError_t nested_prefix_sums_mma(const __nv_bfloat16* x, const __nv_bfloat16* b_dec,
+                                   const __nv_bfloat16* values, const int64_t* indices,
+                                   const __nv_bfloat16* W_dec, const PrefixSizes& sizes,
+                                   const float* scale, const __nv_bfloat16* grad_x_hat, int64_t B,
+                                   int64_t k, int64_t d, __nv_bfloat16* S, __nv_bfloat16* x_hat,
+                                   float* partial, __nv_bfloat16* grad_x, cudaStream_t stream);
+
 }  // namespace sparsecode::cuda

@@ -11,10 +11,6 @@ namespace sparsecode::cuda {
 // first launch sums the others.
 constexpr int64_t kLongSegment = 256;
 
-// Whether the current device has the tensor-core instructions of latent_rows_sum_mma.cu
-// (compute capability 8.0 or later).
-bool has_bf16_mma();
-
 // The first launch of latent_rows_sum (kDots false) or latent_rows_sum_dots (kDots true) for
 // bfloat16 src and out on the tensor cores (latent_rows_sum_mma.cu): every latent of at most
 // kLongSegment pairs, over column tiles of 256 (d a multiple of 8, src, out and weights

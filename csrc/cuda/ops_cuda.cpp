@@ -26,6 +26,9 @@
 //                           (latent_rows_sum.cu) gives grad_W_dec and the pairs' dot products
 //                           (grad_values), reading each pair's grad_out row once.
 //   latent_rows_sum:        latent_rows_sum.cu.
+//   nested_prefix_sums:     nested_prefix_mma.cu, the triton backend's pass over the rows of
+//                           the nested loss on the tensor cores (bfloat16; CUDA only, no CPU
+//                           counterpart).
 //   nested_prefix_loss_forward / backward: nested_prefix_loss.cu; the per-column-tile
 //                           partial sums are reduced here with ATen (the losses' in float64, as
 //                           the CPU sums its row losses). The forward's fourth output is the
@@ -597,6 +600,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_loss_ba
   return {grad_x, grad_values, grad_W_dec, grad_b_dec};
 }
 
+// t, contiguous, in memory aligned to 16 bytes (a copy when its storage offset is not).
+at::Tensor aligned16(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// The nested loss's pass over the rows on the tensor cores (kernels.cuh: nested_prefix_sums_mma),
+// for the triton backend's forward (loss: x_hat and the squared norms, and with suffix_sums the
+// loss's own suffix sums) and its backward under other upstream gradients (suffix_sums and not
+// loss: S and grad_x). Returns (S [G, B or 0, d], grad_x [B or 0, d], x_hat [B or 0, d],
+// partial [T or 0, B, G] float32 over column tiles of 256), each empty where not made.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_sums(
+    const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& W_dec, const at::Tensor& b_dec, at::IntArrayRef prefix_sizes,
+    const at::Tensor& scale, const std::optional<at::Tensor>& grad_x_hat, bool suffix_sums,
+    bool loss) {
+  const int64_t G = static_cast<int64_t>(prefix_sizes.size());
+  const std::vector<double> weights(G, 1.0);
+  check_nested_args(x, values, indices, W_dec, b_dec, prefix_sizes, weights,
+                    op_device({x, values, W_dec, b_dec}));
+  const int64_t B = x.size(0);
+  const int64_t d = x.size(1);
+  const int64_t k = values.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && G <= kernels::kMaxMmaGroups && k >= 1 &&
+                  d % 8 == 0 && kernels::has_bf16_mma(),
+              "nested_prefix_sums runs bfloat16 inputs with k >= 1, d_model a multiple of 8 and "
+              "at most ", kernels::kMaxMmaGroups, " prefix sizes on a GPU of compute capability "
+              "8.0 or later, got ", x.scalar_type(), " with k = ", k, ", d_model = ", d, ", ", G,
+              " prefix sizes; use nested_prefix_loss_forward");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == G &&
+                  scale.device() == x.device(),
+              "scale must be a float32 [G = ", G, "] tensor on ", x.device(), ", got ",
+              scale.scalar_type(), " ", scale.sizes(), " on ", scale.device());
+  const bool has_grad_x_hat = grad_x_hat.has_value() && grad_x_hat->defined();
+  if (has_grad_x_hat) {
+    TORCH_CHECK(grad_x_hat->sizes() == x.sizes(), "grad_x_hat must be [B, d_model] like x, got ",
+                grad_x_hat->sizes());
+    check_float(*grad_x_hat, "grad_x_hat", 2, x.device());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor idx = indices.contiguous();
+  assert_index_range(idx, W_dec.size(0));
+  const at::Tensor xc = aligned16(x);
+  const at::Tensor W = aligned16(W_dec);
+  const at::Tensor bias = aligned16(b_dec);
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor sc = scale.contiguous();
+  at::Tensor g_hat;
+  if (has_grad_x_hat) {
+    g_hat = aligned16(grad_x_hat->to(x.scalar_type()));
+  }
+  at::Tensor S = at::empty({G, suffix_sums ? B : 0, d}, x.options());
+  at::Tensor grad_x = at::empty({suffix_sums && !loss ? B : 0, d}, x.options());
+  at::Tensor x_hat = at::empty({loss ? B : 0, d}, x.options());
+  at::Tensor partial = at::empty({loss ? (d + kernels::kMmaColTile - 1) / kernels::kMmaColTile : 0,
+                                  B, G},
+                                 x.options().dtype(at::kFloat));
+  kernels::PrefixSizes prefix{};
+  prefix.count = static_cast<int>(G);
+  std::copy(prefix_sizes.begin(), prefix_sizes.end(), prefix.m);
+  using bf16 = __nv_bfloat16;
+  C10_CUDA_CHECK(kernels::nested_prefix_sums_mma(
+      in<bf16>(xc), in<bf16>(bias), in<bf16>(vals), in<int64_t>(idx), in<bf16>(W), prefix,
+      in<float>(sc),
+      has_grad_x_hat ? in<bf16>(g_hat) : nullptr, B, k, d, suffix_sums ? out<bf16>(S) : nullptr,
+      loss ? out<bf16>(x_hat) : nullptr, loss ? out<float>(partial) : nullptr,
+      grad_x.numel() > 0 ? out<bf16>(grad_x) : nullptr, c10::cuda::getCurrentCUDAStream()));
+  return {S, grad_x, x_hat, partial};
+}
+
 }  // namespace
 }  // namespace sparsecode::cuda_ops
 
@@ -618,4 +691,5 @@ SPARSECODE_LIBRARY_IMPL(SPARSECODE_CUDA_OPS_LIBRARY, SPARSECODE_CUDA_OPS_KEY, m)
   m.impl("nested_prefix_loss_backward", &sparsecode::cuda_ops::nested_prefix_loss_backward);
   m.impl("latent_rows_sum", &sparsecode::cuda_ops::latent_rows_sum);
   m.impl("latent_rows_sum_dots", &sparsecode::cuda_ops::latent_rows_sum_dots);
+  m.impl("nested_prefix_sums", &sparsecode::cuda_ops::nested_prefix_sums);
 }
