@@ -9,8 +9,9 @@ each row's sorted slots and the backward uses suffix sums of the weighted residu
 also returns the full reconstruction x_hat [B, d], which the walk computes on the way, so a
 module's forward needs no separate decode, and a fourth tensor that only its backward reads:
 on the ``triton`` backend the suffix sums of a backward from the loss alone, [G, B, d] in x's
-dtype (a backward that also takes gradients from the prefix losses or x_hat walks the forward
-again for the residuals), or [G, 0, d] when the op's last argument, suffix_sums, is false (no
+dtype (a backward that also takes gradients from the prefix losses or x_hat makes its own again:
+from the residuals of the forward walk made again, or on the tensor cores from the rows), or
+[G, 0, d] when the op's last argument, suffix_sums, is false (no
 backward can follow: no input requires grad, or grad mode is off); on the ``cuda`` backend the
 residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from which the backward
 walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again).
@@ -23,7 +24,7 @@ it has no kernels for the device) after elementwise suffix sums where needed; ot
 ``auto`` on CUDA tensors picks ``triton`` before ``cuda``, as for the other ops: on an H100
 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks
 (forward, then a walk back) took 3.47 ms against the CUDA kernels' 3.66 ms (3.16 against 3.49
-in a later run); the walk-free backward has not run on a GPU yet.
+in a later run); the walk-free backward and the tensor-core pass have not run on a GPU yet.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 

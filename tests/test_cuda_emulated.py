@@ -961,9 +961,10 @@ def test_nested_prefix_sums_on_tensor_cores(cuda_emulated, B, d, n, k, sizes, se
                 "under upstream gradients")
 
 
-def test_nested_prefix_sums_do_not_read_the_rows_of_zero_values(cuda_emulated):
-    """A slot of value 0 or -0 adds nothing and its decoder row is not read: NaN there leaves
-    every output as it is with a finite row."""
+def test_nested_prefix_sums_read_only_the_rows_of_a_rows_nonzero_values(cuda_emulated):
+    """A slot of value 0 or -0 adds nothing and its decoder row is not read, nor is a row of
+    another row's slot: NaN in the rows of row 0's zero slot and row 1's slots leaves row 0's
+    outputs as they are with finite rows, and row 1's when only its zero slot's row is NaN."""
     x, W_dec, b_dec, values, _, _ = nested_problem(2, 16, 40, 3, [40], torch.bfloat16)
     indices = torch.tensor([[0, 1, 2], [3, 4, 5]])
     values[0, 1], values[1, 2] = 0.0, -0.0
@@ -979,6 +980,14 @@ def test_nested_prefix_sums_do_not_read_the_rows_of_zero_values(cuda_emulated):
         outputs.append((S, x_hat, partial))
     for clean, poisoned in zip(*outputs, strict=True):
         assert torch.isfinite(clean).all() and torch.equal(clean, poisoned)
+    W_dec[[3, 4]] = float("nan")  # row 1's nonzero slots
+    S, x_hat, partial = (poison(t.shape, t.dtype) for t in outputs[0])
+    call(cuda_emulated, "nested_prefix_sums_bf16", x, b_dec, values, indices, W_dec,
+         torch.tensor([40]), ctypes.c_int(1), torch.ones(1), None, 2, 3, 16, S, x_hat, partial,
+         None)
+    for got, clean in zip((S[:, 0], x_hat[0], partial[:, 0]),
+                          (t[:, 0] if t.dim() == 3 else t[0] for t in outputs[0]), strict=True):
+        assert torch.equal(got, clean)
 
 
 def test_nested_prefix_sums_refuse_what_they_cannot_run(cuda_emulated):

@@ -34,7 +34,8 @@
 // cp.async, two lanes a row, as latent_rows_sum_mma.cu does, into rows padded to 528 bytes so
 // that ldmatrix has no bank conflicts; a slot of value zero (or past k) is not read, its row
 // zero-filled; a row's last step also copies the row of x. Double buffered: the next step's
-// copies (the next row's first at a row's end) are in flight while a step is multiplied. Per 16
+// copies (the next row's first at a row's end) are in flight while a step is multiplied, and the
+// latents that the step after it copies are loaded then, so that no copy waits for a load. Per 16
 // columns: A = W^T by ldmatrix.trans, mma.sync m16n8k16 into D (16 x 4 floats a lane). After a
 // row's last step D goes to shared memory, [group][column] in the step's place (pitch 260
 // floats: no bank conflicts), and each lane takes 8 consecutive columns: from the last group
@@ -49,11 +50,12 @@
 // Cost at B = 8192, d = 2304, n = 65536, k = 64, G = 6 (bfloat16): the B k d decoder elements
 // gathered (2.4 GB, mostly from L2, as the decode's), x read once (38 MB), S written (G B d: 226
 // MB) and x_hat (38 MB), 10 bytes of index and value a slot. Tensor cores: 2 B k d multiply-adds
-// (over 8 groups), about 0.03 ms of an H100's mma.sync rate. Instructions a lane, per row and
-// 256 columns: a step is 16 ldmatrix and 16 mma and the 16 cp.async of the next step; the
-// epilogue about 60 a group: about 600 a row, against the walk's 64 x 125 x 16 / 32 = 4000 for
-// the same elements. The gathers bound it, about the decode's 0.37 ms. Shared memory 70 KB a
-// block, 3 blocks an SM.
+// (over 8 groups), about 0.03 ms of an H100's mma.sync rate. sm_90 SASS (nvcc 13): 268
+// instructions a step (16 cp.async, 16 ldmatrix, 16 mma, the next step's C and the latents a step
+// ahead), about 1040 at the end of a row for all 8 groups (a row runs G of them): about 1800 a
+// row of k = 64 and 256 columns, against about 4000 for the walk's slots alone (64 x 125 x 16 /
+// 32): about 0.15 ms of an H100's issue rate. The gathers should bound it, at about the decode's
+// 0.37 ms. 166 registers; shared memory 70 KB a block, 3 blocks an SM.
 
 #include "device_utils.cuh"
 
@@ -140,21 +142,32 @@ __global__ void __launch_bounds__(kWarps * kWarp, 3)
   const auto* value_bits = reinterpret_cast<const uint16_t*>(values);
   auto stage_at = [&](int stage) { return shared + (warp * kStages + stage) * kStageBytes; };
 
-  // Starts the copies of the step of row b at slots q .. q + 15 into stage and returns the
-  // lane's C: b[0] = C[2t, 2t+1][g], b[1] = C[2t+8, 2t+9][g].
+  // What this lane copies for the step of row b at slots q .. q + 15: slot q + lane / 2's latent
+  // and value bits (latent -1 past k). Loaded a step before the copies, and used only then, so
+  // that the copies do not wait for the loads.
+  struct CopySlot {
+    int latent = -1;
+    uint32_t value = 0;
+  };
+  auto copy_slot = [&](int64_t b, int64_t q) {
+    CopySlot slot;
+    if (q + lane / 2 < k) {
+      slot.latent = static_cast<int>(indices[b * k + q + lane / 2]);
+      slot.value = value_bits[b * k + q + lane / 2];
+    }
+    return slot;
+  };
+  // Starts the copies of the step of row b at slots q .. q + 15 into stage (what this lane copies:
+  // copy_slot's) and returns the lane's C: b[0] = C[2t, 2t+1][g], b[1] = C[2t+8, 2t+9][g].
   struct StepC {
     uint32_t b[2] = {0, 0};
   };
-  auto issue = [&](int64_t b, int64_t q, int stage) {
+  auto issue = [&](int64_t b, int64_t q, const CopySlot& slot, int stage) {
     const int64_t slot0 = b * k + q;  // the step's first slot in values / indices
-    uint64_t row = 0;
-    bool copy = q + lane / 2 < k;
-    if (copy) {
-      row = static_cast<uint64_t>(indices[slot0 + lane / 2]);
-      copy = (value_bits[slot0 + lane / 2] & 0x7fffu) != 0;  // a zero value adds nothing
-    }
+    // A slot past k or of value zero adds nothing: its row is not read.
+    const bool copy = slot.latent >= 0 && (slot.value & 0x7fffu) != 0;
     unsigned char* to = stage_at(stage);
-    const char* from = lane_w + row * row_bytes;
+    const char* from = lane_w + static_cast<uint64_t>(copy ? slot.latent : 0) * row_bytes;
 #pragma unroll
     for (int u = 0; u < kRowBytes / 32; ++u) {
       cp_async_16(to + copy_at + 32 * u, from + 32 * u, copy && 16 * u < cols_left);
@@ -254,17 +267,36 @@ __global__ void __launch_bounds__(kWarps * kWarp, 3)
   };
 
   // The step being multiplied: row b, slots q .. q + 15; the warp walks its rows' steps in order.
+  // The next step (row b_next, slots from q_next) copies copy_next, loaded a step ahead.
+  auto following = [&](int64_t& b_step, int64_t& q_step) {
+    q_step += kStep;
+    if (q_step >= k) {
+      q_step = 0;
+      ++b_step;
+    }
+  };
   int64_t b = b0;
   int64_t q = 0;
-  StepC step = issue(b, q, 0);
+  StepC step = issue(b, q, copy_slot(b, q), 0);
   cp_async_commit();
+  int64_t b_next = b;
+  int64_t q_next = q;
+  following(b_next, q_next);
+  CopySlot copy_next;
+  if (b_next < b_end) {
+    copy_next = copy_slot(b_next, q_next);
+  }
   for (int stage = 0; b < b_end; stage ^= 1) {  // the same for the whole warp
-    const bool row_ends = q + kStep >= k;
-    const int64_t b_next = row_ends ? b + 1 : b;
-    const int64_t q_next = row_ends ? 0 : q + kStep;
+    const bool row_ends = b_next != b;
     StepC next;
     if (b_next < b_end) {
-      next = issue(b_next, q_next, stage ^ 1);
+      next = issue(b_next, q_next, copy_next, stage ^ 1);
+    }
+    int64_t b_after = b_next;
+    int64_t q_after = q_next;
+    following(b_after, q_after);
+    if (b_after < b_end) {
+      copy_next = copy_slot(b_after, q_after);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -283,6 +315,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, 3)
     step = next;
     b = b_next;
     q = q_next;
+    b_next = b_after;
+    q_next = q_after;
   }
   cp_async_wait<0>();
 #endif
