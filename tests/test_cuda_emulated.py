@@ -695,6 +695,29 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     assert_close(partial.double().sum(0), want_dots, tol, "dots")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_latent_rows_sum_skips_the_rows_of_zero_coefficients(cuda_emulated, dtype):
+    """A pair of coefficient 0 or -0 adds nothing and its src row is not read, as on the CPU:
+    NaN rows there leave the sums, plain and transposed, as they are (bfloat16: the tensor-core
+    kernel)."""
+    n, d = 40, 16
+    offsets = torch.tensor([0] * 4 + [3] * (n - 3))
+    rows = torch.tensor([0, 1, 2])
+    coef = torch.tensor([0.0, -0.0, 1.5], dtype=acc_dtype(dtype))
+    src = torch.randn(3, d).to(dtype)
+    src[:2] = float("nan")
+    want = torch.zeros(n, d, dtype=torch.float64)
+    want[3] = 1.5 * src[2].double()
+    out, out_t = poison((n, d), dtype), poison((d, n), dtype)
+    name = SUFFIX[dtype]
+    call(cuda_emulated, f"latent_rows_sum_{name}", offsets, rows, coef, src, n, d,
+         ctypes.c_int(0), out, None, None, None)
+    call(cuda_emulated, f"latent_rows_sum_{name}", offsets, rows, coef, src, n, d,
+         ctypes.c_int(1), out_t, None, None, None)
+    assert_close(out, want, TOLERANCE[dtype], "out")
+    assert_close(out_t, want.t(), TOLERANCE[dtype], "out, transposed")
+
+
 def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated):
     """The bfloat16 tensor-core sums take each float32 coefficient as two bfloat16 (hi + lo):
     latent 3's pairs, coefficients 1 + 2^-12 and -1 on equal rows of ones, sum to 2^-12 (with

@@ -182,6 +182,15 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
 }
 #endif
 
+// Makes the compiler hold v, as loaded, in a register up to this point: a test on a value loaded
+// a step ahead is then made where the value is used, not right after its load (where the warp
+// would wait for the load to land). Nothing on the host.
+__host__ __device__ __forceinline__ void hold(uint32_t& v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+}
+
 __host__ __device__ __forceinline__ float bits_to_float(uint32_t bits) {
   float f;
   memcpy(&f, &bits, sizeof(f));

@@ -21,7 +21,9 @@
 // lanes copy the step's 16 src rows (256 columns, 512 bytes each) into shared memory with
 // cp.async, two lanes a row, 32 contiguous bytes an instruction, into rows padded to 528 bytes
 // (so that the 8 rows an ldmatrix reads at one column fall in different banks); double
-// buffered, the next step's copies are in flight while a step is summed. Then, per 16 columns
+// buffered, the next step's copies are in flight while a step is summed, and the rows and
+// coefficients that the step after it copies are loaded then, so that no copy waits for a load
+// (each step's 16 pairs are a new 128-byte line of rows). Then, per 16 columns
 // (mma.sync m16n8k16, bfloat16 in, float32 accumulation):
 //   sum:  D[16 columns x 8 latents] += S^T[16 columns x 16 pairs] C[16 pairs x 8 latents], S^T
 //         by ldmatrix.trans and C[p][l] = the coefficient of pair p where p belongs to latent l,
@@ -43,10 +45,10 @@
 // (2.4 GB, from L2), out written once (302 MB), 12 bytes of row, coefficient and id a pair (6 MB)
 // and the offsets. Tensor cores: 16 mma a step and 256 columns for the sum (32 with lo), 16
 // more for the dots, 2 B k d multiply-adds each, about 0.05 ms of an H100's mma.sync rate.
-// sm_90 SASS of the step loop (nvcc 13): 269 instructions a step for the sum and 357 with the
-// dots, of which about 70 run only in warps that hold a long latent: 12.5 and 18 a pair, against
-// the CUDA-core loop's 35 and 48. Shared memory 66 KB a block; 3 blocks an SM (165 registers),
-// 2 with the dots (214: 64 accumulators and 32 registers of W).
+// sm_90 SASS of the step loop (nvcc 13): 291 instructions a step for the sum and 387 with the
+// dots, of which about 70 run only in warps that hold a long latent: about 14 and 20 a pair,
+// against the CUDA-core loop's 35 and 48. Shared memory 66 KB a block; 3 blocks an SM (164
+// registers), 2 with the dots (225: 64 accumulators and 32 registers of W).
 
 #include "latent_rows_sum.cuh"
 
@@ -129,6 +131,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
   for (int j = 0; j < kWarpLatents; ++j) {
     long_latents |= static_cast<unsigned>(bound[j + 1] - bound[j] > kLongSegment) << j;
   }
+  hold(long_latents);  // one register, not a mask rebuilt from predicates at every step
   const int last = bound[kWarpLatents];
   // q, moved past the pairs of the long latents that start there.
   auto skip_long = [&](int q) {
@@ -173,18 +176,28 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
   const float* lane_coef = coef + 2 * t;  // C's pairs
   const int64_t* lane_ids = pair_ids + g;  // the dots' pairs
 
-  // Starts the copies of the pairs q .. end - 1 into stage and returns what the lane needs of
-  // them to sum them.
-  auto issue = [&](int q, int end, int stage) {
-    const int p = q + copy_pair;
+  // What this lane copies for the step from pair q: pair q + copy_pair's src row and coefficient
+  // (where it is one of the warp's pairs). Loaded a step before the copies, and used only then,
+  // so that the copies do not wait for the loads.
+  struct CopyPair {
     uint32_t row = 0;
-    bool copy = p < end;
-    if (copy) {
-      row = static_cast<uint32_t>(rows[p]);
-      // A zero coefficient adds nothing; without the dots its row is not read.
-      copy = kDots || coef[p] != 0.0f;
+    uint32_t coef_bits = 0;
+  };
+  auto copy_pair_at = [&](int q) {
+    CopyPair pair;
+    if (q + copy_pair < last) {
+      pair.row = static_cast<uint32_t>(rows[q + copy_pair]);
+      pair.coef_bits = reinterpret_cast<const uint32_t*>(coef)[q + copy_pair];
     }
-    const char* from = lane_src + static_cast<uint64_t>(row) * row_bytes;
+    return pair;
+  };
+  // Starts the copies of the pairs q .. end - 1 into stage (what this lane copies: copy_pair_at's)
+  // and returns what the lane needs of them to sum them.
+  auto issue = [&](int q, int end, CopyPair pair, int stage) {
+    // A zero coefficient (+0 or -0) adds nothing; without the dots its row is not read.
+    hold(pair.coef_bits);
+    const bool copy = q + copy_pair < end && (kDots || (pair.coef_bits & 0x7fffffffu) != 0);
+    const char* from = lane_src + static_cast<uint64_t>(copy ? pair.row : 0) * row_bytes;
     unsigned char* to = shared + (warp * kStages + stage) * kStageBytes + copy_at;
 #pragma unroll
     for (int u = 0; u < kRowBytes / 32; ++u) {
@@ -276,17 +289,20 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
   int end = q < last ? step_end(q) : q;
   StepPairs pairs;
   if (q < last) {
-    pairs = issue(q, end, 0);
+    pairs = issue(q, end, copy_pair_at(q), 0);
   }
   cp_async_commit();
+  int q_next = skip_long(end);  // the next step, whose copies copy_next holds
+  CopyPair copy_next = copy_pair_at(q_next);
   for (int stage = 0; q < last; stage ^= 1) {  // the same for the whole warp
-    const int q_next = skip_long(end);
     int end_next = q_next;
     StepPairs next;
     if (q_next < last) {
       end_next = step_end(q_next);
-      next = issue(q_next, end_next, stage ^ 1);
+      next = issue(q_next, end_next, copy_next, stage ^ 1);
     }
+    const int q_after = skip_long(end_next);
+    copy_next = copy_pair_at(q_after);
     cp_async_commit();
     cp_async_wait<1>();
     __syncwarp();  // every lane's copies of this step have landed
@@ -295,6 +311,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
     pairs = next;
     q = q_next;
     end = end_next;
+    q_next = q_after;
   }
 
   // Lane j < 8: latent first + j's coefficient sum, if this launch sums it.
