@@ -1040,7 +1040,8 @@ def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, 
     and every gradient, from the loss alone and under upstream gradients on all three outputs,
     match the reference; the backward from the loss alone (the forward's suffix sums) gives the
     bits of the backward under upstream zeros on the prefix losses (the suffix sums made again);
-    more than 8 prefix sizes, or walks_only, go back to the walk."""
+    more than 8 prefix sizes, or walks_only, go back to the walk; the backward's op passes
+    torch.library.opcheck."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
     monkeypatch.setattr(nested, "_has_tensor_cores", lambda device: True)
@@ -1074,6 +1075,13 @@ def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, 
         nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
                                       backend="triton")
     assert len(walks) == 2
+
+    # The backward's op under other upstream gradients passes torch.library's checks (its fake
+    # for torch.compile among them).
+    upstream = (torch.tensor(1.0), torch.randn(len(sizes)), torch.randn(B, d).to(x.dtype))
+    inputs = [t.detach() for t in (x, values)] + [indices] + [t.detach() for t in (W_dec, b_dec)]
+    torch.library.opcheck(torch.ops.sparsecode.nested_prefix_loss_suffix_tensor_cores.default,
+                          (*upstream, *inputs, sizes, weights))
 
 
 def test_nested_prefix_sums_glue(cuda_ops, seed):
