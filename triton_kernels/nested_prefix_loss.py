@@ -451,9 +451,11 @@ def nested_prefix_loss_forward(
     without suffix_sums (no backward to follow) an empty P [G, 0, d], and the walk skips them.
 
     Forward only: its backward is nested_prefix_loss_pair_grads of grad_loss P, or with other
-    upstream gradients nested_prefix_loss_residuals, nested_prefix_loss_suffix_sums, then
-    nested_prefix_loss_pair_grads.
+    upstream gradients nested_prefix_loss_residuals, nested_prefix_loss_suffix_sums (where
+    tensor_core_ops takes the inputs, nested_prefix_loss_suffix_sums_on_tensor_cores instead of
+    both), then nested_prefix_loss_pair_grads.
     stages: the walk's pipelining depth (sparse_decode.autotuned); None lets the autotuner choose.
+    The tensor-core pass, where it runs, has none.
     """
     _check(x, values, indices, W_dec, b_dec, prefix_sizes, prefix_weights)
     B, d = x.shape
