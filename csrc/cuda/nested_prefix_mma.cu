@@ -49,13 +49,13 @@
 //
 // Cost at B = 8192, d = 2304, n = 65536, k = 64, G = 6 (bfloat16): the B k d decoder elements
 // gathered (2.4 GB, mostly from L2, as the decode's), x read once (38 MB), S written (G B d: 226
-// MB) and x_hat (38 MB), 10 bytes of index and value a slot. Tensor cores: 2 B k d multiply-adds
-// (over 8 groups), about 0.03 ms of an H100's mma.sync rate. sm_90 SASS (nvcc 13): 268
-// instructions a step (16 cp.async, 16 ldmatrix, 16 mma, the next step's C and the latents a step
-// ahead), about 1040 at the end of a row for all 8 groups (a row runs G of them): about 1800 a
-// row of k = 64 and 256 columns, against about 4000 for the walk's slots alone (64 x 125 x 16 /
-// 32): about 0.15 ms of an H100's issue rate. The gathers should bound it, at about the decode's
-// 0.37 ms. 166 registers; shared memory 70 KB a block, 3 blocks an SM.
+// MB) and x_hat (38 MB), 10 bytes of index and value a slot. Tensor cores: 8 B k d multiply-adds
+// (one per group of the mma's 8), 19 GFLOP, about 0.03 ms of an H100's mma.sync rate. sm_90
+// SASS (nvcc 13): 268 instructions a step (16 cp.async, 16 ldmatrix, 16 mma, the next step's C
+// and the latents a step ahead), about 1040 at the end of a row for all 8 groups (a row runs G
+// of them): about 1800 a row of k = 64 and 256 columns, against about 4000 for the walk's slots
+// alone (64 x 125 x 16 / 32): about 0.15 ms of an H100's issue rate. The gathers should bound
+// it, at about the decode's 0.37 ms. 166 registers; shared memory 70 KB a block, 3 blocks an SM.
 
 #include "device_utils.cuh"
 
