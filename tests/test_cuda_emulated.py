@@ -253,7 +253,7 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
 }
 
 template <typename P, typename V>
-void __stcg(P* address, V value) {
+void __stcs(P* address, V value) {
   *address = value;
 }
 

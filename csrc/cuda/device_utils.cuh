@@ -113,8 +113,11 @@ __host__ __device__ __forceinline__ void rotate_left(A (&values)[V], int r) {
 }
 
 // dst[0:V] = values rounded to T, as one store of V * sizeof(T) bytes (dst aligned to that):
-// 16 bytes go out through the __stcg intrinsic as one 16-byte store (plain stores of a Pack or
-// a uint4 were split into 4-byte ones here by nvcc 13).
+// 16 bytes go out through the __stcs intrinsic as one 16-byte store (plain stores of a Pack or
+// a uint4 were split into 4-byte ones here by nvcc 13). The callers' outputs are written once
+// and not read again by the kernel: st.global.cs allocates their lines evict-first in L2, so
+// that they do not push out the rows the kernel gathers (for the nested pass, a 256-column tile
+// of W_dec, 34 MB at d_sae = 65536, beside 25 MB of suffix sums written a tile).
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T* dst, const Acc<T> (&values)[V]) {
   Pack<T, V> packed;
@@ -125,7 +128,7 @@ __device__ __forceinline__ void store_pack(T* dst, const Acc<T> (&values)[V]) {
   if constexpr (sizeof(packed) == 16) {
     unsigned words[4];
     memcpy(words, &packed, sizeof(words));
-    __stcg(reinterpret_cast<uint4*>(dst), make_uint4(words[0], words[1], words[2], words[3]));
+    __stcs(reinterpret_cast<uint4*>(dst), make_uint4(words[0], words[1], words[2], words[3]));
   } else {
     *reinterpret_cast<Pack<T, V>*>(dst) = packed;
   }
