@@ -654,19 +654,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nested_prefix_sums(
   at::Tensor S = at::empty({G, suffix_sums ? B : 0, d}, x.options());
   at::Tensor grad_x = at::empty({suffix_sums && !loss ? B : 0, d}, x.options());
   at::Tensor x_hat = at::empty({loss ? B : 0, d}, x.options());
-  at::Tensor partial = at::empty({loss ? (d + kernels::kMmaColTile - 1) / kernels::kMmaColTile : 0,
-                                  B, G},
-                                 x.options().dtype(at::kFloat));
+  const int64_t col_tiles = (d + kernels::kMmaColTile - 1) / kernels::kMmaColTile;
+  at::Tensor partial = at::empty({loss ? col_tiles : 0, B, G}, x.options().dtype(at::kFloat));
   kernels::PrefixSizes prefix{};
   prefix.count = static_cast<int>(G);
   std::copy(prefix_sizes.begin(), prefix_sizes.end(), prefix.m);
   using bf16 = __nv_bfloat16;
   C10_CUDA_CHECK(kernels::nested_prefix_sums_mma(
       in<bf16>(xc), in<bf16>(bias), in<bf16>(vals), in<int64_t>(idx), in<bf16>(W), prefix,
-      in<float>(sc),
-      has_grad_x_hat ? in<bf16>(g_hat) : nullptr, B, k, d, suffix_sums ? out<bf16>(S) : nullptr,
-      loss ? out<bf16>(x_hat) : nullptr, loss ? out<float>(partial) : nullptr,
-      grad_x.numel() > 0 ? out<bf16>(grad_x) : nullptr, c10::cuda::getCurrentCUDAStream()));
+      in<float>(sc), has_grad_x_hat ? in<bf16>(g_hat) : nullptr, B, k, d,
+      suffix_sums ? out<bf16>(S) : nullptr, loss ? out<bf16>(x_hat) : nullptr,
+      loss ? out<float>(partial) : nullptr, grad_x.numel() > 0 ? out<bf16>(grad_x) : nullptr,
+      c10::cuda::getCurrentCUDAStream()));
   return {S, grad_x, x_hat, partial};
 }
 
