@@ -838,13 +838,7 @@ def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype, seed):
     reconstruction and gradients (grad_W_dec as the host glue sums S)."""
     (k,) = ks
     G = len(sizes)
-    x = torch.randn(B, d).to(dtype)
-    W_dec = (torch.randn(n, d) / d**0.5).to(dtype)
-    b_dec = (torch.randn(d) * 0.1).to(dtype)
-    values = torch.rand(B, k).to(dtype)
-    values[0, 0] = 0.0  # a zero value still has a gradient
-    indices = random_code(B, n, k)
-    weights = (torch.rand(G) + 0.1).tolist()
+    x, W_dec, b_dec, values, indices, weights = nested_problem(B, d, n, k, sizes, dtype)
     grad_loss = torch.randn((), dtype=torch.float64)
     grad_prefix = torch.randn(G, dtype=torch.float64)
     grad_x_hat = (torch.randn(B, d) / B).to(dtype)

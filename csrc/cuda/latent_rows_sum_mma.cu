@@ -51,20 +51,18 @@
 // registers), 2 with the dots (225: 64 accumulators and 32 registers of W).
 
 #include "latent_rows_sum.cuh"
+#include "staged_rows.cuh"
 
 namespace sparsecode::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kWarpLatents = 8;  // a warp's latents: the n of the mma
-constexpr int kStep = 16;        // pairs a step: the k of the sum's mma
-constexpr int kCols = 256;       // columns a block: 16 column tiles of the mma
-constexpr int kRowBytes = kCols * 2;
-// A staged row's pitch: 16 bytes of padding put the 8 rows that an ldmatrix reads at one column
-// in different banks.
-constexpr int kRowPitch = kRowBytes + 16;
+constexpr int kWarpLatents = 8;        // a warp's latents: the n of the mma
+constexpr int kStep = kStagedRows;     // pairs a step: the k of the sum's mma
+constexpr int kCols = kStagedCols;     // columns a block
+constexpr int kRowPitch = kStagedPitch;
 constexpr int kStages = 2;
-constexpr int kMTiles = kCols / 16;
+constexpr int kMTiles = kStagedTiles;
 constexpr int kStageBytes = kStep * kRowPitch;
 constexpr int kStagedBytes = kWarps * kStages * kStageBytes;  // 66 KB
 // The accumulators' tile, in the staged rows' place once they are summed: [latent][column], or
@@ -159,19 +157,14 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
     return end;
   };
 
-  // Lane (s, c) = (lane / 2, lane % 2) copies pair s's 16-byte units 2u + c, u = 0..15 (a
-  // 32-byte sector for the 2 lanes each time).
+  // The lane copies pair lane / 2's row (staged_rows.cuh).
   const int copy_pair = lane / 2;
-  const char* lane_src = reinterpret_cast<const char*>(src + e0 + 8 * (lane % 2));
-  const auto row_bytes = static_cast<uint32_t>(d * 2);
-  const int cols_left = static_cast<int>(min64(d - e0 - 8 * (lane % 2), kCols));  // 16 u < it
-  const int copy_at = copy_pair * kRowPitch + 16 * (lane % 2);
-  // The columns 16 m .. 16 m + 15 of the step's 16 pairs as four 8 x 8 matrices (pairs x
-  // columns), in the order of an A operand: for the sum, loaded transposed, (0-7 x 0-7),
-  // (0-7 x 8-15), (8-15 x 0-7), (8-15 x 8-15); for the dots (0-7 x 0-7), (8-15 x 0-7),
-  // (0-7 x 8-15), (8-15 x 8-15). Lane i gives the row of matrix i / 8: pair i % 8 + 8 b at unit
-  // 2m + c, with (b, c) = (i / 16, i / 8 % 2) for the sum and (i / 8 % 2, i / 16) for the dots.
-  const int read_at = (lane % 8 + 8 * (lane / 16)) * kRowPitch + 16 * (lane / 8 % 2);
+  const RowCopier copier(src, d, e0, lane);
+  // The sum reads the step's rows as a transposed A operand (transposed_read_at); the dots read
+  // the columns 16 m .. 16 m + 15 of the step's 16 pairs as the A operand itself, four 8 x 8
+  // matrices (pairs x columns) in the order (0-7 x 0-7), (8-15 x 0-7), (0-7 x 8-15),
+  // (8-15 x 8-15): lane i gives pair i % 8 + 8 (i / 8 % 2) at unit 2m + i / 16.
+  const int read_at = transposed_read_at(lane);
   const int dots_read_at = (lane % 8 + 8 * (lane / 8 % 2)) * kRowPitch + 16 * (lane / 16);
   const float* lane_coef = coef + 2 * t;  // C's pairs
   const int64_t* lane_ids = pair_ids + g;  // the dots' pairs
@@ -197,12 +190,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kDots ? 2 : 3)
     // A zero coefficient (+0 or -0) adds nothing; without the dots its row is not read.
     hold(pair.coef_bits);
     const bool copy = q + copy_pair < end && (kDots || (pair.coef_bits & 0x7fffffffu) != 0);
-    const char* from = lane_src + static_cast<uint64_t>(copy ? pair.row : 0) * row_bytes;
-    unsigned char* to = shared + (warp * kStages + stage) * kStageBytes + copy_at;
-#pragma unroll
-    for (int u = 0; u < kRowBytes / 32; ++u) {
-      cp_async_16(to + 32 * u, from + 32 * u, copy && 16 * u < cols_left);
-    }
+    copier.copy(shared + (warp * kStages + stage) * kStageBytes, pair.row, copy);
     StepPairs pairs;
     const int count = end - q;
     const float* step_coef = lane_coef + q;

@@ -57,21 +57,19 @@
 // alone (64 x 125 x 16 / 32): about 0.15 ms of an H100's issue rate. The gathers should bound
 // it, at about the decode's 0.37 ms. 166 registers; shared memory 70 KB a block, 3 blocks an SM.
 
-#include "device_utils.cuh"
+#include "staged_rows.cuh"
 
 namespace sparsecode::cuda {
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
-constexpr int kStep = 16;   // slots a step: the k of the mma
-constexpr int kCols = static_cast<int>(kMmaColTile);  // columns a block: 16 mma tiles
-constexpr int kRowBytes = kCols * 2;
-// A staged row's pitch: 16 bytes of padding put the 8 rows that an ldmatrix reads at one column
-// in different banks.
-constexpr int kRowPitch = kRowBytes + 16;
+constexpr int kStep = kStagedRows;  // slots a step: the k of the mma
+constexpr int kCols = kStagedCols;  // columns a block
+constexpr int kRowPitch = kStagedPitch;
 constexpr int kStages = 2;
-constexpr int kMTiles = kCols / 16;
+constexpr int kMTiles = kStagedTiles;
+static_assert(kCols == kMmaColTile, "the glue sizes partial by kMmaColTile");
 constexpr int kLaneCols = kCols / kWarp;  // a lane's columns in the epilogue
 // A step's place: its 16 decoder rows, then the row of x (a row's last step).
 constexpr int kStageBytes = (kStep + 1) * kRowPitch;
@@ -130,15 +128,10 @@ __global__ void __launch_bounds__(kWarps * kWarp, 3)
   const int64_t c0 = e0 + kLaneCols * lane;
   const bool lane_live = c0 < d;
 
-  // Lane (s, c) = (lane / 2, lane % 2) copies slot s's 16-byte units 2u + c, u = 0..15.
-  const char* lane_w = reinterpret_cast<const char*>(W_dec + e0 + 8 * (lane % 2));
-  const auto row_bytes = static_cast<uint64_t>(d) * 2;
-  const int cols_left = static_cast<int>(min64(d - e0 - 8 * (lane % 2), kCols));  // 16 u < it
-  const int copy_at = lane / 2 * kRowPitch + 16 * (lane % 2);
-  // The columns 16 m .. 16 m + 15 of the step's 16 rows as four 8 x 8 matrices (slots x
-  // columns), loaded transposed in the order of an A operand: (0-7 x 0-7), (0-7 x 8-15),
-  // (8-15 x 0-7), (8-15 x 8-15). Lane i gives row i % 8 + 8 (i / 16) at unit 2m + i / 8 % 2.
-  const int read_at = (lane % 8 + 8 * (lane / 16)) * kRowPitch + 16 * (lane / 8 % 2);
+  // The lane copies slot lane / 2's decoder row and reads the step's rows as a transposed A
+  // operand (staged_rows.cuh).
+  const RowCopier copier(W_dec, d, e0, lane);
+  const int read_at = transposed_read_at(lane);
   const auto* value_bits = reinterpret_cast<const uint16_t*>(values);
   auto stage_at = [&](int stage) { return shared + (warp * kStages + stage) * kStageBytes; };
 
@@ -167,11 +160,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, 3)
     // A slot past k or of value zero adds nothing: its row is not read.
     const bool copy = slot.latent >= 0 && (slot.value & 0x7fffu) != 0;
     unsigned char* to = stage_at(stage);
-    const char* from = lane_w + static_cast<uint64_t>(copy ? slot.latent : 0) * row_bytes;
-#pragma unroll
-    for (int u = 0; u < kRowBytes / 32; ++u) {
-      cp_async_16(to + copy_at + 32 * u, from + 32 * u, copy && 16 * u < cols_left);
-    }
+    copier.copy(to, static_cast<uint64_t>(slot.latent), copy);
     if (q + kStep >= k) {  // the row's last step: its row of x, 16 bytes a lane
       cp_async_16(to + kStep * kRowPitch + 16 * lane, x + b * d + c0, lane_live);
     }
