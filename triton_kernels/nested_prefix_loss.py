@@ -343,8 +343,6 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
     if G > MAX_GROUPS:
         raise ValueError(f"the triton backend supports at most {MAX_GROUPS} prefix sizes, got {G}; "
                          "merge prefixes or use the cpp backend")
-    torch._assert_async(((indices >= 0) & (indices < W_dec.shape[0])).all(),
-                        "indices must lie in [0, d_sae)")
 
 
 def _on_device(numbers: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -367,7 +365,11 @@ class _Walk(NamedTuple):
 
 
 def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk:
-    """The walk-ordered slots of checked inputs."""
+    """The walk-ordered slots of checked inputs. The walk is the first of the Triton kernels to
+    read indices, so their range is asserted here (on the device: no wait); the tensor-core op
+    asserts it itself."""
+    torch._assert_async(((indices >= 0) & (indices < prefix_sizes[-1])).all(),
+                        "indices must lie in [0, d_sae)")
     B, k = indices.shape
     device = indices.device
     walk = _Walk(torch.empty(B, k, dtype=torch.int64, device=device),
