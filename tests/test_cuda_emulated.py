@@ -9,15 +9,18 @@ threads, one block at a time). Two libraries are built from them:
   each op against the cpp backend's.
 
 This checks the logic (indexing, tails, vector and strided paths, walk order, group
-boundaries, shuffle reductions, what is written, the glue's grouping and reductions) and the
-launchers' grids and path choices where no GPU is present. It says nothing of speed, of memory
-ordering between threads that do not synchronise, or of the device's own rounding. Skips
-without nvcc.
+boundaries, shuffle reductions, what is written, the glue's grouping and reductions), the
+launchers' grids and path choices, and that an asynchronous copy is waited for before it is
+read (a copy's bytes land only at its wait), where no GPU is present. tests/test_cuda_sanitized.py
+runs it again under AddressSanitizer, for reads and writes out of bounds. It says nothing of
+speed, of memory ordering between threads that do not synchronise, or of the device's own
+rounding. Skips without nvcc.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +46,7 @@ EMULATOR = r"""
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -139,18 +143,38 @@ inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emulated_warp->sync.arrive_and_wait(); }
 inline void __syncthreads() { emulated_block->arrive_and_wait(); }
 
-// The sm_80 instructions of csrc/cuda/device_utils.cuh, from the PTX ISA's descriptions. An
-// asynchronous copy completes at once, so a read before its wait goes unnoticed here.
+// The sm_80 instructions of csrc/cuda/device_utils.cuh, from the PTX ISA's descriptions.
+// An asynchronous copy may land any time from its issue to the wait that covers it: here dst
+// takes 0xff bytes (NaN in every float type) at the issue and the 16 bytes (or zeros) at that
+// wait, so a read before the wait sees NaN, and a lane still reading dst when another lane
+// issues a copy into it races with the issue (which ThreadSanitizer reports).
+struct EmulatedCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+inline thread_local std::vector<EmulatedCopy> emulated_issued;  // not yet committed
+inline thread_local std::deque<std::vector<EmulatedCopy>> emulated_committed;  // oldest first
 inline void cp_async_16(void* dst, const void* src, bool fill) {
+  EmulatedCopy copy{dst, {}};
   if (fill) {
-    std::memcpy(dst, src, 16);
-  } else {
-    std::memset(dst, 0, 16);
+    std::memcpy(copy.bytes, src, 16);
+  }
+  std::memset(dst, 0xff, 16);
+  emulated_issued.push_back(copy);
+}
+inline void cp_async_commit() {
+  emulated_committed.push_back(std::move(emulated_issued));
+  emulated_issued.clear();
+}
+template <int pending>
+void cp_async_wait() {
+  while (emulated_committed.size() > pending) {
+    for (const EmulatedCopy& copy : emulated_committed.front()) {
+      std::memcpy(copy.dst, copy.bytes, 16);
+    }
+    emulated_committed.pop_front();
   }
 }
-inline void cp_async_commit() {}
-template <int pending>
-void cp_async_wait() {}
 
 // Every lane's N words, exchanged across the warp (the operands of ldmatrix and mma).
 template <int N>
@@ -270,7 +294,8 @@ auto emulated_launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes =
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
-          std::vector<uint4> shared(shared_bytes / sizeof(uint4) + 1);  // 16-byte aligned
+          // 16-byte aligned, and no larger than asked, so that AddressSanitizer sees overruns
+          std::vector<uint4> shared((shared_bytes + sizeof(uint4) - 1) / sizeof(uint4));
           EmulatedBarrier block_sync(threads);
           std::vector<std::unique_ptr<EmulatedWarp>> warps;
           for (int w = 0; w * 32 < threads; ++w) {
@@ -481,17 +506,32 @@ inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 }
 
 
+# With SANITIZE_ENV=1 every library here is built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (tests/test_cuda_sanitized.py runs this file so, with their
+# runtimes preloaded): a kernel's read or write past a tensor, its shared memory or a local
+# array, or an overflowing signed index, then stops the process with a report.
+SANITIZE_ENV = "SPARSECODE_EMULATOR_SANITIZE"
+SANITIZERS = ("-Xcompiler", "-fsanitize=address", "-Xcompiler", "-fsanitize=undefined",
+              "-Xcompiler", "-fno-omit-frame-pointer", "-Xcompiler", "-fno-sanitize-recover=all")
+
+
+def sanitizers() -> tuple[str, ...]:
+    """The sanitizers' compile and link flags when SANITIZE_ENV asks for them, else none."""
+    return SANITIZERS if os.environ.get(SANITIZE_ENV) == "1" else ()
+
+
 def host_compile(nvcc: str, source: Path, out: Path, *flags: str) -> None:
     """source -> out as host C++ by nvcc (-x c++: no __CUDACC__, CUDA's headers on the path)."""
     built = subprocess.run([nvcc, "-x", "c++", "-std=c++20", "-O1", "-Xcompiler", "-fPIC,-pthread",
-                            *flags, "-c", str(source), "-o", str(out)],
+                            *sanitizers(), *flags, "-c", str(source), "-o", str(out)],
                            capture_output=True, text=True)
     assert built.returncode == 0, f"{source.name}:\n{built.stderr[-4000:]}"
 
 
 def link(nvcc: str, out: Path, objects: list[Path], *flags: str) -> Path:
-    linked = subprocess.run([nvcc, "-shared", "-cudart=none", "-Xcompiler", "-pthread", "-o",
-                             str(out), *map(str, objects), *flags], capture_output=True, text=True)
+    linked = subprocess.run([nvcc, "-shared", "-cudart=none", "-Xcompiler", "-pthread",
+                             *sanitizers(), "-o", str(out), *map(str, objects), *flags],
+                            capture_output=True, text=True)
     assert linked.returncode == 0, linked.stderr[-4000:]
     return out
 
