@@ -8,6 +8,9 @@ else the pure-PyTorch ``reference``; CUDA tensors use ``triton`` where Triton is
 ``cuda`` where the extension was built with CUDA, else ``reference``. Triton kernels run on
 CPU tensors only interpreted (``TRITON_INTERPRET=1``), which is how CI checks them. The
 ``SPARSECODE_BACKEND`` environment variable overrides whatever a module or call asked for.
+``SPARSECODE_TENSOR_CORES=0`` keeps the bfloat16 kernels that would use the tensor cores (the
+CUDA per-latent weight-gradient sums, the triton backend's pass over the nested loss's rows)
+on the CUDA cores or the Triton walk, to compare them or to rule them out.
 Asking for a backend that is missing raises :class:`BackendUnavailableError` naming what is
 missing.
 """
@@ -23,6 +26,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 ENV_VAR = "SPARSECODE_BACKEND"
+TENSOR_CORES_ENV_VAR = "SPARSECODE_TENSOR_CORES"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -53,6 +57,12 @@ if _CPP_MISSING is not None:
 
 # Looked up once: torch.compile cannot trace find_spec inside an op's dispatch.
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
+def tensor_cores_allowed() -> bool:
+    """False when SPARSECODE_TENSOR_CORES is "0": the tensor-core kernels are not to run (the
+    extension's C++ reads the same variable for its per-latent sums)."""
+    return os.environ.get(TENSOR_CORES_ENV_VAR) != "0"
 
 
 def _interpreted() -> bool:

@@ -785,6 +785,34 @@ def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated):
     assert torch.equal(partial, torch.full((1, 2), float(d)))
 
 
+def test_tensor_cores_off_keeps_the_per_latent_sums_on_the_cuda_cores(cuda_emulated,
+                                                                       monkeypatch):
+    """SPARSECODE_TENSOR_CORES=0 (read at each launch) keeps the bfloat16 sums on the CUDA
+    cores. Told apart by a NaN in latent 3's src row: the tensor-core kernel multiplies it into
+    the columns of all 8 latents of its warp (latent 2's among them), the CUDA-core kernel into
+    latent 3's alone."""
+    n, d = 40, 16
+    offsets = torch.tensor([0, 0, 0, 1] + [2] * (n - 2))  # latent 2: pair 0, latent 3: pair 1
+    rows = torch.tensor([0, 1])
+    coef = torch.tensor([2.0, 1.0])
+    src = torch.ones(2, d, dtype=torch.bfloat16)
+    src[1, 5] = float("nan")
+
+    def summed() -> torch.Tensor:
+        out = poison((n, d), torch.bfloat16)
+        call(cuda_emulated, "latent_rows_sum_bf16", offsets, rows, coef, src, n, d,
+             ctypes.c_int(0), out, None, None, None)
+        return out
+
+    assert bool(summed()[2, 5].isnan())
+    for setting, spread in [("0", False), ("1", True)]:
+        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", setting)
+        out = summed()
+        assert bool(out[3, 5].isnan()) and bool(out[2, 5].isnan()) == spread, setting
+        if not spread:
+            assert torch.equal(out[2], torch.full((d,), 2.0, dtype=torch.bfloat16))
+
+
 def topk_rule(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [B, k]: each row's k largest entries of pre (NaN above every number,
     -0 equal to +0, the lower column among equals), ascending by column; values through relu."""
@@ -1074,8 +1102,8 @@ def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, 
     and every gradient, from the loss alone and under upstream gradients on all three outputs,
     match the reference; the backward from the loss alone (the forward's suffix sums) gives the
     bits of the backward under upstream zeros on the prefix losses (the suffix sums made again);
-    more than 8 prefix sizes, or walks_only, go back to the walk; the backward's op passes
-    torch.library.opcheck."""
+    more than 8 prefix sizes, walks_only or SPARSECODE_TENSOR_CORES=0 go back to the walk; the
+    backward's op passes torch.library.opcheck."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
     monkeypatch.setattr(nested, "_has_tensor_cores", lambda device: True)
@@ -1109,6 +1137,11 @@ def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, 
         nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
                                       backend="triton")
     assert len(walks) == 2
+    with monkeypatch.context() as switched:
+        switched.setenv("SPARSECODE_TENSOR_CORES", "0")
+        nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
+                                      backend="triton")
+    assert len(walks) == 3
 
     # The backward's op under other upstream gradients passes torch.library's checks (its fake
     # for torch.compile among them).

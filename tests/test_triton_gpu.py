@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from sparsecode import MatryoshkaSAE, ops, reference
+from sparsecode.backends import tensor_cores_allowed
 from sparsecode.optim import MasterWeightAdam
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
@@ -263,6 +264,8 @@ def test_nested_loss_on_the_tensor_cores_bf16(B: int, d: int, n: int, k: int, si
     output poisoned; its outputs are the same bits run to run."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
+    if not tensor_cores_allowed():
+        pytest.skip("SPARSECODE_TENSOR_CORES=0 keeps the nested loss off the tensor cores")
     dtype = torch.bfloat16
     calls = []
 

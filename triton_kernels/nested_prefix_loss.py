@@ -110,7 +110,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsecode.backends import compiled_kernels
+from sparsecode.backends import compiled_kernels, tensor_cores_allowed
 from sparsecode.sparse_grad import latent_rows_sum_dots
 from sparsecode.triton_kernels.sparse_decode import (WIDE_ELEMENTS, _blocks, launch_walk,
                                                      walk_registers, wide_offsets)
@@ -403,9 +403,10 @@ def tensor_core_ops(x: Tensor, k: int, G: int) -> Any | None:
     (nested_prefix_sums, csrc/cuda/nested_prefix_mma.cu) takes the place of the walk for x
     [B, d] with k slots a row and G prefix sizes: bfloat16 CUDA tensors, k >= 1, d a multiple
     of 8, G <= 8, a GPU of compute capability 8.0 or later and an extension built with CUDA;
-    else None (or under walks_only)."""
-    if _walks_only or not (x.dtype == torch.bfloat16 and k >= 1 and x.shape[1] % 8 == 0
-                           and G <= MMA_GROUPS and _has_tensor_cores(x.device)):
+    else None (or under walks_only, or with SPARSECODE_TENSOR_CORES=0)."""
+    runs = (x.dtype == torch.bfloat16 and k >= 1 and x.shape[1] % 8 == 0 and G <= MMA_GROUPS
+            and _has_tensor_cores(x.device))
+    if _walks_only or not runs or not tensor_cores_allowed():
         return None
     return compiled_kernels(x.device)
 
@@ -532,7 +533,8 @@ def nested_prefix_loss_suffix_sums_on_tensor_cores(
     ops = tensor_core_ops(x, values.shape[1], len(prefix_sizes))
     if ops is None:
         raise ValueError("the tensor-core suffix sums take bfloat16 CUDA tensors with k >= 1, "
-                         "d_model a multiple of 8 and at most 8 prefix sizes on an sm_80+ GPU; "
+                         "d_model a multiple of 8 and at most 8 prefix sizes on an sm_80+ GPU, "
+                         "outside walks_only() and without SPARSECODE_TENSOR_CORES=0; "
                          "use nested_prefix_loss_residuals and nested_prefix_loss_suffix_sums")
     scale = _scale(grad_loss, grad_prefix_losses, prefix_weights, x.shape[0], x.device)
     S, grad_x, _, _ = ops.nested_prefix_sums(x, values, indices, W_dec, b_dec, list(prefix_sizes),

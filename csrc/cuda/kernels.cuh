@@ -196,6 +196,11 @@ cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const 
 // nested_prefix_mma.cu (compute capability 8.0 or later).
 bool has_bf16_mma();
 
+// Whether the per-latent sums may take the tensor-core kernel: has_bf16_mma(), unless the
+// environment variable SPARSECODE_TENSOR_CORES is "0" (read at each launch), which keeps them on
+// the CUDA cores, to compare the two or to rule the tensor-core kernel out.
+bool tensor_cores_allowed();
+
 // The nested loss's pass over the rows on the tensor cores (nested_prefix_mma.cu), bfloat16, for
 // at most kMaxMmaGroups prefix sizes. With xhat_h[b] the sum of values[b, j] W_dec[indices[b, j]]
 // over the slots j of groups <= h, r_h = x - b_dec - xhat_h and A_h = the sum over g >= h of

@@ -402,11 +402,11 @@ bool segment_grid(int64_t n, int64_t d, int V, dim3* grid) {
 }
 
 // Whether the first launch runs on the tensor cores (latent_rows_sum_mma.cu): bfloat16 rows
-// read 16 bytes a lane, on sm_80 or later.
+// read 16 bytes a lane, on sm_80 or later, unless SPARSECODE_TENSOR_CORES=0.
 template <typename Src, typename Out, int V>
 bool use_mma() {
   return std::is_same_v<Src, __nv_bfloat16> && std::is_same_v<Out, __nv_bfloat16> && V == 8 &&
-         has_bf16_mma();
+         tensor_cores_allowed();
 }
 
 template <typename Src, typename Out, int V>

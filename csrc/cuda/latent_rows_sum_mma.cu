@@ -50,6 +50,9 @@
 // against the CUDA-core loop's 35 and 48. Shared memory 66 KB a block; 3 blocks an SM (164
 // registers), 2 with the dots (225: 64 accumulators and 32 registers of W).
 
+#include <cstdlib>
+#include <cstring>
+
 #include "latent_rows_sum.cuh"
 #include "staged_rows.cuh"
 
@@ -384,6 +387,11 @@ bool has_bf16_mma() {
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
              cudaSuccess &&
          major >= 8;
+}
+
+bool tensor_cores_allowed() {
+  const char* setting = std::getenv("SPARSECODE_TENSOR_CORES");
+  return has_bf16_mma() && !(setting != nullptr && std::strcmp(setting, "0") == 0);
 }
 
 template <bool kTransposed, bool kDots>
