@@ -11,7 +11,7 @@ threads, one block at a time). Two libraries are built from them:
 This checks the logic (indexing, tails, vector and strided paths, walk order, group
 boundaries, shuffle reductions, what is written, the glue's grouping and reductions), the
 launchers' grids and path choices, and that an asynchronous copy is waited for before it is
-read (a copy's bytes land only at its wait), where no GPU is present. tests/test_cuda_sanitized.py
+read (a copy's bytes land only at its wait), where no GPU is present. tests/test_sanitized.py
 runs it again under AddressSanitizer, for reads and writes out of bounds. It says nothing of
 speed, of memory ordering between threads that do not synchronise, or of the device's own
 rounding. Skips without nvcc.
@@ -507,7 +507,7 @@ inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 
 
 # With SANITIZE_ENV=1 every library here is built with AddressSanitizer and
-# UndefinedBehaviorSanitizer (tests/test_cuda_sanitized.py runs this file so, with their
+# UndefinedBehaviorSanitizer (tests/test_sanitized.py runs this file so, with their
 # runtimes preloaded): a kernel's read or write past a tensor, its shared memory or a local
 # array, or an overflowing signed index, then stops the process with a report.
 SANITIZE_ENV = "SPARSECODE_EMULATOR_SANITIZE"
