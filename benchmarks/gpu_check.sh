@@ -12,9 +12,9 @@
 # Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel) and
 # gpu_ncu_raw.csv (every metric collected).
 # Before the tests, benchmarks/gpu_smoke.py runs the kernels that no GPU has run yet, each in a
-# process of its own; what fails there is left out of the tests and benchmarks (smoke.env:
-# SPARSECODE_TENSOR_CORES=0, SPARSECODE_SKIP_CUDA_ENCODE=1), so that one faulting kernel cannot
-# fail every test and benchmark after it.
+# process of its own; what raises or faults there is left out of the tests and benchmarks
+# (smoke.env: SPARSECODE_TENSOR_CORES=0, SPARSECODE_SKIP_CUDA_ENCODE=1), so that one faulting
+# kernel cannot fail every test and benchmark after it (results that only differ are kept).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
 # SMOKE_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no stage runs past
 # TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside one 10-minute call.
