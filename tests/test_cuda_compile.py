@@ -28,6 +28,14 @@ def find_nvcc() -> str | None:
     return found
 
 
+def nvcc_or_skip() -> str:
+    """find_nvcc()'s nvcc; skips the calling test where there is none."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
+    return nvcc
+
+
 def compile_one(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES]
     command = [nvcc, "-std=c++17", "-O3", *gencode, "-c", str(source),
@@ -36,9 +44,7 @@ def compile_one(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subproces
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
-    nvcc = find_nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
+    nvcc = nvcc_or_skip()
     sources = sorted(CUDA_SOURCES.glob("*.cu"))
     assert sources, f"no .cu files in {CUDA_SOURCES}"
     with ThreadPoolExecutor(max_workers=len(sources)) as pool:

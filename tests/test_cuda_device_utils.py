@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
-from tests.test_cuda_compile import CUDA_SOURCES, find_nvcc
+from tests.test_cuda_compile import CUDA_SOURCES, nvcc_or_skip
 
 PROGRAM = r"""
 #include <cstdio>
@@ -67,9 +65,7 @@ int main() {
 
 
 def test_rotation_and_conflict_free_tile_writes(tmp_path):
-    nvcc = find_nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
+    nvcc = nvcc_or_skip()
     source = tmp_path / "device_utils_test.cu"
     source.write_text(PROGRAM)
     binary = tmp_path / "device_utils_test"

@@ -34,7 +34,7 @@ from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests import test_nested_prefix_loss as nested_tests
 from tests.conftest import TOLERANCE as SUITE_TOLERANCE
 from tests.conftest import assert_close
-from tests.test_cuda_compile import CUDA_SOURCES, find_nvcc
+from tests.test_cuda_compile import CUDA_SOURCES, nvcc_or_skip
 from tests.test_latent_rows_sum import grouped_reference, random_indices
 
 EMULATOR = r"""
@@ -540,9 +540,7 @@ def link(nvcc: str, out: Path, objects: list[Path], *flags: str) -> Path:
 def emulated_build(tmp_path_factory) -> tuple[str, Path, list[Path]]:
     """(nvcc, build folder, objects): csrc/cuda/*.cu and the C entry points compiled as host C++
     over the warp emulator, once per session."""
-    nvcc = find_nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
+    nvcc = nvcc_or_skip()
     where = tmp_path_factory.mktemp("emulated")
     (where / "emulator.h").write_text(EMULATOR)
     (where / "entry_points.cpp").write_text(ENTRY_POINTS)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cuda_compile import find_nvcc
+from tests.test_cuda_compile import nvcc_or_skip
 from tests.test_cuda_emulated import SANITIZE_ENV
 
 ROOT = Path(__file__).parents[1]
@@ -43,11 +43,6 @@ def runtimes() -> list[str]:
     if missing:
         pytest.skip(f"gcc has no {', '.join(missing)}")
     return found
-
-
-def needs_nvcc() -> None:
-    if find_nvcc() is None:
-        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin")
 
 
 def run_sanitized(arguments: list[str], logs: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -110,7 +105,7 @@ def test_a_sanitized_build_reports_what_the_plain_one_misses(probe, tmp_path):
     """The emulator's sanitized set-up (flags, preloaded runtimes, report files) catches a read
     one element past a torch tensor and a signed overflow, and passes the same calls in
     range."""
-    needs_nvcc()
+    nvcc_or_skip()
     call, expected = PROBES[probe]
     (tmp_path / "probe.cpp").write_text(PROBE_SOURCE)
     check_probe(f"""
@@ -161,7 +156,7 @@ def test_an_interpreted_triton_load_past_a_tensor_is_reported(tmp_path):
 def test_emulated_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     """Every test of tests/test_cuda_emulated.py passes with the kernels and the glue
     sanitized."""
-    needs_nvcc()
+    nvcc_or_skip()
     check_suite(["tests/test_cuda_emulated.py"], tmp_path)
 
 
