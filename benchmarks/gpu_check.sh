@@ -7,7 +7,8 @@
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
 # Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was
-# needed), gpu_smoke.log, smoke.env, gpu_tests.log, gpu_errors.log, gpu_bench.log, gpu_results.md, gpu_profile.log.
+# needed), gpu_smoke.log, smoke.env, gpu_tests.log, gpu_errors.log, gpu_bench.log,
+# gpu_results.md, gpu_profile.log.
 # The ncu stage, which the full run leaves out, profiles one launch of each hot kernel with
 # Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel) and
 # gpu_ncu_raw.csv (every metric collected).
@@ -16,8 +17,9 @@
 # (smoke.env: SPARSECODE_TENSOR_CORES=0, SPARSECODE_SKIP_CUDA_ENCODE=1), so that one faulting
 # kernel cannot fail every test and benchmark after it (results that only differ are kept).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
-# SMOKE_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no stage runs past
-# TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside one 10-minute call.
+# SMOKE_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no
+# stage runs past TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside
+# one 10-minute call.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1

@@ -147,7 +147,7 @@ inline void __syncthreads() { emulated_block->arrive_and_wait(); }
 // An asynchronous copy may land any time from its issue to the wait that covers it: here dst
 // takes 0xff bytes (NaN in every float type) at the issue and the 16 bytes (or zeros) at that
 // wait, so a read before the wait sees NaN, and a lane still reading dst when another lane
-// issues a copy into it races with the issue (which ThreadSanitizer reports).
+// issues a copy into it races with the issue, as on a GPU.
 struct EmulatedCopy {
   void* dst;
   unsigned char bytes[16];
