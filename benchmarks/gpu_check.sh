@@ -7,17 +7,12 @@
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
 # Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was
-# needed), gpu_smoke.log, smoke.env, gpu_tests.log, gpu_errors.log, gpu_bench.log,
-# gpu_results.md, gpu_profile.log.
+# needed), gpu_tests.log, gpu_errors.log, gpu_bench.log, gpu_results.md, gpu_profile.log.
 # The ncu stage, which the full run leaves out, profiles one launch of each hot kernel with
 # Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel) and
 # gpu_ncu_raw.csv (every metric collected).
-# Before the tests, benchmarks/gpu_smoke.py runs the kernels that no GPU has run yet, each in a
-# process of its own; what raises or faults there is left out of the tests and benchmarks
-# (smoke.env: SPARSECODE_TENSOR_CORES=0, SPARSECODE_SKIP_CUDA_ENCODE=1), so that one faulting
-# kernel cannot fail every test and benchmark after it (results that only differ are kept).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
-# SMOKE_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no
+# TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no
 # stage runs past TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside
 # one 10-minute call.
 
@@ -33,7 +28,6 @@ OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
-SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-120}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-90}"
@@ -135,20 +129,6 @@ fi
 
 echo "== sparsecode.backends()"
 "$PYTHON" -c "import sparsecode; print(sparsecode.backends())" 2>&1 | tee -a "$OUT/env.txt"
-
-if [[ "$STAGE" == all || "$STAGE" == tests || "$STAGE" == bench ]]; then
-  rm -f "$OUT/smoke.env"
-  run_stage smoke "$SMOKE_TIMEOUT" "$OUT/gpu_smoke.log" \
-    "$PYTHON" benchmarks/gpu_smoke.py --env-file "$OUT/smoke.env"
-  cat "$OUT/gpu_smoke.log"
-  if [[ -s "$OUT/smoke.env" ]]; then
-    echo "== the later stages leave out what the smoke run found failing:"
-    cat "$OUT/smoke.env"
-    # shellcheck disable=SC1091
-    source "$OUT/smoke.env"
-    SUMMARY+=("left out: $(tr '\n' ' ' <"$OUT/smoke.env")")
-  fi
-fi
 
 if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
   # tests/test_lm.py needs transformer_lens, which the GPU image lacks; the gpu tests do not.

@@ -7,12 +7,15 @@ what each waits on (warp stall reasons, issue-slot use, memory throughput):
 autotuner picked on an H100), not under the autotuner, whose timing runs ncu would replay.
 Kernels: the fused encode, the decode forward, the decode's per-latent sum with its dots
 (latent_rows_sum_dots), the encode backward's transposed per-latent sum, the nested loss's
-forward on the tensor cores (nested_prefix_mma_kernel, with its norms and the loss's own suffix
-sums), and the Triton forward walk it replaces and, as a backward under other upstream gradients
-than the loss's alone takes them on the walk's path, the suffix sums from the residuals.
+Triton forward walk (with its norms and the loss's own suffix sums) and, as a backward under
+other upstream gradients than the loss's alone takes them, the suffix sums from the residuals;
+then, with SPARSECODE_TENSOR_CORES=1, the same per-latent sums and the nested forward on the
+tensor cores (latent_rows_sum_mma_kernel, nested_prefix_mma_kernel).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,8 +23,7 @@ from gpu_profile import K, PREFIX_SIZES, PREFIX_WEIGHTS, problem
 from sparsecode import ops, sparse_grad
 from sparsecode.triton_kernels.nested_prefix_loss import (nested_prefix_loss_forward,
                                                           nested_prefix_loss_residuals,
-                                                          nested_prefix_loss_suffix_sums,
-                                                          walks_only)
+                                                          nested_prefix_loss_suffix_sums)
 from sparsecode.triton_kernels.sparse_decode import sparse_decode_forward
 from sparsecode.triton_kernels.topk_encode import topk_encode_forward
 
@@ -35,15 +37,16 @@ def main() -> None:
     with torch.no_grad():
         values, indices = topk_encode_forward(x, W_enc, b_enc, b_dec, K)
         sparse_decode_forward(values, indices, W_dec, b_dec, stages=DECODE_STAGES)
-        sparse_grad.sparse_decode_grads(torch.randn_like(x), values, indices, W_dec)
-    v, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
-    torch.autograd.grad(v, (W_enc,), torch.randn_like(v))
+    for tensor_cores in ("0", "1"):
+        os.environ["SPARSECODE_TENSOR_CORES"] = tensor_cores
+        with torch.no_grad():
+            sparse_grad.sparse_decode_grads(torch.randn_like(x), values, indices, W_dec)
+        v, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
+        torch.autograd.grad(v, (W_enc,), torch.randn_like(v))
+        with torch.no_grad():
+            nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
+                                       PREFIX_WEIGHTS, stages=NESTED_STAGES)
     with torch.no_grad():
-        nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
-                                   PREFIX_WEIGHTS)
-    with torch.no_grad(), walks_only():
-        nested_prefix_loss_forward(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
-                                   PREFIX_WEIGHTS, stages=NESTED_STAGES)
         resid = nested_prefix_loss_residuals(x, values, indices, W_dec, b_dec, PREFIX_SIZES,
                                              stages=NESTED_STAGES)
         nested_prefix_loss_suffix_sums(

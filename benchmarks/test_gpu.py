@@ -17,6 +17,7 @@ versions. Skipped without a CUDA device; this file never writes benchmarks/RESUL
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import importlib.metadata
@@ -35,7 +36,7 @@ from torch import Tensor
 import sparsecode
 from sparsecode import ops, reference
 from sparsecode.optim import MasterWeightAdam
-from sparsecode.triton_kernels.nested_prefix_loss import walks_only
+from sparsecode.backends import TENSOR_CORES_ENV_VAR
 
 pytestmark = [
     pytest.mark.gpu,
@@ -64,15 +65,6 @@ ENCODE_CUDA = "encode: cuda, column chunks of torch.mm + running top k, no_grad"
 BACKWARD_SPARSE = "encode+decode backward: cuda"
 BACKWARD_DENSE = "encode+decode backward: dense reference autograd"
 NESTED = "nested_prefix_loss fwd+bwd: auto"
-# Set by benchmarks/gpu_smoke.py when the cuda encode failed its first run on a GPU: its row is
-# left out, and the sparse backward's forward runs the triton encode (the same backward ops).
-CUDA_ENCODE_LEFT_OUT = os.environ.get("SPARSECODE_SKIP_CUDA_ENCODE") == "1"
-# The switches that leave kernels out, named in the results' header when set.
-LEFT_OUT = {
-    "SPARSECODE_TENSOR_CORES": "0 keeps the bfloat16 kernels off the tensor cores (rows named "
-                               "'tensor cores' then ran without them)",
-    "SPARSECODE_SKIP_CUDA_ENCODE": "1 leaves the cuda encode out",
-}
 DECODE_AUTO = "decode fwd+bwd: auto"
 
 # The encode tiles tried by the sweep: fields of sparsecode.triton_kernels.topk_encode.EncodeConfig
@@ -90,38 +82,39 @@ SWEEP = [
 # masked pointers. First the default tiles (folded by column halves, 4 stages), which the
 # sweep times again at its end: in the run of 2026-11-27 08:39 UTC the same tiles took 4.97 ms
 # as the default encode's row and 5.22 ms in the sweep, so a variant is compared with the
-# sweep's own default rows. Then, first as not yet timed (the session of 2026-11-27 21:22 UTC),
-# the default as one loop over every tile's d steps (flat); 128-column tiles folded whole, then
-# by halves, each fold a step at a time under the next tile's MMAs (interleave), at 4 and 6
-# stages (32 KB of tiles a stage), each with the same tiles flat at 6 stages, their comparison
-# without the interleaving. Then the default with insertion steps taken before the test across warps
-# (unchecked_steps: 16, and the count alone); whole tiles at 4 stages (at 3 they beat the
-# halves, 5.05 against 5.24 ms), also with the count alone; three ranges per row block; 128-deep
-# d steps (96 KB of tiles per stage); 64-row tiles over 4 warps at 2 stages (82 KB of shared
-# memory and 255 registers a thread, so two programs fit on an SM and one can select while the
-# other multiplies, at the cost of loading each W_enc tile for 64 rows instead of 128), as the
-# default and with the count alone. Swept last (test_encode_tma_sweep), so that a fault there
-# cannot spoil the other measurements of the run.
+# sweep's own default rows. Then the default with insertion steps taken before the test across
+# warps (unchecked_steps: 16, and the count alone); whole tiles at 4 stages (at 3 they beat the
+# halves, 5.05 against 5.24 ms), also with the count alone; 3 stages (144 KB of tiles, where 4
+# take 192 KB); three ranges per row block; 128-deep d steps (96 KB of tiles per stage); 64-row
+# tiles over 4 warps at 2 stages (82 KB of shared memory and 255 registers a thread, so two
+# programs fit on an SM and one can select while the other multiplies, at the cost of loading
+# each W_enc tile for 64 rows instead of 128), as the default and with the count alone. Swept
+# last (test_encode_tma_sweep), so that a fault there cannot spoil the other measurements of
+# the run.
 TMA_TILES = {**TILES, "block_n": 256, "tma": True, "num_stages": 4}
 TMA_DEFAULT = {**TMA_TILES, "select_halves": True}
 TMA_SWEEP = [
     TMA_DEFAULT,
-    {**TMA_DEFAULT, "flat": True},
-    {**TMA_TILES, "block_n": 128, "interleave": True},
-    {**TMA_TILES, "block_n": 128, "interleave": True, "num_stages": 6},
-    {**TMA_TILES, "block_n": 128, "flat": True, "num_stages": 6},
-    {**TMA_DEFAULT, "block_n": 128, "interleave": True},
-    {**TMA_DEFAULT, "block_n": 128, "interleave": True, "num_stages": 6},
-    {**TMA_DEFAULT, "block_n": 128, "flat": True, "num_stages": 6},
     {**TMA_DEFAULT, "unchecked_steps": 16},
     {**TMA_DEFAULT, "unchecked_steps": 128},
     {**TMA_TILES, "select_halves": False},
     {**TMA_TILES, "select_halves": False, "unchecked_steps": 256},
+    {**TMA_DEFAULT, "num_stages": 3},
     {**TMA_DEFAULT, "splits": 3},
     {**TMA_DEFAULT, "block_d": 128, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2},
     {**TMA_DEFAULT, "block_b": 64, "num_warps": 4, "num_stages": 2, "unchecked_steps": 128},
 ]
+
+
+@contextlib.contextmanager
+def tensor_cores() -> Iterator[None]:
+    """SPARSECODE_TENSOR_CORES=1 while active: the bfloat16 kernels written for the tensor cores
+    (off by default) take the place of the CUDA-core per-latent sums and the nested loss's
+    Triton walk."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TENSOR_CORES_ENV_VAR, "1")
+        yield
 
 
 def time_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
@@ -245,8 +238,9 @@ def _environment() -> list[str]:
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
         f"nvcc: {nvcc_release}",
         f"- sparsecode backends available: {available}",
-        *(f"- {name}={os.environ[name]}: {meaning}" for name, meaning in LEFT_OUT.items()
-          if name in os.environ),
+        *([f"- {TENSOR_CORES_ENV_VAR}={os.environ[TENSOR_CORES_ENV_VAR]} for every row (rows "
+           "not named 'tensor cores' otherwise run without it)"]
+          if TENSOR_CORES_ENV_VAR in os.environ else []),
     ]
 
 
@@ -339,13 +333,8 @@ def test_encode(report: Report, problem: Problem) -> None:
     # The cuda backend's encode: cuBLAS on 2048 columns at a time, each chunk folded into the
     # rows' running top k (csrc/cuda/topk_select.cu); not fused, but the chunk stays near L2.
     with torch.no_grad():
-        if CUDA_ENCODE_LEFT_OUT:
-            report.add(ENCODE_CUDA, "left out: SPARSECODE_SKIP_CUDA_ENCODE=1 (see gpu_smoke.log)")
-            chunked = None
-        else:
-            chunked = report.time(
-                ENCODE_CUDA,
-                lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="cuda"))
+        chunked = report.time(
+            ENCODE_CUDA, lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="cuda"))
         if chunked is not None:
             values, indices = ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="cuda")
             ours, theirs = values.float().sort(1).values, p.values.float().sort(1).values
@@ -466,15 +455,15 @@ def test_sparse_decode(report: Report, problem: Problem) -> None:
                          C.latent_rows_sum(p.values, p.indices, g, W.shape[0])))
     report.time("decode backward: latent_rows_sum_dots (one walk)",
                 lambda: C.latent_rows_sum_dots(p.values, p.indices, g, W))
-    # bfloat16 per-latent sums run on the tensor cores (csrc/cuda/latent_rows_sum_mma.cu);
-    # float16 ones on the CUDA cores (latent_rows_sum.cu), the same work otherwise.
-    half = {name: t.half() for name, t in (("values", p.values), ("g", g), ("W", W))}
-    report.time("decode backward: latent_rows_sum_dots, float16 (CUDA cores)",
-                lambda: C.latent_rows_sum_dots(half["values"], p.indices, half["g"], half["W"]))
-    report.time("latent_rows_sum: bfloat16 (tensor cores)",
+    report.time("latent_rows_sum (CUDA cores)",
                 lambda: C.latent_rows_sum(p.values, p.indices, g, W.shape[0]))
-    report.time("latent_rows_sum: float16 (CUDA cores)",
-                lambda: C.latent_rows_sum(half["values"], p.indices, half["g"], W.shape[0]))
+    # The same sums on the tensor cores (csrc/cuda/latent_rows_sum_mma.cu), which
+    # SPARSECODE_TENSOR_CORES=1 turns on.
+    with tensor_cores():
+        report.time("decode backward: latent_rows_sum_dots (one walk), tensor cores",
+                    lambda: C.latent_rows_sum_dots(p.values, p.indices, g, W))
+        report.time("latent_rows_sum, tensor cores",
+                    lambda: C.latent_rows_sum(p.values, p.indices, g, W.shape[0]))
     # A trained SAE has dense latents, which random codes lack: latent 0 in every row (8192
     # pairs, summed by a whole block rather than one warp; see csrc/cuda/latent_rows_sum.cu).
     dense = p.indices.clone()
@@ -538,8 +527,7 @@ def test_sparse_backward(report: Report, problem: Problem) -> None:
             values, indices = reference.topk_encode(p.x, W_enc, b_enc, b_dec, K)
             x_hat = reference.sparse_decode(values, indices, W_dec, b_dec)
         else:
-            encode_backend = "triton" if CUDA_ENCODE_LEFT_OUT else backend
-            values, indices = ops.topk_encode(p.x, W_enc, b_enc, b_dec, K, backend=encode_backend)
+            values, indices = ops.topk_encode(p.x, W_enc, b_enc, b_dec, K, backend=backend)
             x_hat = ops.sparse_decode(values, indices, W_dec, b_dec, backend=backend)
         return lambda: torch.autograd.grad(x_hat, leaves, p.grad_x_hat, retain_graph=True)
 
@@ -597,13 +585,13 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     report.time(DECODE_AUTO, decode)
     # The triton backend's nested loss is a Triton walk forward, which also makes the loss's own
     # suffix sums, and a walk-free backward (from the loss alone, the extension's per-latent
-    # sums with dots over those), which auto picks; the cuda backend's
-    # is the extension's kernels (H100, 2026-11-27 16:35 UTC: 3.66 ms against the earlier Triton
-    # walks' 3.47 ms).
+    # sums with dots over those), which auto picks; with SPARSECODE_TENSOR_CORES=1 the forward
+    # is the tensor-core pass (csrc/cuda/nested_prefix_mma.cu). The cuda backend's is the
+    # extension's kernels (H100, 2026-11-27 16:35 UTC: 3.66 ms against the earlier Triton walks'
+    # 3.47 ms).
     report.time("nested_prefix_loss fwd+bwd: triton", nested("triton"))
-    with walks_only():
-        report.time("nested_prefix_loss fwd+bwd: triton, the Triton walk (no tensor cores)",
-                    nested("triton"))
+    with tensor_cores():
+        report.time("nested_prefix_loss fwd+bwd: triton, tensor cores", nested("triton"))
     report.time("nested_prefix_loss fwd+bwd: cuda", nested("cuda"))
     # What one forward + backward holds at its peak, beyond what was allocated before it (the
     # triton forward holds its residuals R and the suffix sums at once, then only the latter).
@@ -621,17 +609,16 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
         if peak is not None:
             report.add(label, f"{peak / GB:.3f} GB")
     report.time("nested_prefix_loss forward: triton", nested_forward("triton"))
-    with walks_only():
-        report.time("nested_prefix_loss forward: triton walk", nested_forward("triton"))
+    with tensor_cores():
+        report.time("nested_prefix_loss forward: triton, tensor cores", nested_forward("triton"))
     report.time("nested_prefix_loss forward: cuda", nested_forward("cuda"))
-    # The forward rows run under no_grad, where the triton forward makes no suffix sums. In
-    # bfloat16 the triton rows are the tensor-core pass (csrc/cuda/nested_prefix_mma.cu), the
-    # "walk" rows the Triton walk it replaces: at the depth the autotuner picks against depth 1;
-    # then the forward with the suffix sums, as a training step's makes them. Then the backward
-    # alone: from the loss alone, the pass over the pairs from the forward's suffix sums P;
-    # under other upstream gradients, the suffix sums made again (on the tensor cores from the
-    # rows; by the walk through the residuals, freed before the pass over the pairs as the op's
-    # autograd formula frees them), then the pass over the pairs.
+    # The forward rows run under no_grad, where the triton forward makes no suffix sums: the
+    # Triton walk at depth 1 (against the depth the autotuner picks, above); then the forward
+    # with the suffix sums, as a training step's makes them, as the walk and on the tensor
+    # cores. Then the backward alone: from the loss alone, the pass over the pairs from the
+    # forward's suffix sums P; under other upstream gradients, the suffix sums made again (by
+    # the walk through the residuals, freed before the pass over the pairs as the op's autograd
+    # formula frees them; on the tensor cores from the rows), then the pass over the pairs.
     from sparsecode.triton_kernels.nested_prefix_loss import (
         nested_prefix_loss_forward, nested_prefix_loss_pair_grads, nested_prefix_loss_residuals,
         nested_prefix_loss_suffix_sums, nested_prefix_loss_suffix_sums_on_tensor_cores)
@@ -642,13 +629,13 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
                                                   suffix_sums=suffix_sums)
 
     with torch.no_grad():
-        with walks_only():
-            report.time("nested_prefix_loss forward: triton walk, STAGES=1",
-                        forward(stages=1, suffix_sums=False))
-            report.time("nested_prefix_loss forward with the suffix sums (a training step's): "
-                        "triton walk", forward())
+        report.time("nested_prefix_loss forward: triton, STAGES=1",
+                    forward(stages=1, suffix_sums=False))
         report.time("nested_prefix_loss forward with the suffix sums (a training step's): triton",
                     forward())
+        with tensor_cores():
+            report.time("nested_prefix_loss forward with the suffix sums (a training step's): "
+                        "triton, tensor cores", forward())
         P = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
                                        PREFIX_WEIGHTS)[3]
         report.time("nested_prefix_loss backward from the loss alone: triton",
@@ -668,7 +655,7 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
             return (grad_x, grad_b_dec,
                     *nested_prefix_loss_pair_grads(S, p.values, p.indices, W_dec, PREFIX_SIZES))
 
-        report.time("nested_prefix_loss backward under other upstream gradients: triton walk "
+        report.time("nested_prefix_loss backward under other upstream gradients: triton "
                     "(the residuals walked again)", backward)
 
         def backward_on_tensor_cores() -> tuple[Tensor, ...]:
@@ -678,9 +665,9 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
             return (grad_x, grad_b_dec,
                     *nested_prefix_loss_pair_grads(S, p.values, p.indices, W_dec, PREFIX_SIZES))
 
-        report.time("nested_prefix_loss backward under other upstream gradients: triton "
-                    "(the suffix sums from the rows on the tensor cores)",
-                    backward_on_tensor_cores)
+        with tensor_cores():
+            report.time("nested_prefix_loss backward under other upstream gradients: triton, "
+                        "tensor cores (the suffix sums from the rows)", backward_on_tensor_cores)
     from sparsecode.triton_kernels.sparse_decode import picked_depths
 
     report.add("Triton walks: pipelining depths the autotuner picked",
@@ -797,6 +784,10 @@ def test_training_steps(report: Report) -> None:
     side = report.attempt("step: matryoshka, auto, Adam on a side stream",
                           lambda: measure_step("matryoshka", "auto", BATCH, side_stream=True))
     torch.cuda.empty_cache()
+    with tensor_cores():
+        on_tensor_cores = report.attempt("step: matryoshka, auto, tensor cores",
+                                         lambda: measure_step("matryoshka", "auto", BATCH))
+    torch.cuda.empty_cache()
     # Every op on the cuda backend: the encode by column chunks of cuBLAS (topk_select.cu)
     # where auto takes the Triton fused encode, and the CUDA nested loss.
     cuda = report.attempt("step: matryoshka, cuda",
@@ -808,6 +799,7 @@ def test_training_steps(report: Report) -> None:
     for label, figures in (("step: matryoshka, auto", matryoshka), ("step: topk, auto", topk),
                            ("step: matryoshka, auto, Adam after the backward", after),
                            ("step: matryoshka, auto, Adam on a side stream", side),
+                           ("step: matryoshka, auto, tensor cores", on_tensor_cores),
                            ("step: matryoshka, cuda", cuda),
                            ("step: matryoshka, reference", ref)):
         if figures is not None:

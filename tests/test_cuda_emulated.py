@@ -468,6 +468,10 @@ OPS = ["topk_encode_forward", "topk_encode_backward", "sparse_decode_forward",
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16",
           torch.bfloat16: "bf16"}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Each dtype, then bfloat16 again with SPARSECODE_TENSOR_CORES=1: its per-latent sums on the
+# tensor-core kernel, where by default they take the CUDA-core kernel (the tensor_cores fixture).
+SUM_DTYPES = [*(pytest.param(t, False, id=str(t).removeprefix("torch.")) for t in DTYPES),
+              pytest.param(torch.bfloat16, True, id="bfloat16-tensor-cores")]
 # The suite's tolerances, and float64 held to float64 (the kernels accumulate in float64 there).
 TOLERANCE = {**SUITE_TOLERANCE, torch.float64: 1e-12}
 COL_TILE = 128  # kColTile in csrc/cuda/kernels.cuh
@@ -550,6 +554,16 @@ def emulated_build(tmp_path_factory) -> tuple[str, Path, list[Path]]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(lambda so: host_compile(nvcc, *so, *flags), zip(sources, objects)))
     return nvcc, where, objects
+
+
+@pytest.fixture
+def tensor_cores(request, monkeypatch) -> bool:
+    """request.param (SUM_DTYPES): whether SPARSECODE_TENSOR_CORES=1 is set for the test."""
+    if request.param:
+        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
+    else:
+        monkeypatch.delenv("SPARSECODE_TENSOR_CORES", raising=False)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -675,14 +689,15 @@ def vector_width(d: int, dtype: torch.dtype) -> int:
     return vec if d % vec == 0 else 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,tensor_cores", SUM_DTYPES, indirect=["tensor_cores"])
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (33, 64, 70, 32),
                                      (40, 264, 70, 5), (300, 16, 40, 3), (200, 24, 9, 3)])
-def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
+def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, tensor_cores, seed):
     """out[i] = sum over latent i's pairs of coef * src[row] (plain, transposed with coef_sum,
     and fused with the pairs' dots against weights), with src_rows into a taller src, zero
     coefficients and empty latents; d = 64, 264, 16 and 24 take the vector path in every dtype
-    (bfloat16: the tensor-core kernel; d = 264 has two column tiles, the second mostly past d).
+    (bfloat16 with SPARSECODE_TENSOR_CORES=1: the tensor-core kernel; d = 264 has two column
+    tiles, the second mostly past d).
     Latent 0 is in every row: at B = 300 its 300 pairs (over kLongSegment, 256) take the pass in
     which the whole block sums one latent, and so do latent 5's, between short latents of the
     same warp (the tensor-core kernel skips both); at B = 200 its 200 pairs, and the other
@@ -733,11 +748,11 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, seed):
     assert_close(partial.double().sum(0), want_dots, tol, "dots")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_latent_rows_sum_skips_the_rows_of_zero_coefficients(cuda_emulated, dtype):
+@pytest.mark.parametrize("dtype,tensor_cores", SUM_DTYPES, indirect=["tensor_cores"])
+def test_latent_rows_sum_skips_the_rows_of_zero_coefficients(cuda_emulated, dtype, tensor_cores):
     """A pair of coefficient 0 or -0 adds nothing and its src row is not read, as on the CPU:
-    NaN rows there leave the sums, plain and transposed, as they are (bfloat16: the tensor-core
-    kernel)."""
+    NaN rows there leave the sums, plain and transposed, as they are (the tensor-core kernel
+    too)."""
     n, d = 40, 16
     offsets = torch.tensor([0] * 4 + [3] * (n - 3))
     rows = torch.tensor([0, 1, 2])
@@ -756,7 +771,8 @@ def test_latent_rows_sum_skips_the_rows_of_zero_coefficients(cuda_emulated, dtyp
     assert_close(out_t, want.t(), TOLERANCE[dtype], "out, transposed")
 
 
-def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated):
+@pytest.mark.parametrize("tensor_cores", [True], indirect=True)
+def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated, tensor_cores):
     """The bfloat16 tensor-core sums take each float32 coefficient as two bfloat16 (hi + lo):
     latent 3's pairs, coefficients 1 + 2^-12 and -1 on equal rows of ones, sum to 2^-12 (with
     the hi parts alone, 0), in every form of the sum; the other latents' rows are zero."""
@@ -783,10 +799,10 @@ def test_tensor_core_sums_keep_the_coefficients_float32_bits(cuda_emulated):
     assert torch.equal(partial, torch.full((1, 2), float(d)))
 
 
-def test_tensor_cores_off_keeps_the_per_latent_sums_on_the_cuda_cores(cuda_emulated,
-                                                                       monkeypatch):
-    """SPARSECODE_TENSOR_CORES=0 (read at each launch) keeps the bfloat16 sums on the CUDA
-    cores. Told apart by a NaN in latent 3's src row: the tensor-core kernel multiplies it into
+def test_only_tensor_cores_on_takes_the_per_latent_sums_to_the_tensor_cores(cuda_emulated,
+                                                                              monkeypatch):
+    """The bfloat16 sums run on the CUDA cores unless SPARSECODE_TENSOR_CORES is 1 (read at each
+    launch). Told apart by a NaN in latent 3's src row: the tensor-core kernel multiplies it into
     the columns of all 8 latents of its warp (latent 2's among them), the CUDA-core kernel into
     latent 3's alone."""
     n, d = 40, 16
@@ -802,9 +818,10 @@ def test_tensor_cores_off_keeps_the_per_latent_sums_on_the_cuda_cores(cuda_emula
              ctypes.c_int(0), out, None, None, None)
         return out
 
-    assert bool(summed()[2, 5].isnan())
-    for setting, spread in [("0", False), ("1", True)]:
-        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", setting)
+    monkeypatch.delenv("SPARSECODE_TENSOR_CORES", raising=False)
+    for setting, spread in [(None, False), ("0", False), ("1", True)]:
+        if setting is not None:
+            monkeypatch.setenv("SPARSECODE_TENSOR_CORES", setting)
         out = summed()
         assert bool(out[3, 5].isnan()) and bool(out[2, 5].isnan()) == spread, setting
         if not spread:
@@ -896,9 +913,9 @@ NESTED = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,tensor_cores", SUM_DTYPES, indirect=["tensor_cores"])
 @pytest.mark.parametrize("B,d,n,ks,sizes", NESTED)
-def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype, seed):
+def test_nested_loss(cuda_emulated, B, d, n, ks, sizes, dtype, tensor_cores, seed):
     """The walk plan (each row's slots in index order, with their groups and values), the
     forward walk and the backward's reverse walk against the float64 reference's losses,
     reconstruction and gradients (grad_W_dec as the host glue sums S)."""
@@ -1100,10 +1117,11 @@ def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, 
     and every gradient, from the loss alone and under upstream gradients on all three outputs,
     match the reference; the backward from the loss alone (the forward's suffix sums) gives the
     bits of the backward under upstream zeros on the prefix losses (the suffix sums made again);
-    more than 8 prefix sizes, walks_only or SPARSECODE_TENSOR_CORES=0 go back to the walk; the
+    more than 8 prefix sizes, or SPARSECODE_TENSOR_CORES unset or 0, go back to the walk; the
     backward's op passes torch.library.opcheck."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
+    monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
     monkeypatch.setattr(nested, "_has_tensor_cores", lambda device: True)
     monkeypatch.setattr(nested, "compiled_kernels", lambda device: cuda_ops)
     walks = []
@@ -1131,14 +1149,14 @@ def test_triton_backend_runs_bfloat16_nested_loss_on_the_tensor_cores(cuda_ops, 
     nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, many, [1.0] * 9,
                                   backend="triton")
     assert len(walks) == 1
-    with nested.walks_only():
-        nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
-                                      backend="triton")
-    assert len(walks) == 2
-    with monkeypatch.context() as switched:
-        switched.setenv("SPARSECODE_TENSOR_CORES", "0")
-        nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
-                                      backend="triton")
+    for setting in ("0", None):
+        with monkeypatch.context() as switched:
+            if setting is None:
+                switched.delenv("SPARSECODE_TENSOR_CORES")
+            else:
+                switched.setenv("SPARSECODE_TENSOR_CORES", setting)
+            nested_prefix_loss_and_decode(x, values, indices, W_dec, b_dec, sizes, weights,
+                                          backend="triton")
     assert len(walks) == 3
 
     # The backward's op under other upstream gradients passes torch.library's checks (its fake
@@ -1181,9 +1199,9 @@ def test_nested_prefix_sums_glue(cuda_ops, seed):
         run(x, W_dec, None, scale=scale.double())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,tensor_cores", SUM_DTYPES, indirect=["tensor_cores"])
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (9, 64, 100, 20)])
-def test_cuda_backend_ops_match_cpp(cuda_ops, B, d, n, k, dtype, seed):
+def test_cuda_backend_ops_match_cpp(cuda_ops, B, d, n, k, dtype, tensor_cores, seed):
     """Every op of the cuda backend (host glue and kernels) on CPU tensors against the cpp
     backend's on the same inputs: the encode's selected values and reconstruction, then, for
     the cpp code, each backward, the decode, the per-latent sums (with src_rows, and latent 0

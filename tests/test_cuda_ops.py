@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from sparsecode import MatryoshkaSAE, ops, reference
-from sparsecode.backends import tensor_cores_allowed
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_latent_rows_sum import grouped_reference
@@ -33,7 +32,8 @@ pytestmark = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, d, n, k): every B in {1, 5, 33}, d in {7, 100}, n in {33, 1000}, k in {1, 3, 32}, plus a
 # second column tile (d = 130), more slots than one shared-memory chunk (k = 300) and d = 264 (a
-# multiple of 8: the bfloat16 per-latent sums on the tensor cores, a second column tile of 8).
+# multiple of 8: with SPARSECODE_TENSOR_CORES=1 the bfloat16 per-latent sums on the tensor cores,
+# a second column tile of 8).
 SMALL = [
     (1, 7, 33, 1),
     (5, 100, 33, 3),
@@ -47,12 +47,14 @@ SMALL = [
 ]
 REAL = (8192, 2304, 65536, 64)
 REAL_SIZES = [2048, 4096, 8192, 16384, 32768, 65536]
-# benchmarks/gpu_smoke.py sets SPARSECODE_SKIP_CUDA_ENCODE=1 when the cuda encode failed its first
-# run on a GPU, so that a fault there (which leaves the process's CUDA context unusable) does not
-# fail the tests of the other ops after it.
-needs_cuda_encode = pytest.mark.skipif(
-    os.environ.get("SPARSECODE_SKIP_CUDA_ENCODE") == "1",
-    reason="SPARSECODE_SKIP_CUDA_ENCODE=1: benchmarks/gpu_smoke.py found the cuda encode failing")
+
+
+@pytest.fixture(params=["cuda cores", "tensor cores"])
+def tensor_cores(request, monkeypatch) -> None:
+    """Runs the test as it is (bfloat16 per-latent sums on the CUDA cores, the default) and
+    with SPARSECODE_TENSOR_CORES=1 (on the tensor cores)."""
+    if request.param == "tensor cores":
+        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
 
 
 @contextlib.contextmanager
@@ -261,10 +263,11 @@ def test_kernels_are_registered_for_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsecode_C::{op}", "CUDA"), op
 
 
-def test_tensor_core_sums_keep_the_coefficients_float32_bits():
+def test_tensor_core_sums_keep_the_coefficients_float32_bits(monkeypatch):
     """The bfloat16 per-latent sums on the tensor cores take each float32 coefficient as two
     bfloat16 (hi + lo): latent 3's coefficients 1 + 2^-12 and -1 on equal rows of ones sum to
     2^-12 (0 with the hi parts alone), and their dots with rows of ones are d."""
+    monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
     n, d = 40, 16
     coef = torch.tensor([[1 + 2.0**-12], [-1.0]], device="cuda")
     indices = torch.full((2, 1), 3, device="cuda")
@@ -278,40 +281,40 @@ def test_tensor_core_sums_keep_the_coefficients_float32_bits():
     assert torch.equal(dots, torch.full((2, 1), float(d), device="cuda"))
 
 
-def test_tensor_cores_off_keeps_the_per_latent_sums_on_the_cuda_cores(monkeypatch):
-    """SPARSECODE_TENSOR_CORES=0 (read at each launch) keeps the bfloat16 sums on the CUDA
-    cores. Told apart by a NaN in latent 3's row: the tensor-core kernel multiplies it into the
+def test_only_tensor_cores_on_takes_the_per_latent_sums_to_the_tensor_cores(monkeypatch):
+    """The bfloat16 sums run on the CUDA cores unless SPARSECODE_TENSOR_CORES is 1 (read at each
+    launch). Told apart by a NaN in latent 3's row: the tensor-core kernel multiplies it into the
     columns of all 8 latents of its warp (latent 2's among them), the CUDA-core kernel into
-    latent 3's alone. Skipped where the switch is already set (benchmarks/gpu_smoke.py sets it
-    when the tensor-core kernels fault), which this test would undo."""
-    if not tensor_cores_allowed():
-        pytest.skip("SPARSECODE_TENSOR_CORES=0 is set: the tensor-core kernels are left out")
+    latent 3's alone."""
     n, d = 40, 16
     coef = torch.tensor([[2.0], [1.0]], device="cuda")
     indices = torch.tensor([[2], [3]], device="cuda")
     src = torch.ones(2, d, device="cuda", dtype=torch.bfloat16)
     src[1, 5] = float("nan")
-    for setting, spread in [("0", False), ("1", True)]:
-        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", setting)
+    monkeypatch.delenv("SPARSECODE_TENSOR_CORES", raising=False)
+    for setting, spread in [(None, False), ("0", False), ("1", True)]:
+        if setting is not None:
+            monkeypatch.setenv("SPARSECODE_TENSOR_CORES", setting)
         out = torch.ops.sparsecode_C.latent_rows_sum(coef, indices, src, n)
         assert bool(out[3, 5].isnan()) and bool(out[2, 5].isnan()) == spread, setting
         if not spread:
             assert torch.equal(out[2], torch.full((d,), 2.0, device="cuda", dtype=torch.bfloat16))
 
 
-@needs_cuda_encode
 @pytest.mark.parametrize("B,d,n,k", SMALL)
 def test_encode_small(B, d, n, k, seed):
     for dtype in DTYPES:
         check_encode(B, d, n, k, dtype, cpp=True)
 
 
+@pytest.mark.usefixtures("tensor_cores")
 @pytest.mark.parametrize("B,d,n,k", SMALL)
 def test_decode_small(B, d, n, k, seed):
     for dtype in DTYPES:
         check_decode(B, d, n, k, dtype, cpp=True)
 
 
+@pytest.mark.usefixtures("tensor_cores")
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("B,d,n,k", SMALL)
 def test_nested_small(B, d, n, k, G, seed):
@@ -329,7 +332,6 @@ def test_nested_most_groups(d, seed):
         check_nested(33, d, 1000, 32, dtype, sizes, cpp=True, shuffle=True)
 
 
-@needs_cuda_encode
 def test_exact_ties_keep_the_lower_latent(seed):
     """Integer inputs make every pre-activation an exact integer: rows full of ties. Like the
     cpp kernel, the lower latent id wins among equals."""
@@ -344,7 +346,6 @@ def test_exact_ties_keep_the_lower_latent(seed):
     assert torch.equal(values.cpu(), cpu_values)
 
 
-@needs_cuda_encode
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encode_by_row_and_column_ranges(dtype, seed):
     """Past 65536 rows the cuda encode makes its pre-activations by row ranges as well as by
@@ -361,6 +362,7 @@ def test_encode_by_row_and_column_ranges(dtype, seed):
     assert torch.equal(values, torch.relu(pre.gather(1, want)).to(dtype))
 
 
+@pytest.mark.usefixtures("tensor_cores")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_real_size(dtype, seed):
     """B = 8192, d_model = 2304, d_sae = 65536, k = 64, G = 6, against float64; in float32
@@ -374,7 +376,6 @@ def test_real_size(dtype, seed):
     torch.cuda.empty_cache()
 
 
-@needs_cuda_encode
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_real_size_encode(dtype, seed):
     """The encode at the real size against float64 (the cpp encode forward's dense GEMM is
@@ -383,7 +384,7 @@ def test_real_size_encode(dtype, seed):
     torch.cuda.empty_cache()
 
 
-@needs_cuda_encode
+@pytest.mark.usefixtures("tensor_cores")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic(dtype, seed):
     """Two runs under torch.use_deterministic_algorithms(True) are bit-identical, with latent 0
@@ -423,7 +424,6 @@ def test_deterministic(dtype, seed):
         assert torch.equal(a, b)
 
 
-@needs_cuda_encode
 def test_matryoshka_adam_step_matches_reference(seed):
     """One full training step (encode, nested loss, backward, Adam) with backend="cuda" gives
     the parameters that the same step with the reference backend gives."""

@@ -6,7 +6,7 @@ its launcher uses on a GPU, for float32, bfloat16 and float16; the fused encode 
 to 1 and 64 slots (and 256, the largest k, in bfloat16), for sm_90 also with its
 tensor-descriptor (TMA) loads, and in bfloat16 also with the other options and tiles that the
 GPU benchmark's sweep runs (pointer tiles folded by column halves, insertion steps before the
-test across warps, the flat and interleaved loops); its range merge at the widths it takes; the
+test across warps); its range merge at the widths it takes; the
 nested loss's plan, forward and backward; and every bfloat16 kernel with its sizes
 specialised to 1, as Triton does at launch for an int argument equal to 1. The two
 architectures compile in parallel child processes.
@@ -50,32 +50,17 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
         variants = [(topk_encode.default_tiles(dtype, tma), pads) for tma in tma_options]
         if name == "bfloat16":
             # The benchmark's sweep also folds the pointer tiles by halves, takes insertion
-            # steps before testing across warps (some, or the count alone) with the last tiles,
-            # and runs them as one loop over every tile's d steps (flat).
+            # steps before testing across warps (some, or the count alone) with the last tiles.
             pointer, last = variants[0][0], variants[-1][0]
             variants.append((dataclasses.replace(pointer, select_halves=True), pads))
             variants += [(dataclasses.replace(last, unchecked_steps=steps), (64,))
                          for steps in (16, 128)]
-            variants += [(dataclasses.replace(tiles, flat=True), (64,))
-                         for tiles in {pointer, last}]
-            # 128-column tiles folded under the next tile's MMAs (interleave), whole and by
-            # halves, and the sweep's 6-stage forms of them.
-            tiles_128 = [dataclasses.replace(tiles, block_n=128, select_halves=halves)
-                         for tiles in {pointer, last} for halves in (False, True)]
-            variants += [(dataclasses.replace(tiles, interleave=True), (64,))
-                         for tiles in tiles_128]
-            variants += [(dataclasses.replace(tiles, num_stages=6, **option), (64,))
-                         for tiles in tiles_128 if tiles.tma
-                         for option in ({"interleave": True}, {"flat": True})]
-        if name == "float32":  # the GPU tests' interleaved float32 encode
-            variants.append((dataclasses.replace(variants[0][0], interleave=True), (64,)))
         for tiles, k_pads in variants:
             tma = tiles.tma
             for k_pad in k_pads:
                 found.append((
                     f"topk_encode {name} tma={tma} select_halves={tiles.select_halves} "
-                    f"unchecked_steps={tiles.unchecked_steps} flat={tiles.flat} "
-                    f"interleave={tiles.interleave} block_n={tiles.block_n} "
+                    f"unchecked_steps={tiles.unchecked_steps} block_n={tiles.block_n} "
                     f"stages={tiles.num_stages} K_PAD={k_pad}",
                     topk_encode._encode_kernel,
                     {"xc_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
@@ -85,8 +70,7 @@ def cases(arch: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dic
                      "BLOCK_D": tiles.block_d, "K_PAD": k_pad, "INPUT_PRECISION": "ieee",
                      "TMA": tma, "SELECT_SPLIT": 2 if tiles.select_halves else 1,
                      "KEYED": topk_encode._keyed(dtype, tiles),
-                     "UNCHECKED": tiles.unchecked_steps, "FLAT": tiles.flat,
-                     "INTERLEAVE": tiles.interleave},
+                     "UNCHECKED": tiles.unchecked_steps},
                     {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
                 ))
         cap = sparse_decode.walk_registers(dtype)

@@ -28,12 +28,10 @@ import torch
 from torch import Tensor
 
 from sparsecode import MatryoshkaSAE, ops, reference
-from sparsecode.backends import tensor_cores_allowed
 from sparsecode.optim import MasterWeightAdam
 from sparsecode.nested_prefix_loss import nested_prefix_loss_and_decode
 from tests.conftest import TOLERANCE, assert_close, exact_tie_inputs, lowest_ids_first
 from tests.test_cuda_ops import random_code
-from sparsecode.triton_kernels.nested_prefix_loss import walks_only as nested_walks_only
 from tests.test_nested_prefix_loss import check_against_reference, prefixes_for
 
 pytestmark = [
@@ -222,8 +220,9 @@ def test_real_sizes(d: int, n: int, k: int, dtype: torch.dtype, seed: int) -> No
         sizes = [n // 32, n // 16, n // 8, n // 4, n // 2, n]
         decoder = make_decoder(n, d, dtype)
         check_nested(x[0], values, indices, *decoder, sizes, poison_backward=False)
-        if dtype == torch.bfloat16:  # the above took the tensor-core pass
-            with nested_walks_only():
+        if dtype == torch.bfloat16:  # the above took the Triton walk; now the tensor-core pass
+            with pytest.MonkeyPatch.context() as switched:
+                switched.setenv("SPARSECODE_TENSOR_CORES", "1")
                 check_nested(x[0], values, indices, *decoder, sizes, poison_backward=False)
 
 
@@ -234,14 +233,15 @@ def test_tiny_shapes_bf16(B: int, d: int, n: int, k: int, seed: int) -> None:
     x = make_encoder(B, d, n, dtype)
     values, indices = check_encode(x, k, poison_backward=True)
     check_decode(values, indices, *make_decoder(n, d, dtype), poison_backward=True)
-    # Slots out of index order, as the nested loss's walk plan must sort them; d = 32 takes the
-    # tensor-core pass, and the walks as well.
+    # Slots out of index order, as the nested loss's walk plan must sort them; the walks, and
+    # with d = 32 the tensor-core pass as well.
     shuffle = torch.rand(B, k, device=DEVICE).argsort(dim=1)
     code = values.gather(1, shuffle), indices.gather(1, shuffle)
     decoder = make_decoder(n, d, dtype)
     check_nested(x[0], *code, *decoder, prefixes_for(n, k), poison_backward=True)
     if d % 8 == 0:
-        with nested_walks_only():
+        with pytest.MonkeyPatch.context() as switched:
+            switched.setenv("SPARSECODE_TENSOR_CORES", "1")
             check_nested(x[0], *code, *decoder, prefixes_for(n, k), poison_backward=True)
 
 
@@ -258,14 +258,13 @@ MMA_SHAPES = [
 
 @pytest.mark.parametrize("B,d,n,k,sizes", MMA_SHAPES)
 def test_nested_loss_on_the_tensor_cores_bf16(B: int, d: int, n: int, k: int, sizes: list[int],
-                                               seed: int) -> None:
+                                               seed: int, monkeypatch) -> None:
     """The bfloat16 nested loss through the tensor-core pass (which the test sees called, in
     the forward and in the backward under upstream gradients) against the reference, every
-    output poisoned; its outputs are the same bits run to run."""
+    output poisoned; its outputs are the same bits run to run (SPARSECODE_TENSOR_CORES=1)."""
     from sparsecode.triton_kernels import nested_prefix_loss as nested
 
-    if not tensor_cores_allowed():
-        pytest.skip("SPARSECODE_TENSOR_CORES=0 keeps the nested loss off the tensor cores")
+    monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
     dtype = torch.bfloat16
     calls = []
 
@@ -307,34 +306,23 @@ def test_exact_ties_bf16(k: int, seed: int) -> None:
 
 
 # Fused-encode options that must not change its result (EncodeConfig fields), with the dtype
-# each is checked in (the keyed 16-bit path and float32's value ranking) and the tiles they
-# take (fields replaced in the default's: interleave takes 128-column tiles, folded whole or
-# by halves as the default folds them).
-WHOLE_128 = {"block_n": 128, "select_halves": False}
+# each is checked in (the keyed 16-bit path and float32's value ranking).
 ENCODE_OPTIONS = [
-    pytest.param({}, {"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
-    pytest.param({}, {"unchecked_steps": 128}, torch.bfloat16, id="unchecked128-bfloat16"),
-    pytest.param({}, {"unchecked_steps": 128}, torch.float32, id="unchecked128-float32"),
-    pytest.param({}, {"flat": True}, torch.bfloat16, id="flat-bfloat16"),
-    pytest.param({}, {"flat": True}, torch.float32, id="flat-float32"),
-    pytest.param(WHOLE_128, {"interleave": True}, torch.bfloat16, id="interleave-bfloat16"),
-    pytest.param(WHOLE_128, {"interleave": True}, torch.float32, id="interleave-float32"),
-    pytest.param({"block_n": 128}, {"interleave": True}, torch.bfloat16,
-                 id="interleave-halves-bfloat16"),
+    pytest.param({"unchecked_steps": 16}, torch.bfloat16, id="unchecked16-bfloat16"),
+    pytest.param({"unchecked_steps": 128}, torch.bfloat16, id="unchecked128-bfloat16"),
+    pytest.param({"unchecked_steps": 128}, torch.float32, id="unchecked128-float32"),
 ]
 
 
-@pytest.mark.parametrize("tiles,option,dtype", ENCODE_OPTIONS)
-def test_encode_options_match_the_default(tiles: dict, option: dict, dtype: torch.dtype,
-                                          seed: int) -> None:
-    """Insertion steps before the test across warps, one loop over every tile's d steps, and
-    folds taken under the next tile's MMAs give the values and indices of the same tiles
-    without them, bit for bit, at the benchmarks' size (every output poisoned)."""
+@pytest.mark.parametrize("option,dtype", ENCODE_OPTIONS)
+def test_encode_options_match_the_default(option: dict, dtype: torch.dtype, seed: int) -> None:
+    """Insertion steps before the test across warps give the values and indices of the default
+    tiles without them, bit for bit, at the benchmarks' size (every output poisoned)."""
     from sparsecode.triton_kernels import topk_encode as module
 
     d, n, k = ISSUE_SIZE
     inputs = make_encoder(REAL_BATCH, d, n, dtype)
-    base = dataclasses.replace(module.default_config(inputs[0], inputs[1]), **tiles)
+    base = module.default_config(inputs[0], inputs[1])
     expected = module.topk_encode_forward(*inputs, k, base)
     with poisoned_memory():
         values, indices = module.topk_encode_forward(*inputs, k,
@@ -370,7 +358,7 @@ def test_walks_give_the_same_bits_at_every_pipelining_depth(dtype: torch.dtype,
                     decode.sparse_decode_grad_values(grad_out, indices, W_dec, stages=stages)]
 
     def forward_outputs(stages: int) -> list[Tensor]:
-        with poisoned_memory(), nested_walks_only():
+        with poisoned_memory():
             return list(nested.nested_prefix_loss_forward(x, values, indices, W_dec, b_dec,
                                                           sizes, weights, stages=stages))
 

@@ -21,15 +21,16 @@ of the walk made again).
 x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 prefix sizes;
 outputs in x's dtype, float32 accumulation.
 
-On the tensor cores (tensor_core_ops: bfloat16 CUDA tensors, k >= 1, d a multiple of 8, G <= 8,
-sm_80+, the extension built with CUDA) the extension's nested_prefix_sums
+On the tensor cores (tensor_core_ops: SPARSECODE_TENSOR_CORES=1, bfloat16 CUDA tensors, k >= 1,
+d a multiple of 8, G <= 8, sm_80+, the extension built with CUDA) the extension's nested_prefix_sums
 (csrc/cuda/nested_prefix_mma.cu) takes the place of the plan, the walk and the suffix kernel
 below: every prefix's reconstruction at once as a matrix product of the gathered decoder rows
 and C[slot][h] = value where the slot's group is <= h, then per row the residuals, their squared
 norms and the suffix sums in registers; R is never stored. It serves the forward (P, x_hat and
 the norms, partial over column tiles of 256) and the backward under other upstream gradients
 (S and grad_x from the rows, no walk for R), so the two backward paths still give the same bits.
-walks_only() turns it off, to compare.
+It is off by default: on an H200 (B=8192, d=2304, k=64, 6 prefix sizes) its forward took 0.89 ms
+where the walk took 0.69 ms.
 
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
 group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, its
@@ -100,9 +101,8 @@ other upstream gradients cost the walk again.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -383,30 +383,15 @@ def _plan(values: Tensor, indices: Tensor, prefix_sizes: Sequence[int]) -> _Walk
     return walk
 
 
-_walks_only = False  # walks_only()
-
-
-@contextlib.contextmanager
-def walks_only() -> Iterator[None]:
-    """While active, the nested loss runs as the Triton walks even where the tensor-core pass
-    would take it, to compare the two (tests/test_triton_gpu.py, benchmarks/test_gpu.py)."""
-    global _walks_only
-    before, _walks_only = _walks_only, True
-    try:
-        yield
-    finally:
-        _walks_only = before
-
-
 def tensor_core_ops(x: Tensor, k: int, G: int) -> Any | None:
     """The extension's ops (torch.ops.sparsecode_C) where its tensor-core pass over the rows
     (nested_prefix_sums, csrc/cuda/nested_prefix_mma.cu) takes the place of the walk for x
     [B, d] with k slots a row and G prefix sizes: bfloat16 CUDA tensors, k >= 1, d a multiple
-    of 8, G <= 8, a GPU of compute capability 8.0 or later and an extension built with CUDA;
-    else None (or under walks_only, or with SPARSECODE_TENSOR_CORES=0)."""
+    of 8, G <= 8, a GPU of compute capability 8.0 or later, an extension built with CUDA and
+    SPARSECODE_TENSOR_CORES=1; else None."""
     runs = (x.dtype == torch.bfloat16 and k >= 1 and x.shape[1] % 8 == 0 and G <= MMA_GROUPS
             and _has_tensor_cores(x.device))
-    if _walks_only or not runs or not tensor_cores_allowed():
+    if not runs or not tensor_cores_allowed():
         return None
     return compiled_kernels(x.device)
 
@@ -534,7 +519,7 @@ def nested_prefix_loss_suffix_sums_on_tensor_cores(
     if ops is None:
         raise ValueError("the tensor-core suffix sums take bfloat16 CUDA tensors with k >= 1, "
                          "d_model a multiple of 8 and at most 8 prefix sizes on an sm_80+ GPU, "
-                         "outside walks_only() and without SPARSECODE_TENSOR_CORES=0; "
+                         "with SPARSECODE_TENSOR_CORES=1; "
                          "use nested_prefix_loss_residuals and nested_prefix_loss_suffix_sums")
     scale = _scale(grad_loss, grad_prefix_losses, prefix_weights, x.shape[0], x.device)
     S, grad_x, _, _ = ops.nested_prefix_sums(x, values, indices, W_dec, b_dec, list(prefix_sizes),

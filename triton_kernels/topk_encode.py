@@ -47,28 +47,11 @@ column tile (from L2), W_enc once per row block (from L2; once from HBM when the
 march together), and B*splits*k*8 bytes of candidates, instead of the B*n*4 bytes of a
 pre-activation matrix that the naive mm + topk writes and reads back.
 
-Flat loop (EncodeConfig(flat=True), off by default until a GPU has timed it). The tiles' d
-loops and the walk over the tiles become one loop over every tile's d steps, the selection under
-the last step of each tile: Triton's pipeliner then issues the next tile's first loads before a
-tile's selection runs, where the nested loops started each tile's pipeline afresh after it. In
-the sm_90 SASS (bf16, TMA tiles, halves, Triton 3.6) a d step is about 75 instructions either
-way, 255 registers and no spills (with the tile and d step computed from the step number by a
-division, it spilled 152 bytes).
-
-Interleaved selection (EncodeConfig(interleave=True), off by default until a GPU has timed it).
-The flat loop again, but a tile's folds (its halves in turn with select_halves) are taken one
-insertion step per d step of the next tile, after that d step's MMAs are issued: on Hopper the
-MMAs run asynchronously (wgmma), so the step's arithmetic overlaps them, where otherwise every
-fold stops the tensor cores. The last d step of a tile finishes the pending folds and makes the
-tile's own the pending ones; the last tile's run after the loop. The result is the nested loops'
-(a fold is the same steps in the same order). Holding pending folds beside the accumulator takes
-registers: with 128 x 128 tiles (8 warps) the sm_90 SASS (bf16, TMA, Triton 3.6) uses 242
-registers with whole-tile folds and 252 with halves, without spills at 4 and 6 stages, and the
-steps follow the MMAs' issue with no wait on them; with 128 x 256 tiles it spills 560 bytes. A
-step over a half of 64 columns is about 345 instructions, over a whole tile of 128 about 430; a
-128-column tile uses each x' tile it loads for 128 columns, not the default's 256. Each d step
-tests whether a pending fold has steps left (a reduction across warps) only until a test finds
-none.
+Flat and interleaved loops (tried and removed). One loop over every tile's d steps, so that
+the next tile's loads are issued before a tile's selection, took 6.26 ms against the nested
+loops' 5.24 ms on an H200 (2026-11-28); taking a tile's insertion steps under the next tile's
+MMAs (128-column tiles, to fit the registers) passed the interpreter's tests but left output
+slots unwritten on the GPU. See benchmarks/RESULTS.md.
 
 Loads. The x' and W_enc tiles are masked pointer loads, or with EncodeConfig(tma=True) loads
 through device-side tensor descriptors (TMA on Hopper and newer, zero-filled past the edges as
@@ -103,8 +86,6 @@ class EncodeConfig:
     select_halves: bool = False  # fold each tile into the top k one column half at a time
     keys: bool = True  # 16-bit inputs: rank by int32 keys (see the docstring), not by values
     unchecked_steps: int = 0  # insertion steps per fold before the first "any row left?" test
-    flat: bool = False  # one loop over every tile's d steps (the next tile's loads prefetched)
-    interleave: bool = False  # flat, and a tile's insertion steps under the next tile's MMAs
 
     def __post_init__(self) -> None:
         for name in ("block_b", "block_n", "block_d"):
@@ -115,9 +96,6 @@ class EncodeConfig:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
         if self.unchecked_steps < 0:
             raise ValueError(f"unchecked_steps must be >= 0, got {self.unchecked_steps}")
-        if self.interleave and self.unchecked_steps:
-            raise ValueError("interleave=True takes its insertion steps one at a time: leave "
-                             "unchecked_steps at 0")
 
 
 # Small tiles under the CPU interpreter (TRITON_INTERPRET=1), where each program is numpy code,
@@ -290,39 +268,12 @@ def _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i, thr, BLOCK_
 
 
 @triton.jit
-def _empty_fold(ROWS: tl.constexpr, WIDTH: tl.constexpr, KEYED: tl.constexpr):
-    """A fold [ROWS, WIDTH] with nothing in it (every entry below any threshold)."""
-    if KEYED:
-        return tl.full([ROWS, WIDTH], -2147483648, tl.int32)
-    else:
-        return tl.full([ROWS, WIDTH], float("-inf"), tl.float32)
-
-
-@triton.jit
-def _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c0, top_v, top_i, thr,
-                  WIDTH: tl.constexpr, K_PAD: tl.constexpr, KEYED: tl.constexpr,
-                  SELECT_SPLIT: tl.constexpr):
-    """The insertion steps left in pending folds (cand_lo, best_lo) at columns c0 ... and, with
-    SELECT_SPLIT = 2, then (cand_hi, best_hi) at c0 + WIDTH ...; returns top_v, top_i, thr."""
-    while tl.max((best_lo > thr).to(tl.int32), axis=0) > 0:
-        cand_lo, best_lo, top_v, top_i, thr = _insert_step(cand_lo, best_lo, c0, top_v, top_i,
-                                                            thr, WIDTH, K_PAD, KEYED)
-    if SELECT_SPLIT == 2:
-        while tl.max((best_hi > thr).to(tl.int32), axis=0) > 0:
-            cand_hi, best_hi, top_v, top_i, thr = _insert_step(cand_hi, best_hi, c0 + WIDTH,
-                                                                top_v, top_i, thr, WIDTH, K_PAD,
-                                                                KEYED)
-    return top_v, top_i, thr
-
-
-@triton.jit
 def _encode_kernel(
     xc_ptr, w_ptr, b_ptr, cand_v_ptr, cand_i_ptr,
     B, d, n, k, tiles_per_split,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     SELECT_SPLIT: tl.constexpr, KEYED: tl.constexpr, UNCHECKED: tl.constexpr,
-    FLAT: tl.constexpr, INTERLEAVE: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -345,82 +296,18 @@ def _encode_kernel(
     if KEYED:
         top_v = _ordered_bits(top_v) | 255
     thr = tl.min(top_v, axis=1)
-    if FLAT or INTERLEAVE:
-        # One loop over every tile's d steps, the selection under its last one: the pipeliner
-        # then issues the next tile's first loads before a tile's selection runs. With
-        # INTERLEAVE each d step also takes one insertion step of the previous tile's pending
-        # folds (its halves in turn with SELECT_SPLIT = 2) while its MMAs run, and the last d
-        # step of a tile finishes them, then makes the tile's own folds the pending ones.
-        WIDTH: tl.constexpr = BLOCK_N // SELECT_SPLIT
+    for t in range(0, tiles_per_split):
+        c0 = col_begin + t * BLOCK_N
+        cols = c0 + pos
+        col_ok = cols < n
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        cand_lo = _empty_fold(BLOCK_B, WIDTH, KEYED)
-        cand_hi = _empty_fold(BLOCK_B, WIDTH, KEYED)
-        best_lo = tl.max(cand_lo, axis=1)
-        best_hi = tl.max(cand_hi, axis=1)
-        c_prev = col_begin
-        # Which pending fold may have steps left, by the last test: 2 the first (or only) one,
-        # 1 the second half, 0 none.
-        phase = 0
-        d0 = 0
-        c0 = col_begin
-        for _ in tl.range(0, tiles_per_split * tl.maximum(tl.cdiv(d, BLOCK_D), 1)):
-            cols = c0 + pos
-            col_ok = cols < n
-            a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0, cols,
-                               col_ok, d, n, BLOCK_D, TMA)
+        for d0 in range(0, d, BLOCK_D):
+            a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0,
+                               cols, col_ok, d, n, BLOCK_D, TMA)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            if INTERLEAVE:
-                if phase == 2:
-                    if tl.max((best_lo > thr).to(tl.int32), axis=0) > 0:
-                        cand_lo, best_lo, top_v, top_i, thr = _insert_step(
-                            cand_lo, best_lo, c_prev, top_v, top_i, thr, WIDTH, K_PAD, KEYED)
-                    else:
-                        phase = SELECT_SPLIT - 1
-                if SELECT_SPLIT == 2:
-                    if phase == 1:
-                        if tl.max((best_hi > thr).to(tl.int32), axis=0) > 0:
-                            cand_hi, best_hi, top_v, top_i, thr = _insert_step(
-                                cand_hi, best_hi, c_prev + WIDTH, top_v, top_i, thr, WIDTH,
-                                K_PAD, KEYED)
-                        else:
-                            phase = 0
-            if d0 + BLOCK_D >= d:
-                if INTERLEAVE:
-                    top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi,
-                                                      c_prev, top_v, top_i, thr, WIDTH, K_PAD,
-                                                      KEYED, SELECT_SPLIT)
-                    lo, hi = _tile_folds(acc, b_ptr, cols, col_ok, row_ok, BLOCK_B, BLOCK_N,
-                                         SELECT_SPLIT)
-                    cand_lo = _fold_input(lo, WIDTH, KEYED)
-                    cand_hi = _fold_input(hi, WIDTH, KEYED)
-                    best_lo = tl.max(cand_lo, axis=1)
-                    best_hi = tl.max(cand_hi, axis=1)
-                    c_prev = c0
-                    phase = 2
-                else:
-                    top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok,
-                                                     top_v, top_i, thr, BLOCK_B, BLOCK_N, K_PAD,
-                                                     SELECT_SPLIT, KEYED, UNCHECKED)
-                acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-                c0 += BLOCK_N
-                d0 = -BLOCK_D
-            d0 += BLOCK_D
-        if INTERLEAVE:
-            top_v, top_i, thr = _finish_folds(cand_lo, best_lo, cand_hi, best_hi, c_prev, top_v,
-                                              top_i, thr, WIDTH, K_PAD, KEYED, SELECT_SPLIT)
-    else:
-        for t in range(0, tiles_per_split):
-            c0 = col_begin + t * BLOCK_N
-            cols = c0 + pos
-            col_ok = cols < n
-            acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                a, w = _load_tiles(xc_ptr, w_ptr, x_desc, w_desc, row0, rows, row_ok, d0, c0,
-                                   cols, col_ok, d, n, BLOCK_D, TMA)
-                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i,
-                                             thr, BLOCK_B, BLOCK_N, K_PAD, SELECT_SPLIT, KEYED,
-                                             UNCHECKED)
+        top_v, top_i, thr = _select_tile(acc, b_ptr, c0, cols, col_ok, row_ok, top_v, top_i,
+                                         thr, BLOCK_B, BLOCK_N, K_PAD, SELECT_SPLIT, KEYED,
+                                         UNCHECKED)
     if KEYED:  # the kept values, their low 8 bits set (within 2^-15 of pre, relative)
         top_v = _ordered_bits(top_v).to(tl.float32, bitcast=True)
 
@@ -566,8 +453,7 @@ def topk_encode_forward(
         BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         K_PAD=triton.next_power_of_2(k), INPUT_PRECISION="tf32" if tf32 else "ieee",
         TMA=config.tma, SELECT_SPLIT=2 if config.select_halves else 1,
-        KEYED=_keyed(x.dtype, config), UNCHECKED=config.unchecked_steps, FLAT=config.flat,
-        INTERLEAVE=config.interleave,
+        KEYED=_keyed(x.dtype, config), UNCHECKED=config.unchecked_steps,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     width = splits * k

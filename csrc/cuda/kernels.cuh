@@ -196,9 +196,9 @@ cudaError_t nested_loss_backward(const T* resid, const WalkSlot<T>* walk, const 
 // nested_prefix_mma.cu (compute capability 8.0 or later).
 bool has_bf16_mma();
 
-// Whether the per-latent sums may take the tensor-core kernel: has_bf16_mma(), unless the
-// environment variable SPARSECODE_TENSOR_CORES is "0" (read at each launch), which keeps them on
-// the CUDA cores, to compare the two or to rule the tensor-core kernel out.
+// Whether the per-latent sums may take the tensor-core kernel: has_bf16_mma() and the
+// environment variable SPARSECODE_TENSOR_CORES is "1" (read at each launch). Off by default: on
+// an H200 the tensor-core kernel took 0.96 ms where the CUDA-core one took 0.50 ms.
 bool tensor_cores_allowed();
 
 // The nested loss's pass over the rows on the tensor cores (nested_prefix_mma.cu), bfloat16, for

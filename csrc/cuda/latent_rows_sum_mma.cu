@@ -391,7 +391,7 @@ bool has_bf16_mma() {
 
 bool tensor_cores_allowed() {
   const char* setting = std::getenv("SPARSECODE_TENSOR_CORES");
-  return has_bf16_mma() && !(setting != nullptr && std::strcmp(setting, "0") == 0);
+  return has_bf16_mma() && setting != nullptr && std::strcmp(setting, "1") == 0;
 }
 
 template <bool kTransposed, bool kDots>
