@@ -10,9 +10,9 @@ CPU tensors only interpreted (``TRITON_INTERPRET=1``), which is how CI checks th
 ``SPARSECODE_BACKEND`` environment variable overrides whatever a module or call asked for.
 ``SPARSECODE_TENSOR_CORES=1`` runs the bfloat16 kernels written for the tensor cores (the
 CUDA per-latent weight-gradient sums, the triton backend's pass over the nested loss's rows)
-in place of the CUDA-core kernels and the Triton walk. They are off by default: on an H200 they
-took longer (0.96 against 0.50 ms for the per-latent sums, 0.89 against 0.69 ms for the nested
-loss's forward; benchmarks/RESULTS.md).
+in place of the CUDA-core kernels and the Triton walk. They are off by default: on an H200 the
+tensor-core per-latent sums took 0.96 ms against 0.50, and a Matryoshka training step 11.2 ms
+against 10.4 (benchmarks/RESULTS.md).
 Asking for a backend that is missing raises :class:`BackendUnavailableError` naming what is
 missing.
 """

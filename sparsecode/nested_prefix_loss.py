@@ -25,7 +25,7 @@ it has no kernels for the device) after elementwise suffix sums where needed; ot
 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks
 (forward, then a walk back) took 3.47 ms against the CUDA kernels' 3.66 ms (3.16 against 3.49
 in a later run); on an H200 (2026-11-28) the triton walk forward and walk-free backward took
-2.03 ms against the cuda kernels' 3.56, and the tensor-core pass 2.18.
+2.0 to 2.8 ms from run to run against the cuda kernels' 3.1 to 3.6.
 Reference: :func:`sparsecode.reference.nested_prefix_loss`.
 """
 

@@ -29,8 +29,9 @@ and C[slot][h] = value where the slot's group is <= h, then per row the residual
 norms and the suffix sums in registers; R is never stored. It serves the forward (P, x_hat and
 the norms, partial over column tiles of 256) and the backward under other upstream gradients
 (S and grad_x from the rows, no walk for R), so the two backward paths still give the same bits.
-It is off by default: on an H200 (B=8192, d=2304, k=64, 6 prefix sizes) its forward took 0.89 ms
-where the walk took 0.69 ms.
+It is off by default, with the extension's tensor-core per-latent sums (one switch): on an H200
+(B=8192, d=2304, k=64, 6 prefix sizes) its forward took 0.89 ms, the walk's 0.69 to 1.18 ms
+from run to run (benchmarks/RESULTS.md).
 
 Plan (_plan_kernel). Each row's slots sorted by (group, slot): tl.sort of the int32 keys
 group * K_PAD + slot over a [BLOCK_P, K_PAD] block of rows gives, for each walk position, its
