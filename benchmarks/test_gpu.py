@@ -24,6 +24,7 @@ import importlib.metadata
 import os
 import statistics
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,8 @@ from torch import Tensor
 
 import sparsecode
 from sparsecode import ops, reference
-from sparsecode.optim import MasterWeightAdam
 from sparsecode.backends import TENSOR_CORES_ENV_VAR
+from sparsecode.optim import MasterWeightAdam
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,6 +53,9 @@ LR = 1e-4
 SEED = 0
 RESULTS_ENV = "SPARSECODE_GPU_RESULTS"
 FLUSH_BYTES = 256 * 2**20  # written before each timed run: over 5x an H100's 50 MB L2
+# GPU clock cycles of the torch.cuda._sleep that keeps the device busy while the host issues one
+# run (queued_ms): about 20 ms at the H100's and H200's 1.98 GHz boost clock.
+QUEUE_CYCLES = 40_000_000
 GB = 1e9
 T = TypeVar("T")
 
@@ -136,6 +140,32 @@ def time_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def queued_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> tuple[float, float]:
+    """(device, host): the median milliseconds of fn() on the device, by CUDA events, when the
+    host has issued the whole run before the device reaches it, and the median milliseconds the
+    host takes to issue it. Each run is issued while the device sleeps (torch.cuda._sleep, after
+    the L2 flush) and waited for before the next, so its events time the device's work with no
+    gaps of the host's making; time_ms's runs include those gaps where the host issues fn more
+    slowly than the device runs it. A host time near the sleep's (QUEUE_CYCLES) means fn waited
+    for the device."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=DEVICE)
+    for _ in range(warmup):
+        fn()
+    device, host = [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(runs):
+        flush.zero_()
+        torch.cuda._sleep(QUEUE_CYCLES)
+        began = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        host.append((time.perf_counter() - began) * 1e3)
+        torch.cuda.synchronize()
+        device.append(start.elapsed_time(end))
+    return statistics.median(device), statistics.median(host)
+
+
 @dataclass
 class Row:
     """One line of the results table."""
@@ -180,6 +210,16 @@ class Report:
             self.times[label] = ms
             self.add(label, f"{ms:.3f} ms")
         return ms
+
+    def time_queued(self, label: str, fn: Callable[[], object]) -> None:
+        """queued_ms(fn) as two rows: `label` + ", device time, host queued ahead" (kept in
+        times for ratios) and `label` + ", host time to issue"."""
+        figures = self.attempt(label, lambda: queued_ms(fn))
+        if figures is not None:
+            device, host = figures
+            self.times[f"{label}, device time, host queued ahead"] = device
+            self.add(f"{label}, device time, host queued ahead", f"{device:.3f} ms")
+            self.add(f"{label}, host time to issue", f"{host:.3f} ms")
 
     def ratio(self, numerator: str, denominator: str) -> float | None:
         """times[numerator] / times[denominator]; None when either was not measured."""
@@ -327,6 +367,9 @@ def test_encode(report: Report, problem: Problem) -> None:
         fused = report.time(
             FUSED, lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="triton")
         )
+    with torch.no_grad():
+        report.time_queued(
+            FUSED, lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="triton"))
     for label, ms in (("torch.mm", mm), ("fused encode", fused)):
         if ms is not None:
             report.add(f"encode: {label} rate", f"{tflop / ms * 1e3:.0f} TFLOP/s")
@@ -583,6 +626,16 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
 
     report.time(NESTED, nested("auto"))
     report.time(DECODE_AUTO, decode)
+    # The same two with the host's issuing kept out of the timed region (queued_ms): where the
+    # host issues an op's many small launches more slowly than the device runs them, time_ms
+    # counts the gaps.
+    report.time_queued(NESTED, nested("auto"))
+    report.time_queued(DECODE_AUTO, decode)
+    device_ratio = report.ratio(f"{NESTED}, device time, host queued ahead",
+                                f"{DECODE_AUTO}, device time, host queued ahead")
+    if device_ratio is not None:
+        report.add("nested loss / one decode, fwd+bwd, device times, host queued ahead",
+                   f"{device_ratio:.3g}")
     # The triton backend's nested loss is a Triton walk forward, which also makes the loss's own
     # suffix sums, and a walk-free backward (from the loss alone, the extension's per-latent
     # sums with dots over those), which auto picks; with SPARSECODE_TENSOR_CORES=1 the forward
@@ -718,18 +771,25 @@ class StepFigures:
     rest_bytes: int
     gemm_ms: float | None = None
     adam_ms: float | None = None
+    queued: tuple[float, float] | None = None  # queued_ms of the step: (device, host)
 
     def summary(self) -> str:
+        queued = ""
+        if self.queued is not None:
+            queued = (f"; with the host queued ahead, device {self.queued[0]:.3f} ms, host "
+                      f"{self.queued[1]:.3f} ms to issue")
         return (f"{self.ms:.3f} ms, {self.batch / self.ms * 1e3:,.0f} tokens/s, "
-                f"peak {self.peak_bytes / GB:.2f} GB above rest ({self.rest_bytes / GB:.2f} GB)")
+                f"peak {self.peak_bytes / GB:.2f} GB above rest ({self.rest_bytes / GB:.2f} GB)"
+                f"{queued}")
 
 
 def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
                  floors: bool = False, after_backward: bool = False,
                  side_stream: bool = False) -> StepFigures:
     """Times the TrainStep of a `kind` ("matryoshka" or "topk") SAE on `backend` at `batch`
-    rows, then measures one step's peak memory; with floors, also times the Adam step alone
-    and the bare encoder GEMM x @ W_enc in bfloat16."""
+    rows, then measures one step's peak memory; with floors, also times the step with the host
+    queued ahead (queued_ms), the Adam step alone and the bare encoder GEMM x @ W_enc in
+    bfloat16."""
     torch.manual_seed(SEED)
     if kind == "matryoshka":
         sae = sparsecode.MatryoshkaSAE(D_MODEL, D_SAE, K, list(PREFIX_SIZES), backend=backend,
@@ -739,8 +799,9 @@ def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
     x = torch.randn(batch, D_MODEL, device=DEVICE, dtype=DTYPE)
     step = TrainStep(sae, x, after_backward, side_stream)
     ms = time_ms(step, runs=runs)
-    gemm_ms = adam_ms = None
+    gemm_ms = adam_ms = queued = None
     if floors:
+        queued = queued_ms(step, runs=runs)
         adam_ms = step.time_adam(runs)
         W_enc = sae.W_enc.detach()
         gemm_ms = time_ms(lambda: torch.mm(x, W_enc), runs=runs)
@@ -750,7 +811,7 @@ def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
     step()
     torch.cuda.synchronize()
     return StepFigures(batch, ms, torch.cuda.max_memory_allocated() - rest, rest, gemm_ms,
-                       adam_ms)
+                       adam_ms, queued)
 
 
 def reference_step(report: Report) -> StepFigures:
