@@ -457,6 +457,20 @@ def test_nested_loss_backward_never_holds_the_residuals_and_grad_W_dec(monkeypat
     assert seen == {"grad_x_hat": None, "R bytes": 0}
 
 
+def test_nested_loss_constants_are_made_once():
+    """The prefix sizes and weights go to the device once per (numbers, dtype, device) and are
+    kept: the same tensor again for the same numbers, a new one for others."""
+    from sparsecode.triton_kernels.nested_prefix_loss import _on_device
+
+    cpu = torch.device("cpu")
+    sizes = _on_device([8, 16, 40], torch.int64, cpu)
+    assert sizes.dtype == torch.int64 and sizes.tolist() == [8, 16, 40]
+    assert _on_device((8, 16, 40), torch.int64, cpu) is sizes
+    assert _on_device([8, 16, 41], torch.int64, cpu).tolist() == [8, 16, 41]
+    weights = _on_device([8, 16, 40], torch.float64, cpu)
+    assert weights is not sizes and weights.dtype == torch.float64
+
+
 def test_nested_loss_triton_ops_pass_opcheck(seed):
     """torch.library.opcheck of the triton forward (with and without the suffix sums) and of
     the backward's ops (the pass over the

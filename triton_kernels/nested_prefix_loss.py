@@ -102,6 +102,7 @@ other upstream gradients cost the walk again.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -347,13 +348,32 @@ def _check(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
 
 
 def _on_device(numbers: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """numbers as a [len(numbers)] tensor on device, without waiting for the GPU: a copy from
-    pageable memory synchronises the stream (every Matryoshka step runs this op), so CUDA
-    tensors come from pinned memory, copied without blocking."""
-    host = torch.tensor(list(numbers), dtype=dtype)
+    """numbers as a [len(numbers)] tensor on device, not to be written to. Every Matryoshka
+    step passes the same prefix sizes and weights, so each such tensor is made once per device
+    and stream (_constant) and kept; a tensor for a stream being captured into a CUDA graph is
+    made afresh."""
+    if device.type != "cuda":
+        return _constant(tuple(numbers), dtype, device, 0)
+    if torch.cuda.is_current_stream_capturing():
+        return _copied(tuple(numbers), dtype, device)
+    return _constant(tuple(numbers), dtype, device, torch.cuda.current_stream(device).stream_id)
+
+
+def _copied(numbers: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """numbers on device without waiting for the GPU: a copy from pageable memory would
+    synchronise the stream, so CUDA tensors come from pinned memory, copied without blocking."""
+    host = torch.tensor(numbers, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(numbers: tuple[float, ...], dtype: torch.dtype, device: torch.device,
+              stream_id: int) -> Tensor:
+    """_copied(numbers, dtype, device), made on the stream stream_id (its copy is ordered
+    before that stream's later work), kept for every later call on that stream."""
+    return _copied(numbers, dtype, device)
 
 
 class _Walk(NamedTuple):
