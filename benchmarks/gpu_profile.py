@@ -66,6 +66,9 @@ def main() -> None:
 
     with torch.no_grad():
         breakdown("fused encode forward", lambda: ops.topk_encode(x, W_enc, b_enc, b_dec, K))
+        # The cuda encode: its cuBLAS column chunks against its running top-k folds.
+        breakdown("cuda encode forward (column chunks of cuBLAS, then the folds)",
+                  lambda: ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="cuda"))
 
     def decode() -> object:
         x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
