@@ -784,12 +784,12 @@ class StepFigures:
 
 
 def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
-                 floors: bool = False, after_backward: bool = False,
+                 floors: bool = False, queued: bool = False, after_backward: bool = False,
                  side_stream: bool = False) -> StepFigures:
     """Times the TrainStep of a `kind` ("matryoshka" or "topk") SAE on `backend` at `batch`
-    rows, then measures one step's peak memory; with floors, also times the step with the host
-    queued ahead (queued_ms), the Adam step alone and the bare encoder GEMM x @ W_enc in
-    bfloat16."""
+    rows, then measures one step's peak memory; with queued, also times the step with the host
+    queued ahead (queued_ms); with floors, also the Adam step alone and the bare encoder GEMM
+    x @ W_enc in bfloat16."""
     torch.manual_seed(SEED)
     if kind == "matryoshka":
         sae = sparsecode.MatryoshkaSAE(D_MODEL, D_SAE, K, list(PREFIX_SIZES), backend=backend,
@@ -799,9 +799,9 @@ def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
     x = torch.randn(batch, D_MODEL, device=DEVICE, dtype=DTYPE)
     step = TrainStep(sae, x, after_backward, side_stream)
     ms = time_ms(step, runs=runs)
-    gemm_ms = adam_ms = queued = None
+    gemm_ms = adam_ms = None
+    queued_figures = queued_ms(step, runs=runs) if queued else None
     if floors:
-        queued = queued_ms(step, runs=runs)
         adam_ms = step.time_adam(runs)
         W_enc = sae.W_enc.detach()
         gemm_ms = time_ms(lambda: torch.mm(x, W_enc), runs=runs)
@@ -811,7 +811,7 @@ def measure_step(kind: str, backend: str, batch: int, runs: int = 20,
     step()
     torch.cuda.synchronize()
     return StepFigures(batch, ms, torch.cuda.max_memory_allocated() - rest, rest, gemm_ms,
-                       adam_ms, queued)
+                       adam_ms, queued_figures)
 
 
 def reference_step(report: Report) -> StepFigures:
@@ -834,8 +834,16 @@ def test_training_steps(report: Report) -> None:
     bare encoder GEMM plus the Adam step, its peak memory, and the TopKSAE step."""
     errors = len(report.errors)
     matryoshka = report.attempt(
-        "step: matryoshka, auto", lambda: measure_step("matryoshka", "auto", BATCH, floors=True)
-    )
+        "step: matryoshka, auto",
+        lambda: measure_step("matryoshka", "auto", BATCH, floors=True, queued=True))
+    torch.cuda.empty_cache()
+    # The same step without SAE._check_input, whose finite-input test reads a value back from
+    # the device on every forward (a synchronisation): what that costs a step.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparsecode.SAE, "_check_input", lambda self, x: None)
+        unchecked = report.attempt(
+            "step: matryoshka, auto, without the input check",
+            lambda: measure_step("matryoshka", "auto", BATCH, queued=True))
     torch.cuda.empty_cache()
     topk = report.attempt("step: topk, auto", lambda: measure_step("topk", "auto", BATCH))
     torch.cuda.empty_cache()
@@ -861,6 +869,7 @@ def test_training_steps(report: Report) -> None:
                            ("step: matryoshka, auto, Adam after the backward", after),
                            ("step: matryoshka, auto, Adam on a side stream", side),
                            ("step: matryoshka, auto, tensor cores", on_tensor_cores),
+                           ("step: matryoshka, auto, without the input check", unchecked),
                            ("step: matryoshka, cuda", cuda),
                            ("step: matryoshka, reference", ref)):
         if figures is not None:
