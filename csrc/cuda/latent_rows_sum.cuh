@@ -28,9 +28,9 @@ cudaError_t launch_latent_rows_sum_mma(dim3 grid, const int64_t* offsets, const 
 // e0 + cols - 1 below d: a thread per column. bias_weights is [d, n]. A thread reads its row
 // segment (kRowsSumLatentTile elements: 64 bytes in bf16) 16 bytes a load where a full tile's
 // segment is 16-byte aligned, two loads in flight at a time (four spilled 12 bytes in the bf16
-// pass of long latents), and an element a load otherwise. Element by element, each load's 32
-// lanes touched 32 rows for 2 bytes each (32 LDG.E.U16 a thread in the sm_90 SASS of the bf16
-// transposed sum, against 4 LDG.E.128 now). Run 4's Nsight Compute showed that pass, the only
+// pass of long latents), and an element a load otherwise. Element by element, a thread issued
+// 32 2-byte loads (LDG.E.U16 in the sm_90 SASS), each load's 32 lanes touching 32 rows; now it
+// issues four 16-byte ones (LDG.E.128). Run 4's Nsight Compute showed that pass, the only
 // one with bias weights, stalled on memory loads (long scoreboard) 10.9 cycles an issued
 // instruction against the plain sum's 4.6, and on the load/store queue (MIO throttle) 1.4
 // against 0.0; whether these loads are the cause, its next run will say. The sum's order, and
