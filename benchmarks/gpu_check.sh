@@ -8,9 +8,9 @@
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
 # Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was
 # needed), gpu_tests.log, gpu_errors.log, gpu_bench.log, gpu_results.md, gpu_profile.log.
-# The ncu stage, which the full run leaves out, profiles one launch of each hot kernel with
-# Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel) and
-# gpu_ncu_raw.csv (every metric collected).
+# The ncu stage, last in the full run (about 40 s on an H200), profiles one launch of each hot
+# kernel with Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel)
+# and gpu_ncu_raw.csv (every metric collected, warp stall reasons among them).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
 # TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no
 # stage runs past TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside
@@ -166,7 +166,7 @@ if [[ "$STAGE" == all || "$STAGE" == profile ]]; then
   run_stage profile "$PROFILE_TIMEOUT" "$OUT/gpu_profile.log" "$PYTHON" benchmarks/gpu_profile.py
 fi
 
-if [[ "$STAGE" == ncu ]]; then
+if [[ "$STAGE" == all || "$STAGE" == ncu ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
   KERNELS='regex:_encode_kernel|_decode_kernel|latent_rows_sum_kernel|latent_rows_sum_mma_kernel|nested_prefix_mma_kernel|_forward_kernel|_suffix_kernel'
   SECTIONS=()
@@ -176,11 +176,13 @@ if [[ "$STAGE" == ncu ]]; then
   done
   run_stage ncu "$NCU_TIMEOUT" "$OUT/gpu_ncu.log" "$NCU" --clock-control none \
     --kernel-name "$KERNELS" "${SECTIONS[@]}" -o "$OUT/kernels" -f "$PYTHON" benchmarks/gpu_ncu.py
-  "$NCU" --import "$OUT/kernels.ncu-rep" --page details >>"$OUT/gpu_ncu.log" 2>&1
-  "$NCU" --import "$OUT/kernels.ncu-rep" --page raw --csv >"$OUT/gpu_ncu_raw.csv" 2>&1
-  rm -f "$OUT/kernels.ncu-rep"
-  grep -E "^  [a-z_]|Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occupancy|Memory Throughput|L2 Hit" \
-    "$OUT/gpu_ncu.log" | head -n 120
+  if [[ -f "$OUT/kernels.ncu-rep" ]]; then
+    "$NCU" --import "$OUT/kernels.ncu-rep" --page details >>"$OUT/gpu_ncu.log" 2>&1
+    "$NCU" --import "$OUT/kernels.ncu-rep" --page raw --csv >"$OUT/gpu_ncu_raw.csv" 2>&1
+    rm -f "$OUT/kernels.ncu-rep"
+    grep -E "^  [a-z_]|Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occupancy|Memory Throughput|L2 Hit" \
+      "$OUT/gpu_ncu.log" | head -n 120
+  fi
 fi
 
 echo
