@@ -12,9 +12,8 @@
 # kernel with Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel)
 # and gpu_ncu_raw.csv (every metric collected, warp stall reasons among them).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
-# TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no
-# stage runs past TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside
-# one 10-minute call.
+# TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no stage runs past
+# TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside one 10-minute call.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1

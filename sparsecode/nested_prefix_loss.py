@@ -17,9 +17,10 @@ residual x - x_hat as [2, B, d] in x's dtype, two parts whose sum it is, from wh
 walks back through the slots; on the CPU an empty [2, 0, d] (the backward walks to it again).
 The ``triton`` backend runs the forward as a Triton walk of gathered decoder rows (float32,
 bfloat16 and float16; triton_kernels/nested_prefix_loss.py; with SPARSECODE_TENSOR_CORES=1, in
-bfloat16 with G <= 8 on sm_80+, the extension's tensor-core pass over the rows instead) and the backward as one pass over
-the pairs (sparse_grad.latent_rows_sum_dots: the extension's per-latent sums, or torch ops where
-it has no kernels for the device) after elementwise suffix sums where needed; other dtypes on the
+bfloat16 with G <= 8 on sm_80+, the extension's tensor-core pass over the rows instead) and the
+backward as one pass over the pairs (sparse_grad.latent_rows_sum_dots: the extension's
+per-latent sums, or torch ops where it has no kernels for the device) after elementwise suffix
+sums where needed; other dtypes on the
 ``triton`` backend run as the extension's kernels, or as the reference where it has none.
 ``auto`` on CUDA tensors picks ``triton`` before ``cuda``, as for the other ops: on an H100
 (B=8192, d=2304, d_sae=65536, k=64, G=6, bf16, 2026-11-27 16:35 UTC) the earlier Triton walks

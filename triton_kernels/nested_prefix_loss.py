@@ -22,13 +22,14 @@ x [B, d], values / indices [B, k] (int64), W_dec [n, d], b_dec [d], G <= 16 pref
 outputs in x's dtype, float32 accumulation.
 
 On the tensor cores (tensor_core_ops: SPARSECODE_TENSOR_CORES=1, bfloat16 CUDA tensors, k >= 1,
-d a multiple of 8, G <= 8, sm_80+, the extension built with CUDA) the extension's nested_prefix_sums
-(csrc/cuda/nested_prefix_mma.cu) takes the place of the plan, the walk and the suffix kernel
-below: every prefix's reconstruction at once as a matrix product of the gathered decoder rows
-and C[slot][h] = value where the slot's group is <= h, then per row the residuals, their squared
-norms and the suffix sums in registers; R is never stored. It serves the forward (P, x_hat and
-the norms, partial over column tiles of 256) and the backward under other upstream gradients
-(S and grad_x from the rows, no walk for R), so the two backward paths still give the same bits.
+d a multiple of 8, G <= 8, sm_80+, the extension built with CUDA) the extension's
+nested_prefix_sums (csrc/cuda/nested_prefix_mma.cu) takes the place of the plan, the walk and
+the suffix kernel below: every prefix's reconstruction at once as a matrix product of the
+gathered decoder rows and C[slot][h] = value where the slot's group is <= h, then per row the
+residuals, their squared norms and the suffix sums in registers; R is never stored. It serves
+the forward (P, x_hat and the norms, partial over column tiles of 256) and the backward under
+other upstream gradients (S and grad_x from the rows, no walk for R), so the two backward paths
+still give the same bits.
 It is off by default, with the extension's tensor-core per-latent sums (one switch): on an H200
 (B=8192, d=2304, k=64, 6 prefix sizes) its forward took 0.89 ms, the walk's 0.69 to 1.18 ms
 from run to run (benchmarks/RESULTS.md).

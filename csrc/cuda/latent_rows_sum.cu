@@ -63,9 +63,10 @@
 // latent and column tile: n d s, 302 MB bf16), 1.5 shuffles and one 4-byte store per column
 // tile ([tiles, P] fp32, 19 MB bf16), in place of a second gather of the same B k d elements
 // (the Triton grad_values kernel took 0.55 ms on an H100, the sum 0.49 ms).
-// For bfloat16 src and out with d a multiple of 8, on sm_80 and later, the first launch is
-// latent_rows_sum_mma.cu's tensor-core kernel instead: these loops serve the other types, and
-// every type's long latents.
+// With SPARSECODE_TENSOR_CORES=1, for bfloat16 src and out with d a multiple of 8, on sm_80 and
+// later, the first launch is latent_rows_sum_mma.cu's tensor-core kernel instead (off by
+// default: slower on an H200); these loops serve every other case, and every type's long
+// latents.
 #include <type_traits>
 
 #include "latent_rows_sum.cuh"
@@ -402,7 +403,7 @@ bool segment_grid(int64_t n, int64_t d, int V, dim3* grid) {
 }
 
 // Whether the first launch runs on the tensor cores (latent_rows_sum_mma.cu): bfloat16 rows
-// read 16 bytes a lane, on sm_80 or later, unless SPARSECODE_TENSOR_CORES=0.
+// read 16 bytes a lane, on sm_80 or later, with SPARSECODE_TENSOR_CORES=1.
 template <typename Src, typename Out, int V>
 bool use_mma() {
   return std::is_same_v<Src, __nv_bfloat16> && std::is_same_v<Out, __nv_bfloat16> && V == 8 &&

@@ -1,7 +1,7 @@
 // Per-latent sums of bfloat16 rows on the tensor cores: the first launch of latent_rows_sum.cu's
 // sums (the latents of at most kLongSegment pairs) where src and out are bfloat16, d is a
-// multiple of 8 and the GPU is sm_80 or later; the dense latents keep latent_rows_sum.cu's
-// second launch.
+// multiple of 8, the GPU is sm_80 or later and SPARSECODE_TENSOR_CORES=1 (tensor_cores_allowed);
+// the dense latents keep latent_rows_sum.cu's second launch.
 //
 //   out[i] = sum over the pairs q of latent i of coef[q] * src[rows[q]]     out [n, d] or [d, n]
 //   kDots:   partial_dots[t, pair_ids[q]] = src[rows[q]] . weights[i] over column tile t
