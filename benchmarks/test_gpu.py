@@ -166,6 +166,11 @@ def queued_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> tupl
     return statistics.median(device), statistics.median(host)
 
 
+def queued_label(label: str) -> str:
+    """The row of `label`'s device time with the host queued ahead (Report.time_queued)."""
+    return f"{label}, device time, host queued ahead"
+
+
 @dataclass
 class Row:
     """One line of the results table."""
@@ -212,13 +217,13 @@ class Report:
         return ms
 
     def time_queued(self, label: str, fn: Callable[[], object]) -> None:
-        """queued_ms(fn) as two rows: `label` + ", device time, host queued ahead" (kept in
-        times for ratios) and `label` + ", host time to issue"."""
+        """queued_ms(fn) as two rows: queued_label(label) (kept in times for ratios) and
+        `label` + ", host time to issue"."""
         figures = self.attempt(label, lambda: queued_ms(fn))
         if figures is not None:
             device, host = figures
-            self.times[f"{label}, device time, host queued ahead"] = device
-            self.add(f"{label}, device time, host queued ahead", f"{device:.3f} ms")
+            self.times[queued_label(label)] = device
+            self.add(queued_label(label), f"{device:.3f} ms")
             self.add(f"{label}, host time to issue", f"{host:.3f} ms")
 
     def ratio(self, numerator: str, denominator: str) -> float | None:
@@ -363,13 +368,12 @@ def test_encode(report: Report, problem: Problem) -> None:
     tflop = 2 * BATCH * D_MODEL * D_SAE / 1e12
     mm = report.time(MM, lambda: torch.mm(p.x, p.W_enc))
     report.time(MM_TOPK, lambda: torch.topk(torch.mm(p.x, p.W_enc), K, dim=1))
+    def fused_encode() -> tuple[Tensor, Tensor]:
+        return ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="triton")
+
     with torch.no_grad():
-        fused = report.time(
-            FUSED, lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="triton")
-        )
-    with torch.no_grad():
-        report.time_queued(
-            FUSED, lambda: ops.topk_encode(p.x, p.W_enc, p.b_enc, p.b_dec, K, backend="triton"))
+        fused = report.time(FUSED, fused_encode)
+        report.time_queued(FUSED, fused_encode)
     for label, ms in (("torch.mm", mm), ("fused encode", fused)):
         if ms is not None:
             report.add(f"encode: {label} rate", f"{tflop / ms * 1e3:.0f} TFLOP/s")
@@ -631,8 +635,7 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     # counts the gaps.
     report.time_queued(NESTED, nested("auto"))
     report.time_queued(DECODE_AUTO, decode)
-    device_ratio = report.ratio(f"{NESTED}, device time, host queued ahead",
-                                f"{DECODE_AUTO}, device time, host queued ahead")
+    device_ratio = report.ratio(queued_label(NESTED), queued_label(DECODE_AUTO))
     if device_ratio is not None:
         report.add("nested loss / one decode, fwd+bwd, device times, host queued ahead",
                    f"{device_ratio:.3g}")

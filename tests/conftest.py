@@ -51,6 +51,18 @@ def lowest_ids_first(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @pytest.fixture
+def tensor_cores(request, monkeypatch) -> bool:
+    """Indirectly parametrized with a bool: whether the test runs with SPARSECODE_TENSOR_CORES=1
+    (the bfloat16 kernels written for the tensor cores) or with the variable unset (the
+    default kernels)."""
+    if request.param:
+        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
+    else:
+        monkeypatch.delenv("SPARSECODE_TENSOR_CORES", raising=False)
+    return request.param
+
+
+@pytest.fixture
 def seed() -> int:
     """A fresh random seed per test, printed so a failure can be replayed (SPARSECODE_SEED)."""
     value = int(os.environ.get("SPARSECODE_SEED", int.from_bytes(os.urandom(4), "little")))

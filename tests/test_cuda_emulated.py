@@ -556,16 +556,6 @@ def emulated_build(tmp_path_factory) -> tuple[str, Path, list[Path]]:
     return nvcc, where, objects
 
 
-@pytest.fixture
-def tensor_cores(request, monkeypatch) -> bool:
-    """request.param (SUM_DTYPES): whether SPARSECODE_TENSOR_CORES=1 is set for the test."""
-    if request.param:
-        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
-    else:
-        monkeypatch.delenv("SPARSECODE_TENSOR_CORES", raising=False)
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def cuda_emulated(emulated_build) -> ctypes.CDLL:
     """Every launcher of csrc/cuda/kernels.cuh, through the C entry points, for ctypes."""

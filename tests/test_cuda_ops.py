@@ -49,12 +49,10 @@ REAL = (8192, 2304, 65536, 64)
 REAL_SIZES = [2048, 4096, 8192, 16384, 32768, 65536]
 
 
-@pytest.fixture(params=["cuda cores", "tensor cores"])
-def tensor_cores(request, monkeypatch) -> None:
-    """Runs the test as it is (bfloat16 per-latent sums on the CUDA cores, the default) and
-    with SPARSECODE_TENSOR_CORES=1 (on the tensor cores)."""
-    if request.param == "tensor cores":
-        monkeypatch.setenv("SPARSECODE_TENSOR_CORES", "1")
+# Runs a test as it is (bfloat16 per-latent sums on the CUDA cores, the default) and with
+# SPARSECODE_TENSOR_CORES=1 (on the tensor cores): the tensor_cores fixture of tests/conftest.py.
+BOTH_CORES = pytest.mark.parametrize("tensor_cores", [False, True], indirect=True,
+                                     ids=["cuda cores", "tensor cores"])
 
 
 @contextlib.contextmanager
@@ -307,17 +305,17 @@ def test_encode_small(B, d, n, k, seed):
         check_encode(B, d, n, k, dtype, cpp=True)
 
 
-@pytest.mark.usefixtures("tensor_cores")
+@BOTH_CORES
 @pytest.mark.parametrize("B,d,n,k", SMALL)
-def test_decode_small(B, d, n, k, seed):
+def test_decode_small(B, d, n, k, tensor_cores, seed):
     for dtype in DTYPES:
         check_decode(B, d, n, k, dtype, cpp=True)
 
 
-@pytest.mark.usefixtures("tensor_cores")
+@BOTH_CORES
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("B,d,n,k", SMALL)
-def test_nested_small(B, d, n, k, G, seed):
+def test_nested_small(B, d, n, k, G, tensor_cores, seed):
     sizes = [n] if G == 1 else [max(1, n // 4), n // 2, n]
     for dtype in DTYPES:
         check_nested(B, d, n, k, dtype, sizes, cpp=True, shuffle=(B == 5))
@@ -362,9 +360,9 @@ def test_encode_by_row_and_column_ranges(dtype, seed):
     assert torch.equal(values, torch.relu(pre.gather(1, want)).to(dtype))
 
 
-@pytest.mark.usefixtures("tensor_cores")
+@BOTH_CORES
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_real_size(dtype, seed):
+def test_real_size(dtype, tensor_cores, seed):
     """B = 8192, d_model = 2304, d_sae = 65536, k = 64, G = 6, against float64; in float32
     also against the cpp backend's sparse backward and nested loss (their CPU cost is
     O(B k d))."""
@@ -384,9 +382,9 @@ def test_real_size_encode(dtype, seed):
     torch.cuda.empty_cache()
 
 
-@pytest.mark.usefixtures("tensor_cores")
+@BOTH_CORES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_deterministic(dtype, seed):
+def test_deterministic(dtype, tensor_cores, seed):
     """Two runs under torch.use_deterministic_algorithms(True) are bit-identical, with latent 0
     active in every row (a long segment) and many latents shared between rows."""
     B, d, n, k = 512, 256, 4096, 32
