@@ -222,7 +222,9 @@ def _triton_backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor |
                      grad_x_hat: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_values, grad_W_dec, grad_b_dec) of the Triton walks. From the loss alone
     (the usual training step) S = grad_loss P, the suffix sums the forward saved, and the pass
-    over the pairs takes grad_loss into its coefficients; under other upstream gradients the
+    over the pairs takes grad_loss into its coefficients; grad_x = grad_loss P_0 is made only
+    where x requires grad (a training step's activations do not: a [B, d] pass saved), and
+    grad_b_dec = -grad_loss times the column sums of P_0. Under other upstream gradients the
     backward walks the forward again for the residuals R [G, B, d] (float32), makes S from them
     and frees R before the pass over the pairs allocates grad_W_dec."""
     x, values, indices, W_dec, b_dec, P = ctx.saved_tensors
@@ -230,8 +232,8 @@ def _triton_backward(ctx, grad_loss: Tensor | None, grad_prefix_losses: Tensor |
         grad_loss = grad_loss.to(values.dtype)
         grad_values, grad_W_dec = _nested_prefix_loss_pair_grads_triton(
             P, values * grad_loss, indices, W_dec, ctx.prefix_sizes)
-        grad_x = P[0] * grad_loss
-        return grad_x, grad_values * grad_loss, grad_W_dec, -grad_x.sum(0)
+        grad_x = P[0] * grad_loss if ctx.needs_input_grad[0] else None
+        return grad_x, grad_values * grad_loss, grad_W_dec, -(P[0].sum(0) * grad_loss)
     if grad_loss is None:
         grad_loss = x.new_zeros(())
     if grad_prefix_losses is None:

@@ -303,6 +303,30 @@ def test_nested_loss_matches_reference(B, d, n, k, dtype, grad_path, seed, poiso
                                              TOLERANCE[dtype], loss_only=loss_only)
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])
+def test_nested_loss_backward_of_constant_x_matches_reference(dtype, seed):
+    """A training step's backward: from the loss alone, with x (the activations) not requiring
+    grad, so no grad_x is made; the gradients of values, W_dec and b_dec are the bits of the
+    backward that also makes grad_x, and match the float64 reference."""
+    x, values, indices, W_dec, b_dec, sizes, weights = nested_tests.make_problem(9, 33, 70, 5,
+                                                                                 dtype)
+    grads = {}
+    for x_needs_grad in (False, True):
+        x_leaf = x.clone().requires_grad_(x_needs_grad)
+        leaves = [t.clone().requires_grad_() for t in (values, W_dec, b_dec)]
+        loss, _, _ = nested_prefix_loss_and_decode(x_leaf, leaves[0], indices, leaves[1],
+                                                   leaves[2], sizes, weights, backend="triton")
+        grads[x_needs_grad] = torch.autograd.grad(loss, leaves)
+    for without, with_x in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(without, with_x)
+    leaves64 = [t.double().requires_grad_() for t in (values, W_dec, b_dec)]
+    ref_loss, _ = reference.nested_prefix_loss(x.double(), leaves64[0], indices, leaves64[1],
+                                               leaves64[2], sizes, weights)
+    ref_grads = torch.autograd.grad(ref_loss, leaves64)
+    for name, got, want in zip(("values", "W_dec", "b_dec"), grads[False], ref_grads):
+        assert_close(got, want, TOLERANCE[dtype], f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nested_loss_of_16_prefixes_matches_reference(dtype, seed):
     """G = 16, the most: the walk packs each slot's group in 4 bits (up to 15), and the rows'
