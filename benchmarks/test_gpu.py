@@ -689,6 +689,11 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
     with torch.no_grad():
         report.time("nested_prefix_loss forward: triton, STAGES=1",
                     forward(stages=1, suffix_sums=False))
+        # The same walk at the depth the autotuner picks, called directly: against the row
+        # above, the autotuner's cost a call; against "forward: triton" (the op, which run 4
+        # timed at 1.176 ms where STAGES=1 took 0.800), the op's own.
+        report.time("nested_prefix_loss forward: triton, direct call, autotuned",
+                    forward(suffix_sums=False))
         report.time("nested_prefix_loss forward with the suffix sums (a training step's): triton",
                     forward())
         with tensor_cores():
