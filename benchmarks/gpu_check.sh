@@ -6,11 +6,14 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh [build|tests|bench|profile|ncu]
 #
 # With a stage name it runs only that stage (for a rerun on a machine that already built).
-# Files written to $OUT: env.txt, build.log, build_system_gxx.log (only if a rebuild was
-# needed), gpu_tests.log, gpu_errors.log, gpu_bench.log, gpu_results.md, gpu_profile.log.
+# Files written to $OUT: gpu_tests.log, gpu_bench.log, gpu_results.md, gpu_profile.log, and
+# logs.tar.gz holding env.txt, build.log, build_system_gxx.log (only if a rebuild was needed)
+# and gpu_errors.log (the device tool brings back at most 8 files).
 # The ncu stage, last in the full run (about 40 s on an H200), profiles one launch of each hot
-# kernel with Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel)
-# and gpu_ncu_raw.csv (every metric collected, warp stall reasons among them).
+# kernel with Nsight Compute (benchmarks/gpu_ncu.py): gpu_ncu.log (its sections, per kernel),
+# gpu_ncu_raw.csv (every metric collected, warp stall reasons among them) and
+# gpu_ncu_source.csv (the CUDA-core per-latent sums' SASS, line by line, with the warp stall
+# samples of each instruction).
 # A failing stage does not stop the later ones. Each stage has a time limit (BUILD_TIMEOUT,
 # TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT, NCU_TIMEOUT seconds), and no stage runs past
 # TOTAL_TIMEOUT seconds from the start, so that the whole script ends inside one 10-minute call.
@@ -170,7 +173,7 @@ if [[ "$STAGE" == all || "$STAGE" == ncu ]]; then
   KERNELS='regex:_encode_kernel|_decode_kernel|latent_rows_sum_kernel|latent_rows_sum_mma_kernel|nested_prefix_mma_kernel|_forward_kernel|_suffix_kernel'
   SECTIONS=()
   for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
-    ComputeWorkloadAnalysis MemoryWorkloadAnalysis InstructionStats; do
+    ComputeWorkloadAnalysis MemoryWorkloadAnalysis InstructionStats SourceCounters; do
     SECTIONS+=(--section "$s")
   done
   run_stage ncu "$NCU_TIMEOUT" "$OUT/gpu_ncu.log" "$NCU" --clock-control none \
@@ -178,10 +181,29 @@ if [[ "$STAGE" == all || "$STAGE" == ncu ]]; then
   if [[ -f "$OUT/kernels.ncu-rep" ]]; then
     "$NCU" --import "$OUT/kernels.ncu-rep" --page details >>"$OUT/gpu_ncu.log" 2>&1
     "$NCU" --import "$OUT/kernels.ncu-rep" --page raw --csv >"$OUT/gpu_ncu_raw.csv" 2>&1
+    # Which instructions of the per-latent sums wait, and on what: the transposed sum took
+    # twice the plain one's time in run 4. Every kernel's if the filter is refused on import;
+    # capped below the 16 MiB a file that comes back.
+    source_tmp=$(mktemp)
+    SOURCE=(--page source --print-source sass --csv)
+    "$NCU" --import "$OUT/kernels.ncu-rep" --kernel-name regex:latent_rows_sum_kernel \
+      "${SOURCE[@]}" >"$source_tmp" 2>&1 \
+      || "$NCU" --import "$OUT/kernels.ncu-rep" "${SOURCE[@]}" >"$source_tmp" 2>&1
+    head -c 15000000 "$source_tmp" >"$OUT/gpu_ncu_source.csv"
+    rm -f "$source_tmp"
     rm -f "$OUT/kernels.ncu-rep"
     grep -E "^  [a-z_]|Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occupancy|Memory Throughput|L2 Hit" \
       "$OUT/gpu_ncu.log" | head -n 120
   fi
+fi
+
+# The smaller logs in one archive, so that every file fits the 8 that come back.
+logs=()
+for f in env.txt build.log build_system_gxx.log gpu_errors.log; do
+  if [[ -f "$OUT/$f" ]]; then logs+=("$f"); fi
+done
+if ((${#logs[@]} > 0)) && tar -czf "$OUT/logs.tar.gz" -C "$OUT" "${logs[@]}"; then
+  (cd "$OUT" && rm -f "${logs[@]}")
 fi
 
 echo
