@@ -699,19 +699,20 @@ def test_nested_prefix_loss(report: Report, problem: Problem) -> None:
         with tensor_cores():
             report.time("nested_prefix_loss forward with the suffix sums (a training step's): "
                         "triton, tensor cores", forward())
-        P = nested_prefix_loss_forward(p.x, p.values, p.indices, W_dec, b_dec, PREFIX_SIZES,
-                                       PREFIX_WEIGHTS)[3]
-        report.time("nested_prefix_loss backward from the loss alone: triton",
-                    lambda: (nested_prefix_loss_pair_grads(P, p.values, p.indices, W_dec,
-                                                           PREFIX_SIZES), -P[0].sum(0)))
-        del P
-
         training_forward = forward()
 
-        def direct() -> tuple[Tensor, ...]:
-            P = training_forward()[3]
+        def backward_from_loss(P: Tensor) -> tuple[Tensor, ...]:
+            """The backward from the loss alone, from the forward's suffix sums P."""
             return (*nested_prefix_loss_pair_grads(P, p.values, p.indices, W_dec, PREFIX_SIZES),
                     -P[0].sum(0))
+
+        P = training_forward()[3]
+        report.time("nested_prefix_loss backward from the loss alone: triton",
+                    lambda: backward_from_loss(P))
+        del P
+
+        def direct() -> tuple[Tensor, ...]:
+            return backward_from_loss(training_forward()[3])
 
         # The two rows above as one call, without the op's custom ops and autograd: against
         # the NESTED row, what those layers cost (run 4: the forward and the backward timed
