@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 import sparsecode
+import sparsecode.sae
 from sparsecode import ops, reference
 from sparsecode.backends import TENSOR_CORES_ENV_VAR
 from sparsecode.optim import MasterWeightAdam
@@ -587,6 +588,14 @@ def test_sparse_backward(report: Report, problem: Problem) -> None:
         del run
     report.check("issue 7: dense / sparse backward",
                  report.ratio(BACKWARD_DENSE, BACKWARD_SPARSE), 10.0, at_least=True)
+    # Its encode half alone: grad_W_enc by the transposed per-latent sums (with W_enc @
+    # grad_b_enc in the same pass), the kernel that run 4's Nsight Compute timed at 1.01 ms
+    # against 0.55 ms for the plain sums.
+    grad_values = torch.randn_like(p.values)
+    C = torch.ops.sparsecode_C
+    report.time("encode backward alone: cuda (transposed per-latent sums, x without grad)",
+                lambda: C.topk_encode_backward(grad_values, p.x, W_enc.detach(), b_dec.detach(),
+                                               p.values, p.indices, False))
 
     floor_bytes = backward_floor_bytes()
     bandwidth = report.attempt("device copy bandwidth", copy_bandwidth)
@@ -881,6 +890,15 @@ def test_training_steps(report: Report) -> None:
         on_tensor_cores = report.attempt("step: matryoshka, auto, tensor cores",
                                          lambda: measure_step("matryoshka", "auto", BATCH))
     torch.cuda.empty_cache()
+    # auto, but the encode on the cuda backend (cuBLAS column chunks folded by topk_select.cu):
+    # whether auto should take that encode rather than the Triton fused one.
+    encode = sparsecode.sae.topk_encode
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparsecode.sae, "topk_encode",
+                      lambda *args, backend: encode(*args, backend="cuda"))
+        cuda_encode = report.attempt("step: matryoshka, auto, the encode on cuda",
+                                     lambda: measure_step("matryoshka", "auto", BATCH))
+    torch.cuda.empty_cache()
     # Every op on the cuda backend: the encode by column chunks of cuBLAS (topk_select.cu)
     # where auto takes the Triton fused encode, and the CUDA nested loss.
     cuda = report.attempt("step: matryoshka, cuda",
@@ -894,6 +912,7 @@ def test_training_steps(report: Report) -> None:
                            ("step: matryoshka, auto, Adam on a side stream", side),
                            ("step: matryoshka, auto, tensor cores", on_tensor_cores),
                            ("step: matryoshka, auto, without the input check", unchecked),
+                           ("step: matryoshka, auto, the encode on cuda", cuda_encode),
                            ("step: matryoshka, cuda", cuda),
                            ("step: matryoshka, reference", ref)):
         if figures is not None:

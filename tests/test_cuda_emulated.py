@@ -127,6 +127,11 @@ V __shfl_down_sync(unsigned mask, V value, unsigned delta) {
   const int source = emulated_lane + static_cast<int>(delta);
   return __shfl_sync(mask, value, source < 32 ? source : emulated_lane);
 }
+template <typename V>
+V __shfl_up_sync(unsigned mask, V value, unsigned delta) {
+  const int source = emulated_lane - static_cast<int>(delta);
+  return __shfl_sync(mask, value, source >= 0 ? source : emulated_lane);
+}
 inline unsigned __ballot_sync(unsigned, int predicate) {
   emulated_warp->slot[emulated_lane] = predicate != 0;
   emulated_warp->sync.arrive_and_wait();
@@ -139,6 +144,7 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
 }
 inline bool __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline void __syncwarp(unsigned = 0xffffffffu) { emulated_warp->sync.arrive_and_wait(); }
 inline void __syncthreads() { emulated_block->arrive_and_wait(); }
@@ -208,6 +214,19 @@ inline unsigned __reduce_min_sync(unsigned, unsigned value) {
 }
 inline int __reduce_max_sync(unsigned, int value) {
   return emulated_reduce(value, [](int a, int b) { return a > b ? a : b; });
+}
+inline int __reduce_add_sync(unsigned, int value) {
+  uint32_t mine[1];
+  std::memcpy(mine, &value, sizeof(value));
+  uint32_t all[32][1];
+  emulated_exchange(mine, all);
+  int total = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    int other;
+    std::memcpy(&other, all[lane], sizeof(other));
+    total += other;
+  }
+  return total;
 }
 
 // ldmatrix .x4 (.trans): lane i gives row i % 8 of matrix i / 8; lane l = 4g + t receives
@@ -681,7 +700,8 @@ def vector_width(d: int, dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype,tensor_cores", SUM_DTYPES, indirect=["tensor_cores"])
 @pytest.mark.parametrize("B,d,n,k", [(1, 7, 33, 1), (5, 130, 40, 3), (33, 64, 70, 32),
-                                     (40, 264, 70, 5), (300, 16, 40, 3), (200, 24, 9, 3)])
+                                     (40, 264, 70, 5), (300, 16, 40, 3), (200, 24, 9, 3),
+                                     (300, 40, 96, 3)])
 def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, tensor_cores, seed):
     """out[i] = sum over latent i's pairs of coef * src[row] (plain, transposed with coef_sum,
     and fused with the pairs' dots against weights), with src_rows into a taller src, zero
@@ -692,7 +712,10 @@ def test_latent_rows_sum(cuda_emulated, B, d, n, k, dtype, tensor_cores, seed):
     which the whole block sums one latent, and so do latent 5's, between short latents of the
     same warp (the tensor-core kernel skips both); at B = 200 its 200 pairs, and the other
     latents' 50 or so, span several chunks of 32 pairs in the pass where a warp sums whole
-    latents."""
+    latents. The transposed sums store 16 bytes of consecutive latents a lane where the pass
+    sums all of them and n keeps the rows aligned: n = 96 and 40 (and 70 in float64) in the
+    latent tiles that it sums whole, an element at a time elsewhere (the
+    tile of latents 0 and 5 at B = 300, partial tiles, other n)."""
     indices = random_code(B, n, k)
     indices[:, 0] = 0  # latent 0 in every row: a long segment
     if B == 300:
@@ -857,6 +880,33 @@ def test_topk_fold_and_finish(cuda_emulated, B, n, k, width, dtype, seed):
     want_values, want_indices = topk_rule(pre, k)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("k,dtype", [(1, torch.bfloat16), (64, torch.bfloat16),
+                                     (200, torch.float32)])
+def test_topk_fold_of_the_encodes_chunks(cuda_emulated, k, dtype, seed):
+    """The running top k over chunks of 1024 columns (the encode's are 2048 at B = 8192) on
+    rows that take each of the fold's paths: a random row (the first chunk selects from the
+    columns above its own bound, the next selects or inserts what beats the worst kept slot),
+    a row rising along its columns (more candidates than the buffer holds: the chunk taken a
+    column at a time), and a row of a few distinct values (ties at the k-th value)."""
+    n, width, B = 2 * 1024, 1024, 3
+    pre = torch.randn(B, n)
+    pre[1] = torch.linspace(-3.0, 3.0, n)
+    pre[2] = torch.randint(0, 6, (n,)).float()
+    pre = pre.to(dtype)
+    kpad = 32 * max(1, 1 << max(0, (k - 1).bit_length() - 5))
+    keep_key = torch.zeros(B, kpad, dtype=torch.int32)
+    keep_id = (2**31 - 1 - torch.arange(kpad, dtype=torch.int32)).expand(B, kpad).contiguous()
+    name = SUFFIX[dtype]
+    for c0 in range(0, n, width):
+        chunk = pre[:, c0:c0 + width].contiguous()
+        call(cuda_emulated, f"topk_fold_{name}", chunk, B, width, c0, k, keep_key, keep_id)
+    values, indices = poison((B, k), dtype), torch.full((B, k), -7, dtype=torch.int64)
+    call(cuda_emulated, f"topk_finish_{name}", keep_key, keep_id, B, k, values, indices)
+    want_values, want_indices = topk_rule(pre, k)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
 
 
 def test_latent_rows_sum_refuses_rows_past_32_bit_addressing(cuda_emulated):

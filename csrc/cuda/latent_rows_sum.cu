@@ -38,8 +38,9 @@
 // vector store per lane; transposed ones go through a [32][32 V + 1] shared tile (each lane writing
 // its V values from its own starting place, so that no two lanes of a store share a bank: with
 // 8-way conflicts these stores alone came to about 0.17 ms of shared-memory cycles at the size
-// below), then each lane stores its latent of every eighth column, so that a warp stores 32
-// consecutive latents of one column of out (12.5 instructions an element, against 44 when each
+// below), then each lane stores 16 bytes of consecutive latents of one column of out
+// (store_transposed: 8 bfloat16 latents, 4 lanes a column, about 3.5 sm_90 instructions an
+// element against 14 when a lane stored one latent's 2 bytes, and 44 before that, when each
 // element looked up its latent's offsets again). Blocks are numbered latent-tile fastest, so the
 // blocks in flight share one column tile and read only a B x 32 V (or G*B x 32 V) slab of src, a
 // few MB that stays in L2.
@@ -208,6 +209,54 @@ __device__ __forceinline__ void sum_pairs(int64_t begin, int64_t end, PairChunk<
   }
 }
 
+// The transposed store of a block's sums, after a barrier: out[e0 + col, i0 + t] = tile[t][col]
+// (out [d, n]) for every latent t of the tile that this pass sums (bit t of ours) and every
+// column below d. A lane stores kVec consecutive latents of one column, 16 bytes of Out (8
+// bfloat16), a warp kWarp / (kLatentTile / kVec) columns at once: one evict-first vector store
+// (store_pack) where the pass sums all kVec of them and out's rows keep 16-byte alignment, else
+// an element at a time. The lanes of one read, tile[q * kVec + j][col0 + c] for every q and c,
+// fall in the banks (q * kVec + c + j + col0) % 32 (rows of kCols + 1 words, kCols a multiple of
+// 32): all different. In the bfloat16 sm_90 SASS a lane's 8 elements take 27 instructions (8
+// shared loads, 4 conversions of two, the store and the address), against about 14 an element
+// when each lane stored one 2-byte element of 32 consecutive latents a warp.
+template <typename Out, int kCols, typename A>
+__device__ __forceinline__ void store_transposed(const A (&tile)[kLatentTile][kCols + 1],
+                                                 uint32_t ours, int64_t i0, int64_t e0,
+                                                 int64_t n, int64_t d, int warp, int lane,
+                                                 Out* __restrict__ out) {
+  constexpr int kVec = static_cast<int>(16 / sizeof(Out));
+  static_assert(kVec <= kLatentTile && kLatentTile % kVec == 0, "a lane's latents");
+  constexpr int kLanesPerCol = kLatentTile / kVec;
+  constexpr int kColsAtOnce = kWarp / kLanesPerCol;
+  constexpr uint32_t kMine = (uint32_t(1) << kVec) - 1;  // kVec < 32
+  const int first = lane % kLanesPerCol * kVec;          // the lane's first latent of the tile
+  const bool vector = n % kVec == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                      ((ours >> first) & kMine) == kMine;
+#pragma unroll
+  for (int col = warp * kColsAtOnce + lane / kLanesPerCol; col < kCols;
+       col += kSegWarps * kColsAtOnce) {
+    if (e0 + col >= d) {
+      break;  // and every later column
+    }
+    Out* dst = out + (e0 + col) * n + i0 + first;
+    if (vector) {
+      A values[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        values[j] = tile[first + j][col];
+      }
+      store_pack<Out, kVec>(dst, values);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if ((ours >> (first + j)) & 1) {
+          dst[j] = from_acc<Out>(tile[first + j][col]);
+        }
+      }
+    }
+  }
+}
+
 // kDots: also partial_dots[blockIdx.y * num_pairs + pair_ids[q]] = src[rows[q]] . weights[i]
 // over the block's columns, for every pair q of latent i (zero coefficients included).
 // At most 64 registers, so that 4 blocks (32 warps) fit on an SM: the pair loads are L2
@@ -286,6 +335,9 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
   };
 
   if constexpr (!kLongPass) {
+    if (kTransposed && bias_partial != nullptr) {
+      prefetch_bias_weights(weights, i0, n, d, e0, kCols);
+    }
     // The warp's latents first .. first + kWarpLatents - 1 own consecutive pairs: latent
     // first + j those from bound(j) to bound(j + 1), with the offsets read in one load.
     const int64_t first = i0 + warp * kWarpLatents;
@@ -368,16 +420,9 @@ __global__ void __launch_bounds__(kSegWarps * kWarp, 4)
     }
   }
   if constexpr (kTransposed) {
-    // Lane l stores latent i0 + l of the columns warp, warp + 8, ...: out[e, i0 + l], 32
-    // consecutive latents of one column a warp; tile[l][col] is in bank (l + col) % 32.
     __syncthreads();
-    int64_t at = (e0 + warp) * n + lane_latent;
-#pragma unroll 4
-    for (int col = warp; col < kCols; col += kSegWarps, at += kSegWarps * n) {
-      if (lane_ours && e0 + col < d) {
-        out[at] = from_acc<Out>(tile[lane][col]);
-      }
-    }
+    store_transposed<Out, kCols>(tile, __ballot_sync(kFullMask, lane_ours), i0, e0, n, d, warp,
+                                 lane, out);
     if (bias_partial != nullptr) {
       bias_partial_sums(weights, tile_total, i0, static_cast<int>(min64(kLatentTile, n - i0)),
                         n, d, e0, kCols,

@@ -35,6 +35,21 @@ cudaError_t launch_latent_rows_sum_mma(dim3 grid, const int64_t* offsets, const 
 // instruction against the plain sum's 4.6, and on the load/store queue (MIO throttle) 1.4
 // against 0.0; whether these loads are the cause, its next run will say. The sum's order, and
 // so its bits, are the same either way.
+// At a block's start, asks L2 for the lines of bias_weights that bias_partial_sums reads at its
+// end (a thread per column, the line of its segment), so that those reads find them in L2
+// rather than DRAM: in the pass that has them, they come after the block's last barrier, with
+// nothing else left to overlap their latency. A hint: no value changes.
+template <typename Src>
+__device__ __forceinline__ void prefetch_bias_weights(const Src* bias_weights, int64_t i0,
+                                                      int64_t n, int64_t d, int64_t e0,
+                                                      int cols) {
+  for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+    if (e0 + col < d) {
+      prefetch_l2(bias_weights + (e0 + col) * n + i0);
+    }
+  }
+}
+
 template <typename Src, typename A>
 __device__ __forceinline__ void bias_partial_sums(const Src* __restrict__ bias_weights,
                                                   const A* tile_total, int64_t i0, int latents,

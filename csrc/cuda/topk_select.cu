@@ -10,27 +10,36 @@
 // The rule is the CPU's: the k largest, the lower column among equals; NaN ranks above every
 // number (as in torch.topk) and -0 equals +0. keep starts with every slot empty (key 0, below
 // every value's key) and ids INT32_MAX - slot; slots from k to kpad (kpad = 32 S, a power of
-// two) are padding, never evicted. The fold of the chunk at c0 = 0 expects empty slots: it puts
-// its first k columns in them without a comparison (when it has k).
+// two) are padding, never evicted.
 //
 // Strategy: a warp per row, a slot per lane and S (kpad / 32) slots a lane, in registers for the
 // whole chunk. The warp scans the chunk 32 V columns at a time (V = 16 bytes of T a lane, or 1
-// when the rows are not 16-byte aligned): each lane flags its columns that are not below the
-// value of the row's worst kept slot (the smallest key, the highest column among equals), in
-// one compare a column. Flagged columns are then taken one at a time (lowest lane, then lowest
-// column): each that beats the worst slot by the rule replaces it, and the warp finds the new
-// worst (on sm_80 and later two warp reductions, redux.sync, of the key and then the id) and
-// drops the flags it no longer passes. The
-// rule is a total order on (key, column), so the kept set does not depend on the order in which
-// columns are taken.
+// when the rows are not 16-byte aligned): each lane tests its columns against a bar, the value of
+// the row's worst kept slot (the smallest key, the highest column among equals), and a step in
+// which no lane has a column not below it ends with the vote (load_and_test). Flagged columns
+// are taken one at a time (lowest lane, then lowest column): each that beats the worst slot by
+// the rule replaces it, and the warp finds the new worst (on sm_80 and later two warp reductions,
+// redux.sync, of the key and then the id) and drops the flags it no longer passes
+// (fold_by_insertion). The first chunk, whose slots are empty, is selected at once instead: one
+// pass finds a lower bound on its k-th largest value (chunk_bound: the smallest over the lanes of
+// each lane's S-th largest column), a second writes its columns not below the bound to the warp's
+// buffer in shared memory (gather_candidates), and select_candidates keeps the k best of them,
+// the k-th best key from a search over its 32 bits (each step a count over the warp), then the
+// keys above it and the lowest ids among those equal to it. A first chunk with more such columns
+// than the buffer holds (rows whose values rise along the columns, or many equal values) is taken
+// one column at a time like the others. The rule is a total order on (key, column), so the kept
+// set depends neither on the path nor on the order in which columns are taken.
 //
 // Cost: the GEMM's 2 B d n FLOPs (cuBLAS) and its chunk written and read once, B w s bytes (from
-// L2 at w * s * B of about 32 MB), plus keep (B kpad 8 bytes) read and written per chunk. A row
-// scans its n columns once (a compare each; about 60 sm_90 instructions a warp per 256 bf16
-// columns) and, past its first k, about k ln(n / k) insertions on random pre-activations (444
-// at k = 64, n = 65536), about 95 instructions each: at B = 8192 an estimated 0.15 ms of
-// scanning and 0.4 ms of insertions on an H100, beside the GEMM's 3.2 ms. Adversarial rows (pre
-// increasing along the row) make every column an insertion.
+// L2 at w * s * B of about 32 MB), plus keep (B kpad 8 bytes) read and written per chunk. Per
+// row, on random pre-activations at k = 64 and chunks of 2048 columns (n = 65536), simulated:
+// the first chunk has 185 columns on average not below its bound (at most 424 in 20000 rows);
+// taken one at a time, it made 288 insertions of the row's 512 (about 95 sm_90 instructions a
+// flagged column). In sm_90 instructions a warp, the first chunk now costs about 8 k (both passes,
+// the buffer's stores and the selection) instead of 27 k, and a step without a candidate 41
+// instead of about 70: about 39 k a row instead of 63 k, an estimated 0.35 ms of issue on an H200
+// at B = 8192 instead of 0.55 ms, beside the GEMM's 3.2 ms. Rows whose values rise along the
+// columns make every column an insertion.
 #include <cmath>
 #include <type_traits>
 
@@ -41,6 +50,10 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;  // warps a block, a row each
 constexpr uint32_t kEmptyKey = 0;
+// Candidates a warp's buffer holds: the first chunk's columns not below its bound, then the
+// kept slots.
+constexpr int kBuffer = 512;
+constexpr int kBufferPerLane = kBuffer / kWarp;
 
 // The float's rank as an unsigned key: monotone, NaN above +inf, -0 as +0.
 __device__ __forceinline__ uint32_t order_key(float v) {
@@ -148,21 +161,89 @@ __device__ __forceinline__ void load_columns(const T* at, int valid, float (&out
   }
 }
 
-template <typename T, int S, int V>
-__global__ void __launch_bounds__(kRowsPerBlock * kWarp)
-    topk_fold_kernel(const T* __restrict__ pre, int64_t B, int64_t w, int64_t c0, int k,
-                     uint32_t* __restrict__ keep_key, int32_t* __restrict__ keep_id) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  if (row >= B) {
-    return;  // the whole warp
+// Loads a lane's columns first .. first + V - 1 of the row (those below w: `valid` of them) into
+// x and tells whether one of them is not below bar (NaN included). Where the step is whole (every
+// step but a chunk's last, unless w is not a multiple of 32 V), the test is V chained compares
+// and no masks.
+template <typename T, int V>
+__device__ __forceinline__ bool load_and_test(const T* __restrict__ row_pre, int first, int valid,
+                                              float bar, float (&x)[V]) {
+  bool any = false;
+  if (valid == V) {
+    load_columns<T, V>(row_pre + first, V, x);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      any |= !(x[v] < bar);
+    }
+  } else if (valid > 0) {
+    load_columns<T, V>(row_pre + first, valid, x);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      any |= v < valid && !(x[v] < bar);
+    }
   }
-  uint32_t key[S];
-  int32_t id[S];
-  load_slots(keep_key, keep_id, row, lane, key, id);
-  const T* row_pre = pre + row * w;
-  // The first chunk (its slots empty) fills them with its first k columns, as they come.
-  const int64_t start = c0 == 0 && w >= k ? k : 0;
+  return any;
+}
+
+// The bits of the lane's columns (of load_and_test's x) that are not below bar.
+template <int V>
+__device__ __forceinline__ unsigned flags_of(const float (&x)[V], int valid, float bar) {
+  unsigned flags = 0;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    flags |= static_cast<unsigned>(v < valid && !(x[v] < bar)) << v;
+  }
+  return flags;
+}
+
+// The lowest kept slot's replacement by the candidate (cand_key, cand_id), which beats it, and
+// the new worst slot.
+template <int S>
+__device__ __forceinline__ void replace_worst(uint32_t cand_key, int32_t cand_id, int k, int lane,
+                                              uint32_t (&key)[S], int32_t (&id)[S],
+                                              uint32_t& worst_key, int32_t& worst_id) {
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    if (id[s] == worst_id) {  // ids are distinct: one slot of one lane
+      key[s] = cand_key;
+      id[s] = cand_id;
+    }
+  }
+  worst_slot(key, id, k, lane, worst_key, worst_id);
+}
+
+// The warp's sum of v, and its smallest v, in every lane (redux.sync on sm_80 and later).
+__device__ __forceinline__ int warp_total(int v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  return __reduce_add_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(kFullMask, v, offset);
+  }
+  return v;
+#endif
+}
+__device__ __forceinline__ uint32_t warp_least(uint32_t v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v = min(v, __shfl_xor_sync(kFullMask, v, offset));
+  }
+  return v;
+#endif
+}
+
+// The fold of a chunk one column at a time (see the file's comment): every chunk's but a first
+// chunk's whose candidates fit the buffer. The fold of the chunk at c0 = 0 expects empty slots: it
+// puts its first k columns in them without a comparison (when it has k).
+template <typename T, int S, int V>
+__device__ void fold_by_insertion(const T* __restrict__ row_pre, int64_t w, int64_t c0, int k,
+                                  int lane, uint32_t (&key)[S], int32_t (&id)[S],
+                                  uint32_t& worst_key, int32_t& worst_id) {
+  const int start = c0 == 0 && w >= k ? k : 0;
   if (start > 0) {
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -172,27 +253,22 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
         id[s] = p;
       }
     }
+    worst_slot(key, id, k, lane, worst_key, worst_id);
   }
-  uint32_t worst_key;
-  int32_t worst_id;
-  worst_slot(key, id, k, lane, worst_key, worst_id);
-  for (int64_t col0 = 0; col0 < w; col0 += kWarp * V) {  // the same for the whole warp
-    const int64_t first = col0 + lane * V;
-    const int valid = static_cast<int>(min64(V, w - first));
+  const int width = static_cast<int>(w);  // c0 + w is below 2^31 (topk_fold)
+  for (int col0 = 0; col0 < width; col0 += kWarp * V) {  // the same for the whole warp
+    const int first = col0 + lane * V;
+    const int valid = min32(V, width - first);
     float x[V];
-    unsigned flags = 0;
-    if (valid > 0) {
-      load_columns<T, V>(row_pre + first, valid, x);
-      const float bar = bar_of(worst_key);
+    const float bar = bar_of(worst_key);
+    if (!__any_sync(kFullMask, load_and_test<T, V>(row_pre, first, valid, bar, x))) {
+      continue;  // no column of the step is a candidate: the same in every lane
+    }
+    unsigned flags = flags_of(x, valid, bar);
+    if (col0 < start) {  // the columns already kept
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        flags |= static_cast<unsigned>(v < valid && !(x[v] < bar)) << v;
-      }
-      if (col0 < start) {  // the columns already kept
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          flags &= ~(static_cast<unsigned>(first + v < start) << v);
-        }
+        flags &= ~(static_cast<unsigned>(first + v < start) << v);
       }
     }
     // The flagged columns in ascending order: lowest lane, then its lowest flag.
@@ -212,14 +288,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
         flags &= flags - 1;  // taken
       }
       if (worse(worst_key, worst_id, cand_key, cand_id)) {
-#pragma unroll
-        for (int s = 0; s < S; ++s) {
-          if (id[s] == worst_id) {  // ids are distinct: one slot of one lane
-            key[s] = cand_key;
-            id[s] = cand_id;
-          }
-        }
-        worst_slot(key, id, k, lane, worst_key, worst_id);
+        replace_worst(cand_key, cand_id, k, lane, key, id, worst_key, worst_id);
         const float bar = bar_of(worst_key);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
@@ -228,6 +297,214 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
       }
     }
   }
+}
+
+// A value that at least 32 S >= k of the chunk's columns are not below, so that no column below
+// it is among the k best of the chunk (nor of the chunk and the kept slots): the smallest, over
+// the lanes, of each lane's S-th largest column (of the 32 V-column steps' columns it loads).
+// NaN columns, which rank above every number, count as missing here, which only lowers the
+// bound; a lane with fewer than S numbers gives -inf.
+template <typename T, int S, int V>
+__device__ float chunk_bound(const T* __restrict__ row_pre, int64_t w, int lane) {
+  float top[S];  // the lane's S largest, descending
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    top[s] = -INFINITY;
+  }
+  for (int64_t col0 = 0; col0 < w; col0 += kWarp * V) {
+    const int64_t first = col0 + lane * V;
+    const int valid = static_cast<int>(min64(V, w - first));
+    if (valid > 0) {
+      float x[V];
+      load_columns<T, V>(row_pre + first, valid, x);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float c = v < valid && x[v] == x[v] ? x[v] : -INFINITY;
+#pragma unroll
+        for (int s = 0; s < S; ++s) {  // c goes in at its rank; the smaller moves down
+          const float higher = fmaxf(top[s], c);
+          c = fminf(top[s], c);
+          top[s] = higher;
+        }
+      }
+    }
+  }
+  return key_value(warp_least(order_key(top[S - 1])));
+}
+
+// Writes the chunk's columns that are not below bar to the warp's candidate buffer, as (order
+// key, column id), at most `room` of them (lower lanes' first in each step of 32 V columns), and
+// returns how many there are, the same in every lane. A step in which no lane has one costs the
+// load, the conversions, a compare a column and a vote (load_and_test: about 40 sm_90
+// instructions with the loop's, for 256 bfloat16 columns); the flags, the prefix sum over the
+// lanes and the stores only follow a vote that found one.
+template <typename T, int V>
+__device__ int gather_candidates(const T* __restrict__ row_pre, int64_t w, int64_t c0, float bar,
+                                 int lane, int room, uint32_t* cand_key, int32_t* cand_id) {
+  const int width = static_cast<int>(w);  // c0 + w is below 2^31 (topk_fold)
+  int count = 0;
+  for (int col0 = 0; col0 < width; col0 += kWarp * V) {
+    const int first = col0 + lane * V;
+    const int valid = min32(V, width - first);
+    float x[V];
+    if (!__any_sync(kFullMask, load_and_test<T, V>(row_pre, first, valid, bar, x))) {
+      continue;  // the same in every lane
+    }
+    const unsigned flags = flags_of(x, valid, bar);
+    // This lane's flagged columns go after those of the lanes below it.
+    const int mine = __popc(flags);
+    int through = mine;  // the flags of lanes 0 .. lane
+#pragma unroll
+    for (int offset = 1; offset < kWarp; offset *= 2) {
+      const int below = __shfl_up_sync(kFullMask, through, offset);
+      through += lane >= offset ? below : 0;
+    }
+    int at = count + through - mine;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if ((flags >> v) & 1) {
+        if (at < room) {
+          cand_key[at] = order_key(x[v]);
+          cand_id[at] = static_cast<int32_t>(c0 + first + v);
+        }
+        ++at;
+      }
+    }
+    count += __shfl_sync(kFullMask, through, kWarp - 1);
+  }
+  __syncwarp();
+  return count;
+}
+
+// The k best of the `count` candidates in the warp's buffer and of the row's k kept slots, put
+// in the slots (in any order; the padding slots past k as they are). The k-th best key T comes
+// from a search over its bits, each step counting over the warp the candidates at or above a
+// trial key (32 steps of kBuffer / 32 compares a lane, the keys held in registers); the winners
+// are the keys above T and, among the keys equal to T, the lowest ids, as many as the k places
+// left. The ids stay in the buffer; the winners' keys and ids go to the two halves of the key
+// buffer (k <= kBuffer / 2), which every lane has read by then.
+template <int S>
+__device__ void select_candidates(uint32_t* cand_key, int32_t* cand_id, int count, int k,
+                                  int lane, uint32_t (&key)[S], int32_t (&id)[S]) {
+  static_assert(2 * kMaxTopk <= kBuffer, "the winners' keys and ids fit in the key buffer");
+#pragma unroll
+  for (int s = 0; s < S; ++s) {  // the kept slots join the candidates
+    const int p = s * kWarp + lane;
+    if (p < k) {
+      cand_key[count + p] = key[s];
+      cand_id[count + p] = id[s];
+    }
+  }
+  __syncwarp();
+  const int total = count + k;  // at most kBuffer
+  uint32_t ck[kBufferPerLane];
+#pragma unroll
+  for (int j = 0; j < kBufferPerLane; ++j) {
+    const int q = j * kWarp + lane;
+    ck[j] = q < total ? cand_key[q] : 0;
+  }
+  __syncwarp();  // every lane has read the keys, whose buffer then takes the winners
+  auto live = [&](int j) { return j * kWarp + lane < total; };
+  auto at_least = [&](uint32_t trial) {  // candidates with keys >= trial, over the warp
+    int n = 0;
+#pragma unroll
+    for (int j = 0; j < kBufferPerLane; ++j) {
+      n += live(j) && ck[j] >= trial;
+    }
+    return warp_total(n);
+  };
+  uint32_t T = 0;  // the largest key that k candidates are not below
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = T | (uint32_t(1) << bit);
+    if (at_least(trial) >= k) {
+      T = trial;
+    }
+  }
+  const int places = k - (T == 0xffffffffu ? 0 : at_least(T + 1));  // for keys equal to T
+  int ties = 0;
+#pragma unroll
+  for (int j = 0; j < kBufferPerLane; ++j) {
+    ties += live(j) && ck[j] == T;
+  }
+  // Among the keys equal to T, the ids up to `cut` win: the places-th lowest of those ids.
+  uint32_t cut = 0xffffffffu;
+  if (warp_total(ties) > places) {
+    uint32_t from = 0;  // the ids below `from` are the lowest found so far
+    for (int t = 0; t < places; ++t) {
+      uint32_t least = 0xffffffffu;
+#pragma unroll
+      for (int j = 0; j < kBufferPerLane; ++j) {
+        if (live(j) && ck[j] == T) {
+          const auto candidate = static_cast<uint32_t>(cand_id[j * kWarp + lane]);
+          least = candidate >= from && candidate < least ? candidate : least;
+        }
+      }
+      cut = warp_least(least);
+      from = cut + 1;
+    }
+  }
+  uint32_t* winner_key = cand_key;
+  uint32_t* winner_id = cand_key + kBuffer / 2;
+  int placed = 0;
+#pragma unroll
+  for (int j = 0; j < kBufferPerLane; ++j) {
+    const int q = j * kWarp + lane;
+    bool wins = live(j) && ck[j] >= T;
+    const auto candidate = static_cast<uint32_t>(wins ? cand_id[q] : 0);
+    wins = wins && (ck[j] > T || candidate <= cut);
+    const unsigned winners = __ballot_sync(kFullMask, wins);
+    if (wins) {
+      const int at = placed + __popc(winners & ((1u << lane) - 1));
+      winner_key[at] = ck[j];
+      winner_id[at] = candidate;
+    }
+    placed += __popc(winners);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const int p = s * kWarp + lane;
+    if (p < k) {
+      key[s] = winner_key[p];
+      id[s] = static_cast<int32_t>(winner_id[p]);
+    }
+  }
+}
+
+// 4 blocks an SM (at most 64 registers; 128 KB of buffers): the scans wait on L2 reads.
+template <typename T, int S, int V>
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp, 4)
+    topk_fold_kernel(const T* __restrict__ pre, int64_t B, int64_t w, int64_t c0, int k,
+                     uint32_t* __restrict__ keep_key, int32_t* __restrict__ keep_id) {
+  __shared__ uint32_t buffer_key[kRowsPerBlock][kBuffer];
+  __shared__ int32_t buffer_id[kRowsPerBlock][kBuffer];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
+  if (row >= B) {
+    return;  // the whole warp
+  }
+  uint32_t key[S];
+  int32_t id[S];
+  load_slots(keep_key, keep_id, row, lane, key, id);
+  const T* row_pre = pre + row * w;
+  uint32_t worst_key;
+  int32_t worst_id;
+  worst_slot(key, id, k, lane, worst_key, worst_id);
+  if (worst_key == kEmptyKey) {
+    // The first chunk: its columns not below its own bound, selected at once where the buffer
+    // holds them (with the kept slots), else taken one at a time as later chunks are.
+    const float bar = chunk_bound<T, S, V>(row_pre, w, lane);
+    const int room = kBuffer - k;
+    const int count = gather_candidates<T, V>(row_pre, w, c0, bar, lane, room, buffer_key[warp],
+                                              buffer_id[warp]);
+    if (count <= room) {
+      select_candidates(buffer_key[warp], buffer_id[warp], count, k, lane, key, id);
+      store_slots(key, id, row, lane, keep_key, keep_id);
+      return;
+    }
+  }
+  fold_by_insertion<T, S, V>(row_pre, w, c0, k, lane, key, id, worst_key, worst_id);
   store_slots(key, id, row, lane, keep_key, keep_id);
 }
 
