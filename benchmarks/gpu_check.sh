@@ -170,7 +170,7 @@ fi
 
 if [[ "$STAGE" == all || "$STAGE" == ncu ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-  KERNELS='regex:_encode_kernel|_decode_kernel|latent_rows_sum_kernel|latent_rows_sum_mma_kernel|nested_prefix_mma_kernel|_forward_kernel|_suffix_kernel'
+  KERNELS='regex:_encode_kernel|_decode_kernel|latent_rows_sum_kernel|latent_rows_sum_mma_kernel|nested_prefix_mma_kernel|_forward_kernel|_suffix_kernel|topk_fold_kernel'
   SECTIONS=()
   for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
     ComputeWorkloadAnalysis MemoryWorkloadAnalysis InstructionStats SourceCounters; do

@@ -9,6 +9,8 @@ Kernels: the fused encode, the decode forward, the decode's per-latent sum with 
 (latent_rows_sum_dots), the encode backward's transposed per-latent sum, the nested loss's
 Triton forward walk (with its norms and the loss's own suffix sums) and, as a backward under
 other upstream gradients than the loss's alone takes them, the suffix sums from the residuals;
+the cuda encode's two folds over the first 4096 columns (topk_fold_kernel: the first chunk
+selected at once, the second taken a column at a time);
 then, with SPARSECODE_TENSOR_CORES=1, the same per-latent sums and the nested forward on the
 tensor cores (latent_rows_sum_mma_kernel, nested_prefix_mma_kernel).
 """
@@ -52,6 +54,11 @@ def main() -> None:
         nested_prefix_loss_suffix_sums(
             torch.ones((), device=dev), torch.zeros(len(PREFIX_SIZES), device=dev), None,
             values, indices, W_dec, PREFIX_SIZES, PREFIX_WEIGHTS, resid)
+        # The cuda encode over the first 4096 columns: two chunks of 2048, so two folds of
+        # topk_select.cu, the first chunk's selection and a later chunk's insertions.
+        columns = slice(0, 4096)
+        ops.topk_encode(x, W_enc[:, columns].contiguous(), b_enc[columns].contiguous(), b_dec, K,
+                        backend="cuda")
     torch.cuda.synchronize()
     print("launched every kernel once")
 

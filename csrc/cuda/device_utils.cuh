@@ -198,7 +198,7 @@ __host__ __device__ __forceinline__ void hold(uint32_t& v) {
 // and nothing waits for it. Nothing on the host.
 __host__ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(__cvta_generic_to_global(p)));
 #else
   (void)p;
 #endif
