@@ -13,22 +13,22 @@
 // two) are padding, never evicted.
 //
 // Strategy: a warp per row, a slot per lane and S (kpad / 32) slots a lane, in registers for the
-// whole chunk. The warp scans the chunk 32 V columns at a time (V = 16 bytes of T a lane, or 1
-// when the rows are not 16-byte aligned): each lane tests its columns against a bar, the value of
-// the row's worst kept slot (the smallest key, the highest column among equals), and a step in
-// which no lane has a column not below it ends with the vote (load_and_test). Flagged columns
-// are taken one at a time (lowest lane, then lowest column): each that beats the worst slot by
-// the rule replaces it, and the warp finds the new worst (on sm_80 and later two warp reductions,
-// redux.sync, of the key and then the id) and drops the flags it no longer passes
-// (fold_by_insertion). The first chunk, whose slots are empty, is selected at once instead: one
-// pass finds a lower bound on its k-th largest value (chunk_bound: the smallest over the lanes of
-// each lane's S-th largest column), a second writes its columns not below the bound to the warp's
-// buffer in shared memory (gather_candidates), and select_candidates keeps the k best of them,
-// the k-th best key from a search over its 32 bits (each step a count over the warp), then the
-// keys above it and the lowest ids among those equal to it. A first chunk with more such columns
-// than the buffer holds (rows whose values rise along the columns, or many equal values) is taken
-// one column at a time like the others. The rule is a total order on (key, column), so the kept
-// set depends neither on the path nor on the order in which columns are taken.
+// whole chunk. The warp scans the chunk 32 V columns at a time (V = 16 bytes of T a lane, or 1 when
+// the rows are not 16-byte aligned; each step loaded one step ahead, ChunkSteps): each lane tests
+// its columns against a bar, the value of the row's worst kept slot (the smallest key, the highest
+// column among equals), and a step in which no lane has a column not below it ends with the vote
+// (any_not_below). Flagged columns are taken one at a time (lowest lane, then lowest column): each
+// that beats the worst slot by the rule replaces it, and the warp finds the new worst (on sm_80 and
+// later two warp reductions, redux.sync, of the key and then the id) and drops the flags it no
+// longer passes (fold_by_insertion). The first chunk, whose slots are empty, is selected at once
+// instead: one pass finds a lower bound on its k-th largest value (chunk_bound: the smallest over
+// the lanes of each lane's S-th largest column), a second writes its columns not below the bound to
+// the warp's buffer in shared memory (gather_candidates), and select_candidates keeps the k best of
+// them, the k-th best key from a search over its 32 bits (each step a count over the warp), then
+// the keys above it and the lowest ids among those equal to it. A first chunk with more such
+// columns than the buffer holds (rows whose values rise along the columns, or many equal values) is
+// taken one column at a time like the others. The rule is a total order on (key, column), so the
+// kept set depends neither on the path nor on the order in which columns are taken.
 //
 // Cost: the GEMM's 2 B d n FLOPs (cuBLAS) and its chunk written and read once, B w s bytes (from
 // L2 at w * s * B of about 32 MB), plus keep (B kpad 8 bytes) read and written per chunk. Per
@@ -36,7 +36,7 @@
 // the first chunk has 185 columns on average not below its bound (at most 424 in 20000 rows);
 // taken one at a time, it made 288 insertions of the row's 512 (about 95 sm_90 instructions a
 // flagged column). In sm_90 instructions a warp, the first chunk now costs about 8 k (both passes,
-// the buffer's stores and the selection) instead of 27 k, and a step without a candidate 41
+// the buffer's stores and the selection) instead of 27 k, and a step without a candidate about 40
 // instead of about 70: about 39 k a row instead of 63 k, an estimated 0.35 ms of issue on an H200
 // at B = 8192 instead of 0.55 ms, beside the GEMM's 3.2 ms. Rows whose values rise along the
 // columns make every column an insertion.
@@ -141,42 +141,96 @@ __device__ __forceinline__ void store_slots(const uint32_t (&key)[S], const int3
   }
 }
 
-// A lane's V consecutive elements of a row as floats (columns at or past `valid` as NaN: they
-// are never read, and their flags are cleared by the caller).
+// A lane's V consecutive elements of a row as loaded: 16 bytes as four 32-bit words (so that the
+// compiler keeps them in four registers, not one a 16-bit element), else a Pack.
 template <typename T, int V>
-__device__ __forceinline__ void load_columns(const T* at, int valid, float (&out)[V]) {
-  if constexpr (V > 1) {
-    if (valid >= V) {
-      Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(at);
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        out[v] = to_acc(pack.v[v]);
-      }
-      return;
-    }
+using Raw = std::conditional_t<sizeof(T) * V == 16, uint4, Pack<T, V>>;
+
+// A lane's V consecutive elements of a row from `at`, `valid` of them: one load of V elements
+// where all V are there, else one element at a time and zeros past `valid` (never read: their
+// flags are cleared by the caller).
+template <typename T, int V>
+__device__ __forceinline__ Raw<T, V> fetch_columns(const T* at, int valid) {
+  if (valid >= V) {
+    return *reinterpret_cast<const Raw<T, V>*>(at);
   }
+  Pack<T, V> pack;
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    out[v] = v < valid ? to_acc(at[v]) : 0.0f;
+    pack.v[v] = v < valid ? at[v] : from_acc<T>(0.0f);
+  }
+  Raw<T, V> raw;
+  memcpy(&raw, &pack, sizeof(raw));
+  return raw;
+}
+
+// fetch_columns' elements as floats; two bfloat16 a 32-bit word widen with one integer
+// instruction each (converted one by one, each took two: a byte permute, then the shift).
+template <typename T, int V>
+__device__ __forceinline__ void widen_columns(const Raw<T, V>& raw, float (&out)[V]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && sizeof(T) * V == 16) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      out[2 * w] = bits_to_float(words[w] << 16);
+      out[2 * w + 1] = bits_to_float(words[w] & 0xffff0000u);
+    }
+  } else {
+    Pack<T, V> pack;
+    memcpy(&pack, &raw, sizeof(pack));
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      out[v] = to_acc(pack.v[v]);
+    }
   }
 }
 
-// Loads a lane's columns first .. first + V - 1 of the row (those below w: `valid` of them) into
-// x and tells whether one of them is not below bar (NaN included). Where the step is whole (every
-// step but a chunk's last, unless w is not a multiple of 32 V), the test is V chained compares
-// and no masks.
 template <typename T, int V>
-__device__ __forceinline__ bool load_and_test(const T* __restrict__ row_pre, int first, int valid,
-                                              float bar, float (&x)[V]) {
+__device__ __forceinline__ void load_columns(const T* at, int valid, float (&out)[V]) {
+  widen_columns<T, V>(fetch_columns<T, V>(at, valid), out);
+}
+
+// A lane's steps of 32 V columns over a chunk of `width` columns, each step's columns fetched
+// one step ahead of their use, so that a warp keeps two L2 reads in flight (the fold runs 32
+// warps an SM).
+template <typename T, int V>
+struct ChunkSteps {
+  const T* row;
+  int width;
+  int lane;
+  Raw<T, V> ahead;
+
+  __device__ ChunkSteps(const T* row_pre, int w, int lane_) : row(row_pre), width(w), lane(lane_) {
+    ahead = fetch(0);
+  }
+  __device__ Raw<T, V> fetch(int col0) const {
+    const int first = col0 + lane * V;
+    return fetch_columns<T, V>(row + first, min32(V, width - first));
+  }
+  // The lane's columns of the step at col0 (steps taken in order), and the next step's fetch.
+  __device__ Raw<T, V> take(int col0) {
+    const Raw<T, V> now = ahead;
+    if (col0 + kWarp * V < width) {
+      ahead = fetch(col0 + kWarp * V);
+    }
+    return now;
+  }
+};
+
+// Whether one of a lane's columns (`valid` of the V in raw) is not below bar (NaN included).
+// Where the step is whole (every step but a chunk's last, unless its width is not a multiple
+// of 32 V), the test is V chained compares and no masks.
+template <typename T, int V>
+__device__ __forceinline__ bool any_not_below(const Raw<T, V>& raw, int valid, float bar) {
+  float x[V];
+  widen_columns<T, V>(raw, x);
   bool any = false;
   if (valid == V) {
-    load_columns<T, V>(row_pre + first, V, x);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       any |= !(x[v] < bar);
     }
-  } else if (valid > 0) {
-    load_columns<T, V>(row_pre + first, valid, x);
+  } else {
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       any |= v < valid && !(x[v] < bar);
@@ -185,7 +239,7 @@ __device__ __forceinline__ bool load_and_test(const T* __restrict__ row_pre, int
   return any;
 }
 
-// The bits of the lane's columns (of load_and_test's x) that are not below bar.
+// The bits of the lane's columns (x, `valid` of them) that are not below bar.
 template <int V>
 __device__ __forceinline__ unsigned flags_of(const float (&x)[V], int valid, float bar) {
   unsigned flags = 0;
@@ -256,14 +310,17 @@ __device__ void fold_by_insertion(const T* __restrict__ row_pre, int64_t w, int6
     worst_slot(key, id, k, lane, worst_key, worst_id);
   }
   const int width = static_cast<int>(w);  // c0 + w is below 2^31 (topk_fold)
+  ChunkSteps<T, V> steps(row_pre, width, lane);
   for (int col0 = 0; col0 < width; col0 += kWarp * V) {  // the same for the whole warp
+    const Raw<T, V> raw = steps.take(col0);
     const int first = col0 + lane * V;
     const int valid = min32(V, width - first);
-    float x[V];
     const float bar = bar_of(worst_key);
-    if (!__any_sync(kFullMask, load_and_test<T, V>(row_pre, first, valid, bar, x))) {
+    if (!__any_sync(kFullMask, any_not_below<T, V>(raw, valid, bar))) {
       continue;  // no column of the step is a candidate: the same in every lane
     }
+    float x[V];
+    widen_columns<T, V>(raw, x);
     unsigned flags = flags_of(x, valid, bar);
     if (col0 < start) {  // the columns already kept
 #pragma unroll
@@ -335,21 +392,24 @@ __device__ float chunk_bound(const T* __restrict__ row_pre, int64_t w, int lane)
 // Writes the chunk's columns that are not below bar to the warp's candidate buffer, as (order
 // key, column id), at most `room` of them (lower lanes' first in each step of 32 V columns), and
 // returns how many there are, the same in every lane. A step in which no lane has one costs the
-// load, the conversions, a compare a column and a vote (load_and_test: about 40 sm_90
+// load, the conversions, a compare a column and a vote (any_not_below: about 40 sm_90
 // instructions with the loop's, for 256 bfloat16 columns); the flags, the prefix sum over the
 // lanes and the stores only follow a vote that found one.
 template <typename T, int V>
 __device__ int gather_candidates(const T* __restrict__ row_pre, int64_t w, int64_t c0, float bar,
                                  int lane, int room, uint32_t* cand_key, int32_t* cand_id) {
   const int width = static_cast<int>(w);  // c0 + w is below 2^31 (topk_fold)
+  ChunkSteps<T, V> steps(row_pre, width, lane);
   int count = 0;
   for (int col0 = 0; col0 < width; col0 += kWarp * V) {
+    const Raw<T, V> raw = steps.take(col0);
     const int first = col0 + lane * V;
     const int valid = min32(V, width - first);
-    float x[V];
-    if (!__any_sync(kFullMask, load_and_test<T, V>(row_pre, first, valid, bar, x))) {
+    if (!__any_sync(kFullMask, any_not_below<T, V>(raw, valid, bar))) {
       continue;  // the same in every lane
     }
+    float x[V];
+    widen_columns<T, V>(raw, x);
     const unsigned flags = flags_of(x, valid, bar);
     // This lane's flagged columns go after those of the lanes below it.
     const int mine = __popc(flags);
