@@ -310,12 +310,12 @@ __device__ void fold_by_insertion(const T* __restrict__ row_pre, int64_t w, int6
     worst_slot(key, id, k, lane, worst_key, worst_id);
   }
   const int width = static_cast<int>(w);  // c0 + w is below 2^31 (topk_fold)
+  float bar = bar_of(worst_key);  // kept so, as worst_key changes
   ChunkSteps<T, V> steps(row_pre, width, lane);
   for (int col0 = 0; col0 < width; col0 += kWarp * V) {  // the same for the whole warp
     const Raw<T, V> raw = steps.take(col0);
     const int first = col0 + lane * V;
     const int valid = min32(V, width - first);
-    const float bar = bar_of(worst_key);
     if (!__any_sync(kFullMask, any_not_below<T, V>(raw, valid, bar))) {
       continue;  // no column of the step is a candidate: the same in every lane
     }
@@ -346,7 +346,7 @@ __device__ void fold_by_insertion(const T* __restrict__ row_pre, int64_t w, int6
       }
       if (worse(worst_key, worst_id, cand_key, cand_id)) {
         replace_worst(cand_key, cand_id, k, lane, key, id, worst_key, worst_id);
-        const float bar = bar_of(worst_key);
+        bar = bar_of(worst_key);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           flags &= ~(static_cast<unsigned>(x[v] < bar) << v);
