@@ -852,6 +852,25 @@ def topk_rule(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.relu(pre.gather(1, indices)), indices
 
 
+def fold_and_finish(cuda_emulated, pre: torch.Tensor, k: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [B, k] of the cuda encode's selection on pre [B, n]: the kept slots
+    start empty, topk_fold takes pre's column chunks of `width` (the last one narrower) in
+    order, and topk_finish writes the result (outputs poisoned first)."""
+    B, n = pre.shape
+    kpad = 32 * max(1, 1 << max(0, (k - 1).bit_length() - 5))
+    keep_key = torch.zeros(B, kpad, dtype=torch.int32)
+    keep_id = (2**31 - 1 - torch.arange(kpad, dtype=torch.int32)).expand(B, kpad).contiguous()
+    name = SUFFIX[pre.dtype]
+    for c0 in range(0, n, width):
+        chunk = pre[:, c0:c0 + width].contiguous()
+        call(cuda_emulated, f"topk_fold_{name}", chunk, B, chunk.shape[1], c0, k, keep_key,
+             keep_id)
+    values, indices = poison((B, k), pre.dtype), torch.full((B, k), -7, dtype=torch.int64)
+    call(cuda_emulated, f"topk_finish_{name}", keep_key, keep_id, B, k, values, indices)
+    return values, indices
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,n,k,width", [(3, 40, 1, 40), (5, 300, 3, 64), (4, 700, 33, 256),
                                          (2, 1000, 64, 333), (3, 600, 256, 512),
@@ -867,16 +886,7 @@ def test_topk_fold_and_finish(cuda_emulated, B, n, k, width, dtype, seed):
     pre[0, 3::11] = 0.0
     pre[-1, 5] = float("nan")
     pre[-1, 9] = float("-inf")
-    kpad = 32 * max(1, 1 << max(0, (k - 1).bit_length() - 5))
-    keep_key = torch.zeros(B, kpad, dtype=torch.int32)
-    keep_id = (2**31 - 1 - torch.arange(kpad, dtype=torch.int32)).expand(B, kpad).contiguous()
-    name = SUFFIX[dtype]
-    for c0 in range(0, n, width):
-        chunk = pre[:, c0:c0 + width].contiguous()
-        call(cuda_emulated, f"topk_fold_{name}", chunk, B, chunk.shape[1], c0, k, keep_key,
-             keep_id)
-    values, indices = poison((B, k), dtype), torch.full((B, k), -7, dtype=torch.int64)
-    call(cuda_emulated, f"topk_finish_{name}", keep_key, keep_id, B, k, values, indices)
+    values, indices = fold_and_finish(cuda_emulated, pre, k, width)
     want_values, want_indices = topk_rule(pre, k)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values, rtol=0, atol=0, equal_nan=True)
@@ -895,15 +905,7 @@ def test_topk_fold_of_the_encodes_chunks(cuda_emulated, k, dtype, seed):
     pre[1] = torch.linspace(-3.0, 3.0, n)
     pre[2] = torch.randint(0, 6, (n,)).float()
     pre = pre.to(dtype)
-    kpad = 32 * max(1, 1 << max(0, (k - 1).bit_length() - 5))
-    keep_key = torch.zeros(B, kpad, dtype=torch.int32)
-    keep_id = (2**31 - 1 - torch.arange(kpad, dtype=torch.int32)).expand(B, kpad).contiguous()
-    name = SUFFIX[dtype]
-    for c0 in range(0, n, width):
-        chunk = pre[:, c0:c0 + width].contiguous()
-        call(cuda_emulated, f"topk_fold_{name}", chunk, B, width, c0, k, keep_key, keep_id)
-    values, indices = poison((B, k), dtype), torch.full((B, k), -7, dtype=torch.int64)
-    call(cuda_emulated, f"topk_finish_{name}", keep_key, keep_id, B, k, values, indices)
+    values, indices = fold_and_finish(cuda_emulated, pre, k, width)
     want_values, want_indices = topk_rule(pre, k)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values, rtol=0, atol=0)

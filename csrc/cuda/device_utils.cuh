@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.cuh"
 
@@ -208,6 +209,39 @@ __host__ __device__ __forceinline__ float bits_to_float(uint32_t bits) {
   float f;
   memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// A lane's V elements of one row as loaded: 16 bytes as four 32-bit words, else a Pack.
+template <typename T, int V>
+using Raw = std::conditional_t<sizeof(T) * V == 16, uint4, Pack<T, V>>;
+
+// raw's V elements in the accumulation type. A 32-bit word of two bfloat16 widens with one
+// integer instruction an element (a shift or a mask); converted one by one, each element took
+// two (a byte permute, then the shift).
+template <typename T, int V>
+__device__ __forceinline__ void widen(const Raw<T, V>& raw, Acc<T> (&out)[V]) {
+  if constexpr (sizeof(T) * V == 16) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        out[2 * w] = bits_to_float(words[w] << 16);
+        out[2 * w + 1] = bits_to_float(words[w] & 0xffff0000u);
+      }
+    } else {
+      Pack<T, V> pack;
+      memcpy(&pack, words, sizeof(pack));
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        out[v] = to_acc(pack.v[v]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      out[v] = to_acc(raw.v[v]);
+    }
+  }
 }
 
 // Two floats rounded to bfloat16 (nearest even) in one register, lo in the low half.

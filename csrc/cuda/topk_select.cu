@@ -141,12 +141,8 @@ __device__ __forceinline__ void store_slots(const uint32_t (&key)[S], const int3
   }
 }
 
-// A lane's V consecutive elements of a row as loaded: 16 bytes as four 32-bit words (so that the
-// compiler keeps them in four registers, not one a 16-bit element), else a Pack.
-template <typename T, int V>
-using Raw = std::conditional_t<sizeof(T) * V == 16, uint4, Pack<T, V>>;
-
-// A lane's V consecutive elements of a row from `at`, `valid` of them: one load of V elements
+// A lane's V consecutive elements of a row from `at`, `valid` of them, as loaded (Raw: four
+// 32-bit words for 16 bytes): one load of V elements
 // where all V are there, else one element at a time and zeros past `valid` (never read: their
 // flags are cleared by the caller).
 template <typename T, int V>
@@ -162,32 +158,6 @@ __device__ __forceinline__ Raw<T, V> fetch_columns(const T* at, int valid) {
   Raw<T, V> raw;
   memcpy(&raw, &pack, sizeof(raw));
   return raw;
-}
-
-// fetch_columns' elements as floats; two bfloat16 a 32-bit word widen with one integer
-// instruction each (converted one by one, each took two: a byte permute, then the shift).
-template <typename T, int V>
-__device__ __forceinline__ void widen_columns(const Raw<T, V>& raw, float (&out)[V]) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && sizeof(T) * V == 16) {
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      out[2 * w] = bits_to_float(words[w] << 16);
-      out[2 * w + 1] = bits_to_float(words[w] & 0xffff0000u);
-    }
-  } else {
-    Pack<T, V> pack;
-    memcpy(&pack, &raw, sizeof(pack));
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      out[v] = to_acc(pack.v[v]);
-    }
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void load_columns(const T* at, int valid, float (&out)[V]) {
-  widen_columns<T, V>(fetch_columns<T, V>(at, valid), out);
 }
 
 // A lane's steps of 32 V columns over a chunk of `width` columns, each step's columns fetched
@@ -223,7 +193,7 @@ struct ChunkSteps {
 template <typename T, int V>
 __device__ __forceinline__ bool any_not_below(const Raw<T, V>& raw, int valid, float bar) {
   float x[V];
-  widen_columns<T, V>(raw, x);
+  widen<T, V>(raw, x);
   bool any = false;
   if (valid == V) {
 #pragma unroll
@@ -320,7 +290,7 @@ __device__ void fold_by_insertion(const T* __restrict__ row_pre, int64_t w, int6
       continue;  // no column of the step is a candidate: the same in every lane
     }
     float x[V];
-    widen_columns<T, V>(raw, x);
+    widen<T, V>(raw, x);
     unsigned flags = flags_of(x, valid, bar);
     if (col0 < start) {  // the columns already kept
 #pragma unroll
@@ -373,7 +343,7 @@ __device__ float chunk_bound(const T* __restrict__ row_pre, int64_t w, int lane)
     const int valid = static_cast<int>(min64(V, w - first));
     if (valid > 0) {
       float x[V];
-      load_columns<T, V>(row_pre + first, valid, x);
+      widen<T, V>(fetch_columns<T, V>(row_pre + first, valid), x);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         float c = v < valid && x[v] == x[v] ? x[v] : -INFINITY;
@@ -409,7 +379,7 @@ __device__ int gather_candidates(const T* __restrict__ row_pre, int64_t w, int64
       continue;  // the same in every lane
     }
     float x[V];
-    widen_columns<T, V>(raw, x);
+    widen<T, V>(raw, x);
     const unsigned flags = flags_of(x, valid, bar);
     // This lane's flagged columns go after those of the lanes below it.
     const int mine = __popc(flags);
